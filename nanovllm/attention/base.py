@@ -1,0 +1,61 @@
+"""The attention backend interface and the per-step metadata every backend reads.
+
+KV cache layout (one pair of tensors per layer, shared by every backend):
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+
+A token's *slot* is ``block_id * block_size + offset``; ``slot_mapping[i]`` is the slot where the
+i-th new token of the step stores its K/V (``-1``: store nothing).  A sequence's *block table* lists
+its block ids in order; ``block_tables`` pads the rows with ``-1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """What one forward step tells the attention layers about the batch.
+
+    The step computes ``cu_seqlens_q[i+1] - cu_seqlens_q[i]`` new tokens for sequence ``i``; those are its
+    last tokens, so sequence ``i`` attends over ``context_lens[i]`` tokens in all (cached prefix + new).
+    """
+
+    is_prefill: bool  # False: every sequence computes exactly one token (a decode step)
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32, offsets of each sequence's new tokens
+    context_lens: torch.Tensor  # [B] int32, tokens each sequence attends over (prefix + new)
+    slot_mapping: torch.Tensor  # [N] int64, cache slot of each new token
+    block_tables: torch.Tensor  # [B, max_blocks] int32, -1 padded
+    max_seqlen_q: int
+    max_seqlen_k: int
+    has_prefix: bool = True  # False: no sequence has cached tokens (a pure varlen prefill)
+    cu_seqlens_k: torch.Tensor | None = None  # [B + 1] int32, offsets of context_lens (prefill only)
+    # host copies, so backends can loop without device syncs
+    query_lens_cpu: list[int] | None = None
+    context_lens_cpu: list[int] | None = None
+
+    @property
+    def num_seqs(self) -> int:
+        return self.context_lens.numel()
+
+
+class AttentionBackend:
+    """One way to compute paged attention.  Subclasses override the two methods below.
+
+    ``q``: [N, num_heads, head_dim] for the N new tokens of the step; ``k``/``v``: [N, num_kv_heads,
+    head_dim], the new tokens' keys and values, already stored in the cache by ``store_kv``.
+    Returns [N, num_heads, head_dim].
+    """
+
+    name = "base"
+    #: block sizes the backend's kernels support (None: any)
+    block_size_multiple: int = 1
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        raise NotImplementedError
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        raise NotImplementedError

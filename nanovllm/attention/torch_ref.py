@@ -1,0 +1,99 @@
+"""Paged attention in plain PyTorch: runs on CPU and GPU, and is the reference every faster backend is
+tested against.  Read this file before the Triton kernels: they compute exactly this."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nanovllm.attention.base import AttentionBackend, AttentionMetadata
+
+
+def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Write each new token's K/V ([N, Hkv, D]) into its slot of the paged cache; slot -1 is skipped."""
+    keep = slot_mapping >= 0
+    if not bool(keep.all()):
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def gather_kv(cache, block_table, length: int) -> torch.Tensor:
+    """The first ``length`` tokens of one sequence from the paged cache: [length, Hkv, D]."""
+    block_size = cache.shape[1]
+    num_blocks = (length + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
+
+
+def paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                        query_lens=None, ctx_lens=None) -> torch.Tensor:
+    """Causal attention of each sequence's new queries over its whole context read from the cache.
+
+    The simplest correct loop, one sequence at a time.  ``q``: [N, H, D]; returns [N, H, D].
+    Sequence i's queries are its last ``q_len`` tokens, so query j sits at position ``ctx - q_len + j``
+    and sees keys ``0 .. ctx - q_len + j``.
+    """
+    if query_lens is None:
+        query_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    if ctx_lens is None:
+        ctx_lens = context_lens.tolist()
+    out = torch.empty_like(q)
+    start = 0
+    for i, (q_len, ctx) in enumerate(zip(query_lens, ctx_lens)):
+        k = gather_kv(k_cache, block_tables[i], ctx)
+        v = gather_kv(v_cache, block_tables[i], ctx)
+        out[start:start + q_len] = causal_attention(q[start:start + q_len], k, v, scale)
+        start += q_len
+    return out
+
+
+def causal_attention(q, k, v, scale) -> torch.Tensor:
+    """q: [Lq, H, D], k/v: [Lk, Hkv, D] with Lq <= Lk; queries are the last Lq positions."""
+    q_len, k_len = q.shape[0], k.shape[0]
+    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
+    if q_len == k_len:
+        o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale,
+                                           enable_gqa=qt.shape[0] != kt.shape[0])
+    else:  # queries at the bottom-right of the causal mask
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+        o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale,
+                                           enable_gqa=qt.shape[0] != kt.shape[0])
+    return o.transpose(0, 1)
+
+
+def paged_decode_ref(q, k_cache, v_cache, context_lens, block_tables, scale) -> torch.Tensor:
+    """One query per sequence, all sequences at once: gather a padded [B, L, Hkv, D] view of the cache,
+    mask the padding, and let each KV head's group of query heads share it.  q: [B, H, D]."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_len = int(context_lens.max())
+    pos = torch.arange(max_len, device=q.device)
+    blocks = block_tables[:, pos // block_size].long().clamp_min(0)  # [B, L]
+    slots = blocks * block_size + pos % block_size
+    k = k_cache.view(-1, num_kv_heads, head_dim)[slots].to(q.dtype)  # [B, L, Hkv, D]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[slots].to(q.dtype)
+    qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * scale
+    valid = pos[None, :] < context_lens[:, None]  # [B, L]
+    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+    probs = scores.float().softmax(-1).to(q.dtype)
+    return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(batch, num_heads, head_dim)
+
+
+class TorchRefBackend(AttentionBackend):
+    name = "torch"
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        if k_cache is None or k_cache.numel() == 0:  # no cache yet (a warm-up forward): plain causal attention
+            out = torch.empty_like(q)
+            bounds = meta.cu_seqlens_q.tolist()
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                out[s:e] = causal_attention(q[s:e], k[s:e], v[s:e], scale)
+            return out
+        if not meta.is_prefill:
+            return paged_decode_ref(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale)
+        return paged_attention_ref(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
+                                   meta.block_tables, scale, meta.query_lens_cpu, meta.context_lens_cpu)

@@ -1,0 +1,210 @@
+"""Runs the model for one scheduled batch: batch -> tensors -> forward -> logits -> sampled tokens.
+
+It also owns the KV cache (one [2, layers, blocks, block_size, kv_heads, head_dim] tensor, each layer given
+its slice) and, on CUDA, the captured decode graphs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanovllm.attention.base import AttentionMetadata
+from nanovllm.config import EngineConfig
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import PagedAttention
+from nanovllm.layers.sampler import sample
+from nanovllm.loading.weights import load_weights
+from nanovllm.models import model_class
+
+CPU_KV_CACHE_CAP = 4 << 30  # bytes: on a CPU the cache takes at most this, or a quarter of free memory
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def make_backend(name: str, device: torch.device):
+    """The attention backend: ``name`` as asked, or for "auto" the fastest that runs here."""
+    if name == "auto":
+        name = "torch"
+        if device.type == "cuda":
+            try:
+                from nanovllm.attention import triton_kernels  # noqa: F401
+
+                name = "triton"
+            except ImportError:
+                pass
+    if name == "torch":
+        from nanovllm.attention.torch_ref import TorchRefBackend
+
+        return TorchRefBackend()
+    if name == "triton":
+        from nanovllm.attention.triton_kernels import TritonBackend
+
+        return TritonBackend()
+    if name == "flash_attn":
+        from nanovllm.attention.flash_attn import FlashAttnBackend
+
+        return FlashAttnBackend()
+    raise ValueError(f"unknown attention_backend {name!r}")
+
+
+def available_host_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 8 << 30
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
+                 dtype: torch.dtype):
+        self.config, self.hf_config, self.device, self.dtype = config, hf_config, device, dtype
+        self.block_size = config.kvcache_block_size
+        self.backend = make_backend(config.attention_backend, device)
+        with torch.device(device), default_dtype(dtype):
+            self.model = model_class(hf_config)(hf_config)
+        load_weights(self.model, model_dir)
+        self.model.eval()
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
+        for layer in self.attn_layers:
+            layer.backend = self.backend
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.pin = device.type == "cuda"
+        self.num_kvcache_blocks = self.allocate_kv_cache()
+
+    # -- KV cache ------------------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        layer = self.attn_layers[0]
+        return (2 * len(self.attn_layers) * self.block_size * layer.num_kv_heads * layer.head_dim
+                * self.dtype.itemsize)
+
+    def allocate_kv_cache(self) -> int:
+        per_block = self.kv_bytes_per_block()
+        needed = self.config.max_num_seqs * -(-self.config.max_model_len // self.block_size)
+        if self.config.num_kvcache_blocks is not None:
+            num_blocks = self.config.num_kvcache_blocks
+        elif self.device.type == "cuda":
+            num_blocks = self._blocks_from_gpu_memory(per_block)
+        else:
+            budget = min(CPU_KV_CACHE_CAP, available_host_memory() // 4)
+            num_blocks = min(budget // per_block, needed)
+        if num_blocks < 1:
+            raise RuntimeError(f"no memory left for the KV cache ({per_block} bytes per block); lower "
+                               "max_num_batched_tokens or raise gpu_memory_utilization")
+        layer = self.attn_layers[0]
+        self.kv_cache = torch.zeros(2, len(self.attn_layers), num_blocks, self.block_size, layer.num_kv_heads,
+                                    layer.head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        return num_blocks
+
+    def _blocks_from_gpu_memory(self, per_block: int) -> int:
+        """Run the largest prefill once, then give the cache what is left of the allowed share."""
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        n = min(self.config.max_num_batched_tokens, self.config.max_model_len * self.config.max_num_seqs)
+        seqs, lengths = [], []
+        while n > 0:  # warm-up prompts of at most max_model_len tokens, no KV cache yet
+            lengths.append(min(n, self.config.max_model_len))
+            n -= lengths[-1]
+        for i, length in enumerate(lengths):
+            seqs.append(Sequence(-1 - i, [0] * length))
+        self.run(ScheduledBatch(seqs, lengths, is_prefill=True), warmup=True)
+        torch.cuda.synchronize(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device)
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+        budget = total * self.config.gpu_memory_utilization - used_by_others - peak
+        return int(budget // per_block)
+
+    # -- one step ------------------------------------------------------------------------------------
+    def _to_device(self, array, dtype) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        if self.device.type == "cpu":
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def prepare(self, batch: ScheduledBatch, warmup: bool = False):
+        """Tensors for the forward pass, and the rows whose logits are needed (sequences that sample)."""
+        bs = self.block_size
+        ids, pos, slots, q_lens, ctx_lens, logits_rows = [], [], [], [], [], []
+        offset = 0
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            ids.extend(seq.token_ids[start:end])
+            p = np.arange(start, end)
+            pos.append(p)
+            if not warmup:
+                table = np.asarray(seq.block_table)
+                slots.append(table[p // bs] * bs + p % bs)
+            q_lens.append(n)
+            ctx_lens.append(end)
+            offset += n
+            if batch.samples(i):
+                logits_rows.append(offset - 1)
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        tables = np.full((len(batch.seqs), max(max_blocks, 1)), -1, dtype=np.int32)
+        for i, seq in enumerate(batch.seqs):
+            tables[i, :len(seq.block_table)] = seq.block_table
+        cu_q = np.zeros(len(q_lens) + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=cu_q[1:])
+        cu_k = np.zeros(len(ctx_lens) + 1, dtype=np.int32)
+        np.cumsum(ctx_lens, out=cu_k[1:])
+        meta = AttentionMetadata(
+            is_prefill=batch.is_prefill,
+            cu_seqlens_q=self._to_device(cu_q, torch.int32),
+            context_lens=self._to_device(np.asarray(ctx_lens), torch.int32),
+            slot_mapping=self._to_device(np.concatenate(slots) if slots else np.zeros(0), torch.int64),
+            block_tables=self._to_device(tables, torch.int32),
+            max_seqlen_q=max(q_lens), max_seqlen_k=max(ctx_lens),
+            has_prefix=any(c != q for c, q in zip(ctx_lens, q_lens)),
+            cu_seqlens_k=self._to_device(cu_k, torch.int32),
+            query_lens_cpu=q_lens, context_lens_cpu=ctx_lens,
+        )
+        input_ids = self._to_device(np.asarray(ids), torch.int64)
+        positions = self._to_device(np.concatenate(pos), torch.int64)
+        return input_ids, positions, meta, logits_rows
+
+    def sampling_tensors(self, seqs: list[Sequence]):
+        params = [s.params for s in seqs]
+        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+        top_k = top_p = None
+        if any(p.top_k > 0 for p in params):
+            top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64).to(self.device)
+        if any(p.top_p < 1 for p in params):
+            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(self.device)
+        generators = [s.generator for s in seqs] if any(s.generator is not None for s in seqs) else None
+        return temps.to(self.device), top_k, top_p, generators
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch, warmup: bool = False) -> list[int]:
+        """Compute the batch; return one sampled token per sequence that finished its tokens this step."""
+        input_ids, positions, meta, rows = self.prepare(batch, warmup)
+        hidden = self.model(input_ids, positions, meta)
+        if not rows:
+            return []
+        logits = self.model.compute_logits(hidden[rows])
+        sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        temps, top_k, top_p, generators = self.sampling_tensors(sampling_seqs)
+        tokens = sample(logits, temps, top_k, top_p, generators, self.generator)
+        return tokens.tolist()
+
+    @torch.inference_mode()
+    def logits(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits of the last token of each sequence that samples (for tests and the book)."""
+        input_ids, positions, meta, rows = self.prepare(batch)
+        return self.model.compute_logits(self.model(input_ids, positions, meta)[rows]).float()

@@ -1,0 +1,133 @@
+"""Continuous batching: which sequences run at each step, and how many tokens of each.
+
+A step is either a *prefill* step (sequences with prompt tokens left to compute, chunked so the step stays
+within ``max_num_batched_tokens``) or a *decode* step (every running sequence computes its one newest
+token).  Prefill work goes first, so new requests join the running batch as soon as blocks allow.  When a
+decode step needs a block and none is free, the most recently admitted sequence is preempted: its blocks
+are released and it goes back to the front of the queue, to be recomputed later (its cached prefix blocks
+usually make that cheap).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from nanovllm.config import EngineConfig
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    seqs: list[Sequence]
+    num_new_tokens: list[int]  # tokens computed this step, per sequence
+    is_prefill: bool
+
+    def samples(self, i: int) -> bool:
+        """Does sequence i finish computing its tokens this step (and so sample a new one)?"""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == len(seq)
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = self._schedule_prefill()
+        return batch if batch.seqs else self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens
+        seqs, counts = [], []
+        for seq in self.running:  # prefills chunked in earlier steps go first
+            if seq.num_uncomputed_tokens > 1 and budget > 0:
+                n = min(seq.num_uncomputed_tokens, budget)
+                seqs.append(seq), counts.append(n)
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.can_allocate(seq):
+                break
+            self.block_manager.allocate(seq)
+            if seq.num_completion_tokens == 0:
+                seq.num_cached_tokens = seq.num_computed_tokens
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(self.waiting.popleft())
+            n = min(seq.num_uncomputed_tokens, budget)
+            seqs.append(seq), counts.append(n)
+            budget -= n
+        return ScheduledBatch(seqs, counts, is_prefill=True)
+
+    def _schedule_decode(self) -> ScheduledBatch:
+        bm = self.block_manager
+        queue, scheduled = deque(self.running), []
+        while queue and len(scheduled) < self.config.max_num_seqs:
+            seq = queue.popleft()
+            while not bm.can_append(seq):
+                if queue:
+                    self._preempt(queue.pop())
+                else:
+                    self._preempt(seq)
+                    seq = None
+                    break
+            if seq is not None:
+                bm.append_slot(seq)
+                scheduled.append(seq)
+        self.running = scheduled + list(queue)
+        if not scheduled:
+            raise RuntimeError("the KV cache cannot hold even one sequence: raise num_kvcache_blocks")
+        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.deallocate(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch: ScheduledBatch, token_ids: list[int]) -> list[Sequence]:
+        """Record what the step computed; append the sampled tokens (one per sequence that sampled, in
+        batch order); finish and release sequences that are done.  Returns the finished ones."""
+        finished, sampled = [], iter(token_ids)
+        eos = self.config.eos_token_ids
+        for i, seq in enumerate(batch.seqs):
+            samples = batch.samples(i)
+            seq.num_computed_tokens += batch.num_new_tokens[i]
+            self.block_manager.register_computed(seq)
+            if not samples:
+                continue
+            token = next(sampled)
+            seq.token_ids.append(token)
+            p = seq.params
+            if (not p.ignore_eos and token in eos) or (p.stop_token_ids and token in p.stop_token_ids):
+                seq.finish_reason = "stop"
+            elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.config.max_model_len:
+                seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                self._finish(seq)
+                finished.append(seq)
+        return finished
+
+    def _finish(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.deallocate(seq)
+        self.running.remove(seq)
+
+    def abort_all(self) -> None:
+        """Drop every request and release its blocks (after an error, so the engine stays usable)."""
+        for seq in self.running:
+            self.block_manager.deallocate(seq)
+            seq.status = SequenceStatus.FINISHED
+        self.running.clear()
+        self.waiting.clear()

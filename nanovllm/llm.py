@@ -1,0 +1,220 @@
+"""The public entry point: ``LLM(model).generate(prompts, sampling_params)``, vLLM-compatible.
+
+Everything the user passes is validated before any work starts; if a step fails anyway, every request
+is dropped and its KV blocks released, so the engine stays usable.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from pathlib import Path
+
+import torch
+
+from nanovllm.config import DEFAULT_MODEL, EngineConfig
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.sequence import Sequence
+from nanovllm.outputs import RequestOutput
+from nanovllm.sampling_params import SamplingParams
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+def resolve_device(device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available")
+    return dev
+
+
+def resolve_dtype(dtype, device: torch.device, hf_config) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        cfg = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+        cfg = _DTYPES.get(str(cfg).removeprefix("torch."), torch.bfloat16)
+        return torch.bfloat16 if cfg == torch.float32 else cfg
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
+    return _DTYPES[dtype]
+
+
+class LLM:
+    """An inference engine for one model.
+
+    >>> llm = LLM()                                   # the embedded SmolLM2-135M-Instruct
+    >>> out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))
+    >>> out[0].text
+    """
+
+    def __init__(self, model: str | Path = DEFAULT_MODEL, *, device="auto", dtype="auto",
+                 max_model_len: int = 4096, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+                 kvcache_block_size: int = 16, num_kvcache_blocks: int | None = None,
+                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
+                 enforce_eager: bool = False, tensor_parallel_size: int = 1, seed: int = 0,
+                 attention_backend: str = "auto"):
+        from nanovllm.engine.model_runner import ModelRunner
+        from nanovllm.loading.resolve import load_tokenizer, read_config, read_eos_token_ids, resolve_model
+
+        config = EngineConfig(max_model_len, max_num_seqs, max_num_batched_tokens, kvcache_block_size,
+                              num_kvcache_blocks, gpu_memory_utilization, enable_prefix_caching, enforce_eager,
+                              tensor_parallel_size, seed, attention_backend)
+        self.device = resolve_device(device)
+        self.model_dir = resolve_model(model)
+        self.hf_config = read_config(self.model_dir)
+        self.dtype = resolve_dtype(dtype, self.device, self.hf_config)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        config.max_model_len = min(max_model_len, self.hf_config.max_position_embeddings)
+        config.eos_token_ids = read_eos_token_ids(self.model_dir, self.hf_config)
+        self.config = config
+        self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype)
+        self.block_manager = BlockManager(self.runner.num_kvcache_blocks, kvcache_block_size,
+                                          enable_prefix_caching)
+        self.scheduler = Scheduler(config, self.block_manager)
+        self._ids = itertools.count()
+
+    # -- validation ----------------------------------------------------------------------------------
+    def _prompt_ids(self, prompts) -> tuple[list[list[int]], list[str | None]]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)):
+            raise TypeError(f"prompts must be a str, a list of str or a list of token-id lists, "
+                            f"got {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts is empty")
+        ids, texts = [], []
+        vocab = self.hf_config.vocab_size
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"prompt {i} is text, but the model at {self.model_dir.name} has no "
+                                     "tokenizer: pass token-id lists instead")
+                if not p:
+                    raise ValueError(f"prompt {i} is an empty string")
+                toks = self.tokenizer(p).input_ids
+                texts.append(p)
+            elif isinstance(p, (list, tuple)):
+                if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
+                    raise TypeError(f"prompt {i}: a token-id prompt must be a list of ints")
+                toks = list(p)
+                texts.append(None)
+            else:
+                raise TypeError(f"prompt {i} must be a str or a list of token ids, got {type(p).__name__}")
+            if not toks:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in toks if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+            if len(toks) >= self.config.max_model_len:
+                raise ValueError(f"prompt {i} has {len(toks)} tokens; max_model_len={self.config.max_model_len} "
+                                 f"allows at most {self.config.max_model_len - 1}")
+            ids.append(toks)
+        return ids, texts
+
+    def _params_list(self, sampling_params, n: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            return [SamplingParams()] * n
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * n
+        if isinstance(sampling_params, (list, tuple)):
+            if len(sampling_params) != n:
+                raise ValueError(f"got {len(sampling_params)} sampling_params for {n} prompts: "
+                                 "pass one, or one per prompt")
+            if not all(isinstance(p, SamplingParams) for p in sampling_params):
+                raise TypeError("sampling_params must be SamplingParams objects")
+            return list(sampling_params)
+        raise TypeError(f"sampling_params must be SamplingParams or a list of them, "
+                        f"got {type(sampling_params).__name__}")
+
+    # -- generation ----------------------------------------------------------------------------------
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete each prompt; returns one ``RequestOutput`` per prompt, in order."""
+        ids, texts = self._prompt_ids(prompts)
+        params = self._params_list(sampling_params, len(ids))
+        bm = self.block_manager
+        for i, (toks, p) in enumerate(zip(ids, params)):
+            need = bm.blocks_for(min(len(toks) + p.max_tokens, self.config.max_model_len))
+            if need > bm.num_blocks:
+                raise ValueError(f"prompt {i} may need {need} KV blocks but the cache has {bm.num_blocks}: "
+                                 "raise num_kvcache_blocks or lower max_tokens")
+        seqs = []
+        for toks, p in zip(ids, params):
+            seq = Sequence(next(self._ids), toks, p)
+            if p.seed is not None:
+                seq.generator = torch.Generator(device=self.device).manual_seed(p.seed)
+            seqs.append(seq)
+        try:
+            self._run(seqs, use_tqdm)
+        except BaseException:
+            self.scheduler.abort_all()
+            raise
+        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda t, **kw: "")
+        return [RequestOutput(s.seq_id, text, s.prompt_token_ids, s.completion_token_ids,
+                              decode(s.completion_token_ids, skip_special_tokens=True), s.finish_reason,
+                              s.num_cached_tokens)
+                for s, text in zip(seqs, texts)]
+
+    def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+        for seq in seqs:
+            self.scheduler.add(seq)
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(seqs), desc="Generating", unit="req", dynamic_ncols=True)
+        prefill_tok = decode_tok = 0
+        prefill_s = decode_s = 0.0
+        while self.scheduler.has_unfinished():
+            t = time.perf_counter()
+            batch = self.scheduler.schedule()
+            tokens = self.runner.run(batch)
+            finished = self.scheduler.postprocess(batch, tokens)
+            dt = time.perf_counter() - t
+            if batch.is_prefill:
+                prefill_tok, prefill_s = prefill_tok + sum(batch.num_new_tokens), prefill_s + dt
+            else:
+                decode_tok, decode_s = decode_tok + len(batch.seqs), decode_s + dt
+            if bar is not None:
+                bar.set_postfix_str(f"prefill {prefill_tok / max(prefill_s, 1e-9):,.0f} tok/s, "
+                                    f"decode {decode_tok / max(decode_s, 1e-9):,.0f} tok/s", refresh=False)
+                bar.update(len(finished))
+        if bar is not None:
+            bar.close()
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True):
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no tokenizer with a chat template; use generate()")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise TypeError("messages must be a list of {'role', 'content'} dicts, or a list of such lists")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = []
+        for i, conv in enumerate(conversations):
+            if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
+                raise TypeError(f"conversation {i} must be a list of {{'role', 'content'}} dicts")
+            text = self.tokenizer.apply_chat_template(list(conv), tokenize=False,
+                                                      add_generation_prompt=add_generation_prompt)
+            prompts.append(self.tokenizer(text, add_special_tokens=False).input_ids)
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        return outputs
+
+    # -- odds and ends -------------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> None:
+        self.block_manager.reset_prefix_cache()
+
+    def __repr__(self) -> str:
+        return (f"LLM(model={self.model_dir.name!r}, device={str(self.device)!r}, dtype={self.dtype}, "
+                f"kv_blocks={self.block_manager.num_blocks}x{self.config.kvcache_block_size})")
+
