@@ -138,33 +138,65 @@ class LLM:
         raise TypeError(f"sampling_params must be SamplingParams or a list of them, "
                         f"got {type(sampling_params).__name__}")
 
+    def _check_fits(self, ids: list[list[int]], params: list[SamplingParams]) -> None:
+        """Each request alone must fit in the KV cache, or it could never finish."""
+        bm = self.block_manager
+        for i, (toks, p) in enumerate(zip(ids, params)):
+            need = bm.blocks_for(min(len(toks) + p.max_tokens, self.config.max_model_len))
+            if need > bm.num_blocks:
+                raise ValueError(f"prompt {i} may need {need} KV blocks but the cache has {bm.num_blocks} "
+                                 "(num_kvcache_blocks): raise it or lower max_tokens")
+
     # -- generation ----------------------------------------------------------------------------------
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete each prompt; returns one ``RequestOutput`` per prompt, in order."""
         ids, texts = self._prompt_ids(prompts)
         params = self._params_list(sampling_params, len(ids))
-        bm = self.block_manager
-        for i, (toks, p) in enumerate(zip(ids, params)):
-            need = bm.blocks_for(min(len(toks) + p.max_tokens, self.config.max_model_len))
-            if need > bm.num_blocks:
-                raise ValueError(f"prompt {i} may need {need} KV blocks but the cache has {bm.num_blocks}: "
-                                 "raise num_kvcache_blocks or lower max_tokens")
-        seqs = []
-        for toks, p in zip(ids, params):
-            seq = Sequence(next(self._ids), toks, p)
-            if p.seed is not None:
-                seq.generator = torch.Generator(device=self.device).manual_seed(p.seed)
-            seqs.append(seq)
+        self._check_fits(ids, params)
+        seqs = [self._make_seq(toks, p) for toks, p in zip(ids, params)]
         try:
             self._run(seqs, use_tqdm)
         except BaseException:
-            self.scheduler.abort_all()
+            self.abort_all()
             raise
-        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda t, **kw: "")
-        return [RequestOutput(s.seq_id, text, s.prompt_token_ids, s.completion_token_ids,
-                              decode(s.completion_token_ids, skip_special_tokens=True), s.finish_reason,
-                              s.num_cached_tokens)
-                for s, text in zip(seqs, texts)]
+        return [self._output(s, text) for s, text in zip(seqs, texts)]
+
+    def _make_seq(self, token_ids: list[int], params: SamplingParams) -> Sequence:
+        seq = Sequence(next(self._ids), token_ids, params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        return seq
+
+    def _output(self, seq: Sequence, prompt: str | None = None) -> RequestOutput:
+        text = ""
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
+        return RequestOutput(seq.seq_id, prompt, seq.prompt_token_ids, seq.completion_token_ids, text,
+                             seq.finish_reason, seq.num_cached_tokens)
+
+    # -- step by step (what generate() does; the book drives the engine this way) ---------------------
+    def add_request(self, prompt, sampling_params: SamplingParams | None = None) -> Sequence:
+        """Validate one prompt and queue it; ``step()`` then advances it.  Returns its Sequence."""
+        ids, _ = self._prompt_ids([prompt])
+        params = self._params_list(sampling_params, 1)[0]
+        self._check_fits(ids, [params])
+        seq = self._make_seq(ids[0], params)
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self):
+        """One engine step: schedule a batch, run the model, record the tokens.  Returns (batch, finished
+        sequences)."""
+        batch = self.scheduler.schedule()
+        tokens = self.runner.run(batch)
+        return batch, self.scheduler.postprocess(batch, tokens)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def abort_all(self) -> None:
+        """Drop every queued and running request, releasing its KV blocks."""
+        self.scheduler.abort_all()
 
     def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
         for seq in seqs:
@@ -178,9 +210,7 @@ class LLM:
         prefill_s = decode_s = 0.0
         while self.scheduler.has_unfinished():
             t = time.perf_counter()
-            batch = self.scheduler.schedule()
-            tokens = self.runner.run(batch)
-            finished = self.scheduler.postprocess(batch, tokens)
+            batch, finished = self.step()
             dt = time.perf_counter() - t
             if batch.is_prefill:
                 prefill_tok, prefill_s = prefill_tok + sum(batch.num_new_tokens), prefill_s + dt

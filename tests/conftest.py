@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny random-weight models of each supported architecture, saved as HF folders."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=1024)
+
+
+def make_tiny_model(arch: str, path, seed: int = 0, **overrides):
+    """Save a tiny HF model of ``arch`` (qwen3 | llama | qwen2) with weights large enough that greedy
+    decoding is not degenerate; returns the HF model (float32, eval)."""
+    import transformers as tf
+
+    classes = {"qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, dict(head_dim=32, tie_word_embeddings=True)),
+               "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, dict(tie_word_embeddings=False)),
+               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, dict(tie_word_embeddings=False))}
+    cfg_cls, model_cls, extra = classes[arch]
+    cfg = cfg_cls(**{**TINY, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 2.0 / p.shape[1] ** 0.5)
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, 0.1)
+    model.generation_config.eos_token_id = None  # random weights: no natural end; tests set stops explicitly
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture(scope="session", params=["qwen3", "llama", "qwen2"])
+def tiny_model(request, tmp_path_factory):
+    """(arch, folder, HF model) for each architecture."""
+    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    return request.param, path, make_tiny_model(request.param, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    return path, make_tiny_model("qwen3", path)
+
+
+def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id=None):
+    """HF transformers' greedy continuation of one prompt (token ids)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
+                             pad_token_id=0)
+    return out[0, len(prompt_ids):].tolist()
