@@ -28,6 +28,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     seed: int = 0
     attention_backend: str = "auto"
+    load_format: str = "auto"  # "dummy": random weights from the config alone (benchmarks)
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
@@ -43,5 +44,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
         _check_int("seed", self.seed, 0)
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.attention_backend not in _ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {_ATTENTION_BACKENDS}, got {self.attention_backend!r}")

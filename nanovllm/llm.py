@@ -64,13 +64,16 @@ class LLM:
                  kvcache_block_size: int = 16, num_kvcache_blocks: int | None = None,
                  gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
                  enforce_eager: bool = False, tensor_parallel_size: int = 1, seed: int = 0,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", load_format: str = "auto"):
         from nanovllm.engine.model_runner import ModelRunner
         from nanovllm.loading.resolve import load_tokenizer, read_config, read_eos_token_ids, resolve_model
 
-        config = EngineConfig(max_model_len, max_num_seqs, max_num_batched_tokens, kvcache_block_size,
-                              num_kvcache_blocks, gpu_memory_utilization, enable_prefix_caching, enforce_eager,
-                              tensor_parallel_size, seed, attention_backend)
+        config = EngineConfig(
+            max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            kvcache_block_size=kvcache_block_size, num_kvcache_blocks=num_kvcache_blocks,
+            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
+            enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size, seed=seed,
+            attention_backend=attention_backend, load_format=load_format)
         self.device = resolve_device(device)
         self.model_dir = resolve_model(model)
         self.hf_config = read_config(self.model_dir)

@@ -51,8 +51,10 @@ class AttentionBackend:
     """
 
     name = "base"
-    #: block sizes the backend's kernels support (None: any)
+    #: block sizes the backend's kernels support: multiples of this
     block_size_multiple: int = 1
+    #: whether a decode step can be captured in a CUDA graph (no host syncs, shapes fixed by the caller)
+    cuda_graph_safe: bool = False
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         raise NotImplementedError

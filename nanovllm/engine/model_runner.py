@@ -61,6 +61,17 @@ def make_backend(name: str, device: torch.device):
     raise ValueError(f"unknown attention_backend {name!r}")
 
 
+@torch.no_grad()
+def init_random_weights(model: torch.nn.Module, seed: int) -> None:
+    """Small random weights (norms at one): for benchmarks, where speed does not depend on the values."""
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.fill_(1.0)
+        else:
+            p.normal_(0, 0.02, generator=gen)
+
+
 def available_host_memory() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -76,14 +87,21 @@ class ModelRunner:
         self.backend = make_backend(config.attention_backend, device)
         with torch.device(device), default_dtype(dtype):
             self.model = model_class(hf_config)(hf_config)
-        load_weights(self.model, model_dir)
+        if config.load_format == "dummy":
+            init_random_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, model_dir)
         self.model.eval()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for layer in self.attn_layers:
             layer.backend = self.backend
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
-        self.pin = device.type == "cuda"
         self.num_kvcache_blocks = self.allocate_kv_cache()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if device.type == "cuda" and not config.enforce_eager:
+            self.compile_layers()
+            if self.backend.cuda_graph_safe:
+                self.capture_decode_graphs()
 
     # -- KV cache ------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -193,8 +211,11 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch, warmup: bool = False) -> list[int]:
         """Compute the batch; return one sampled token per sequence that finished its tokens this step."""
-        input_ids, positions, meta, rows = self.prepare(batch, warmup)
-        hidden = self.model(input_ids, positions, meta)
+        if not batch.is_prefill and len(batch.seqs) <= self.max_graph_batch:
+            hidden, rows = self.replay_decode_graph(batch.seqs), slice(None)
+        else:
+            input_ids, positions, meta, rows = self.prepare(batch, warmup)
+            hidden = self.model(input_ids, positions, meta)
         if not rows:
             return []
         logits = self.model.compute_logits(hidden[rows])
@@ -202,6 +223,89 @@ class ModelRunner:
         temps, top_k, top_p, generators = self.sampling_tensors(sampling_seqs)
         tokens = sample(logits, temps, top_k, top_p, generators, self.generator)
         return tokens.tolist()
+
+    # -- torch.compile and CUDA graphs (CUDA only; enforce_eager=True turns both off) ------------------
+    def compile_layers(self) -> None:
+        """Compile the small elementwise layers (RMSNorm(+residual), RoPE, SiLU-and-mul): each becomes one
+        fused kernel instead of several.  One compiled function is shared by every layer of a kind."""
+        from nanovllm.layers.activation import SiluAndMul, silu_and_mul
+        from nanovllm.layers.norm import RMSNorm, add_rms_norm, rms_norm
+        from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
+
+        norm, add_norm = torch.compile(rms_norm, dynamic=True), torch.compile(add_rms_norm, dynamic=True)
+        act, rot = torch.compile(silu_and_mul, dynamic=True), torch.compile(apply_rotary, dynamic=True)
+        for m in self.model.modules():
+            if isinstance(m, RMSNorm):
+                m.fn, m.add_fn = norm, add_norm
+            elif isinstance(m, SiluAndMul):
+                m.fn = act
+            elif isinstance(m, RotaryEmbedding):
+                m.fn = rot
+
+    @property
+    def max_graph_batch(self) -> int:
+        return max(self.graphs) if self.graphs else 0
+
+    def graph_batch_sizes(self) -> list[int]:
+        top = min(self.config.max_num_seqs, 512)
+        sizes = [b for b in (1, 2, 4, 8) if b < top] + list(range(16, top, 16)) + [top]
+        return sorted(set(sizes))
+
+    @torch.inference_mode()
+    def capture_decode_graphs(self) -> None:
+        """Record one decode step per batch-size bucket as a CUDA graph; replaying it launches the whole
+        forward pass at once.  Buffers are static: each step copies its inputs into them.  The graphs share
+        one memory pool (captured largest first), and every shape runs once before its capture."""
+        top = self.graph_batch_sizes()[-1]
+        width = -(-self.config.max_model_len // self.block_size)
+        dev = self.device
+        hidden_size = self.hf_config.hidden_size
+        self.g_ints = torch.zeros(3, top, dtype=torch.int64, device=dev)  # input ids, positions, slots
+        self.g_ctx = torch.ones(top, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros(top, width, dtype=torch.int32, device=dev)
+        self.g_cu_q = torch.arange(top + 1, dtype=torch.int32, device=dev)
+        self.g_hidden = torch.zeros(top, hidden_size, dtype=self.dtype, device=dev)
+        self.h_ints = torch.zeros(3, top, dtype=torch.int64).pin_memory()  # host staging
+        self.h_ctx = torch.ones(top, dtype=torch.int32).pin_memory()
+        self.h_tables = torch.zeros(top, width, dtype=torch.int32).pin_memory()
+        self.g_ints[2].fill_(-1)
+        pool = None
+        for b in reversed(self.graph_batch_sizes()):
+            meta = self._graph_meta(b)
+            ids, pos = self.g_ints[0, :b], self.g_ints[1, :b]
+            self.g_hidden[:b] = self.model(ids, pos, meta)  # warm this shape (and compile it)
+            torch.cuda.synchronize(dev)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                self.g_hidden[:b] = self.model(ids, pos, meta)
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize(dev)
+
+    def _graph_meta(self, b: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            is_prefill=False, cu_seqlens_q=self.g_cu_q[:b + 1], context_lens=self.g_ctx[:b],
+            slot_mapping=self.g_ints[2, :b], block_tables=self.g_tables[:b], max_seqlen_q=1,
+            max_seqlen_k=self.config.max_model_len)
+
+    def replay_decode_graph(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Copy this step's inputs into the static buffers, replay the smallest graph that fits."""
+        n, bs = len(seqs), self.block_size
+        b = next(size for size in sorted(self.graphs) if size >= n)
+        ints, ctx, tables = self.h_ints.numpy(), self.h_ctx.numpy(), self.h_tables.numpy()
+        for i, seq in enumerate(seqs):
+            length = len(seq)
+            table = seq.block_table
+            ints[0, i], ints[1, i] = seq.token_ids[-1], length - 1
+            ints[2, i] = table[(length - 1) // bs] * bs + (length - 1) % bs
+            ctx[i] = length
+            tables[i, :len(table)] = table
+        ints[2, n:b], ctx[n:b] = -1, 1  # padding rows: store nothing, attend over one token
+        self.g_ints[:, :b].copy_(self.h_ints[:, :b], non_blocking=True)
+        self.g_ctx[:b].copy_(self.h_ctx[:b], non_blocking=True)
+        self.g_tables[:b].copy_(self.h_tables[:b], non_blocking=True)
+        self.graphs[b].replay()
+        return self.g_hidden[:n]
 
     @torch.inference_mode()
     def logits(self, batch: ScheduledBatch) -> torch.Tensor:
