@@ -83,7 +83,7 @@ class LLM:
         config.eos_token_ids = read_eos_token_ids(self.model_dir, self.hf_config)
         self.config = config
         self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype)
-        self.block_manager = BlockManager(self.runner.num_kvcache_blocks, kvcache_block_size,
+        self.block_manager = BlockManager(self.runner.num_kvcache_blocks, config.kvcache_block_size,
                                           enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self._ids = itertools.count()

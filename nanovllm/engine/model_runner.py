@@ -40,12 +40,16 @@ def make_backend(name: str, device: torch.device):
     if name == "auto":
         name = "torch"
         if device.type == "cuda":
+            from nanovllm.attention.flash_attn import flash_attn_usable
+
             try:
                 from nanovllm.attention import triton_kernels  # noqa: F401
 
                 name = "triton"
             except ImportError:
                 pass
+            if flash_attn_usable(device) and name == "triton":  # it stores K/V with our Triton kernel
+                name = "flash_attn"
     if name == "torch":
         from nanovllm.attention.torch_ref import TorchRefBackend
 
@@ -83,8 +87,11 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
                  dtype: torch.dtype):
         self.config, self.hf_config, self.device, self.dtype = config, hf_config, device, dtype
-        self.block_size = config.kvcache_block_size
         self.backend = make_backend(config.attention_backend, device)
+        multiple = self.backend.block_size_multiple
+        if config.kvcache_block_size % multiple:  # the block size follows the backend
+            config.kvcache_block_size = max(multiple, config.kvcache_block_size // multiple * multiple)
+        self.block_size = config.kvcache_block_size
         with torch.device(device), default_dtype(dtype):
             self.model = model_class(hf_config)(hf_config)
         if config.load_format == "dummy":
