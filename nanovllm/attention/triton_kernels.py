@@ -1,0 +1,482 @@
+"""Paged-attention kernels in Triton, and the backend that uses them.
+
+They compute exactly what ``torch_ref.py`` computes, on the same KV-cache layout
+(``[num_blocks, block_size, num_kv_heads, head_dim]``, see ``base.py``):
+
+* ``store_kvcache``: scatter the step's new K/V into their cache slots (one program per token).
+* ``paged_decode_attention``: one query per sequence, split-KV ("flash-decoding"): every program
+  handles all query heads of one KV head (the GQA group, padded to 16 rows so ``tl.dot`` applies)
+  over its share of the sequence's tokens, then a small kernel merges the splits by log-sum-exp.
+* ``paged_prefill_attention``: varlen causal attention of each sequence's last ``q_len`` tokens over
+  its whole context (cached prefix + the new tokens, already stored), flash-attention style.  The
+  query heads of one GQA group are packed into the rows of one tile, so K/V are read once per group.
+
+Every kernel walks the cache token by token through the block table (slot = block_id * block_size +
+offset), so a tile of ``BLOCK_N`` tokens may span several small blocks.  No wrapper reads device
+memory on the host, so decode and prefill launches can be captured in CUDA graphs (the grid depends
+only on shapes and on Python ints the caller passes).
+
+Importing this module needs ``triton``; the rest of ``nanovllm`` does not.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # only this module needs triton
+    raise ImportError(
+        "nanovllm.attention.triton_kernels needs the `triton` package (pip install triton); "
+        "use the 'torch' attention backend where triton is unavailable"
+    ) from exc
+
+from nanovllm.attention.base import AttentionBackend, AttentionMetadata
+from nanovllm.attention.torch_ref import causal_attention
+
+LOG2E = 1.4426950408889634
+
+__all__ = [
+    "store_kvcache",
+    "paged_decode_attention",
+    "paged_prefill_attention",
+    "pick_num_splits",
+    "TritonBackend",
+]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (max(int(x), 1) - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact ("ieee") products, not TF32, so fp32 runs match the reference closely.
+    # 16-bit inputs ignore the setting.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _num_sms(device_type: str, index: int | None) -> int:
+    if device_type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                                ).multi_processor_count
+    return 132  # no GPU (the interpreter): pretend to be an H100 so the heuristic behaves the same
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches: [num_blocks, block_size, Hkv, D]"
+    assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share strides"
+
+
+# ----------------------------------------------------------------------------------------------
+# store_kvcache
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _store_kvcache_kernel(
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    stride_kn, stride_kh, stride_kd,
+    stride_vn, stride_vh, stride_vd,
+    stride_cb, stride_cs, stride_ch, stride_cd,
+    num_kv_heads,
+    BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + tok).to(tl.int64)
+    heads_kept = tl.where(slot >= 0, num_kv_heads, 0)  # slot -1: store (and load) nothing
+    safe = tl.maximum(slot, 0)
+    blk = safe // BLOCK_SIZE
+    off = safe % BLOCK_SIZE
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_h[:, None] < heads_kept) & (offs_d[None, :] < HEAD_DIM)
+
+    k = tl.load(k_ptr + tok * stride_kn + offs_h[:, None] * stride_kh + offs_d[None, :] * stride_kd,
+                mask=mask, other=0.0)
+    v = tl.load(v_ptr + tok * stride_vn + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd,
+                mask=mask, other=0.0)
+    dst = blk * stride_cb + off * stride_cs + offs_h[:, None].to(tl.int64) * stride_ch + offs_d[None, :] * stride_cd
+    tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  slot_mapping: torch.Tensor) -> None:
+    """Write k/v ([N, Hkv, D], any strides) into ``k_cache``/``v_cache`` at ``slot_mapping`` ([N]; -1: skip)."""
+    _check_cache(k_cache, v_cache)
+    num_tokens, num_kv_heads, head_dim = k.shape
+    assert v.shape == k.shape and slot_mapping.shape[0] == num_tokens
+    assert k_cache.shape[2] == num_kv_heads and k_cache.shape[3] == head_dim
+    if num_tokens == 0:
+        return
+    _store_kvcache_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *k_cache.stride(),
+        num_kv_heads,
+        BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
+        BLOCK_H=_next_pow2(num_kv_heads), BLOCK_D=_next_pow2(head_dim),
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# decode: split-KV attention of one query per sequence
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr,
+    out_ptr, mid_o_ptr, mid_lse_ptr,
+    qk_scale,  # softmax scale * log2(e): the kernel works in base 2
+    num_heads, num_splits,
+    stride_qb, stride_qh, stride_qd,
+    stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_btb,
+    stride_ob, stride_oh, stride_od,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+
+    ctx = tl.load(ctx_ptr + seq)
+    num_tiles = tl.cdiv(ctx, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    t_start = split * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
+    head_off = kvh.to(tl.int64) * stride_ch
+    for t in range(t_start, t_end):
+        pos = t * BLOCK_N + offs_n
+        n_mask = pos < ctx
+        phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        tok_off = phys * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_cs + head_off
+        kv_off = tok_off[:, None] + offs_d[None, :] * stride_cd
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+
+        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has = l_i > 0  # false only for an empty split (or a padded sequence with context length 0)
+    o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if SINGLE_SPLIT:
+        tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    else:
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # base-2 log-sum-exp
+        row = (seq.to(tl.int64) * num_heads + heads) * num_splits + split  # mid: [B, H, S(, D)]
+        tl.store(mid_lse_ptr + row, lse, mask=g_mask)
+        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    mid_o_ptr, mid_lse_ptr, out_ptr,
+    num_heads, num_splits,
+    stride_ob, stride_oh, stride_od,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < HEAD_DIM
+
+    row = (seq.to(tl.int64) * num_heads + head) * num_splits + offs_s
+    lse = tl.load(mid_lse_ptr + row, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # every split empty (context length 0): output zeros
+    w = tl.exp2(lse - m)  # empty splits: exp2(-inf) = 0
+    o = tl.load(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :],
+                mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    den = tl.sum(w, 0)
+    res = tl.sum(o * w[:, None], 0) / tl.where(den > 0, den, 1.0)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d * stride_od,
+             res.to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+DECODE_BLOCK_N = 64
+MAX_SPLITS = 32
+
+
+def pick_num_splits(batch: int, num_kv_heads: int, max_context_len: int, num_sms: int = 132,
+                    block_n: int = DECODE_BLOCK_N, min_tiles_per_split: int = 2) -> int:
+    """Split count for decode: enough (seq, kv head, split) programs for about two waves over the SMs,
+    while each split keeps at least ``min_tiles_per_split`` tiles of ``block_n`` tokens."""
+    programs = max(batch * num_kv_heads, 1)
+    target = 2 * num_sms
+    if programs >= target:
+        return 1
+    by_occupancy = _cdiv(target, programs)
+    by_length = max(_cdiv(max(max_context_len, 1), block_n) // min_tiles_per_split, 1)
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                           num_splits: int | None = None, out: torch.Tensor | None = None, *,
+                           max_context_len: int | None = None, block_n: int = DECODE_BLOCK_N,
+                           num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+    """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
+    ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
+
+    ``num_splits=None`` picks the split count from B, Hkv and ``max_context_len`` (an int from the
+    host; default: the block-table width times the block size, an upper bound).  Any split count is
+    correct for any context lengths, so the launch can be captured in a CUDA graph and replayed.
+    """
+    _check_cache(k_cache, v_cache)
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    assert cache_dim == head_dim and num_heads % num_kv_heads == 0
+    assert block_tables.dim() == 2 and block_tables.stride(1) == 1
+    assert block_n >= 16 and block_n & (block_n - 1) == 0
+    if out is None:
+        out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        if max_context_len is None:
+            max_context_len = block_tables.shape[1] * block_size
+        num_splits = pick_num_splits(batch, num_kv_heads, max_context_len,
+                                     _num_sms(q.device.type, q.device.index), block_n)
+    num_splits = max(int(num_splits), 1)
+    block_d = max(_next_pow2(head_dim), 16)
+    if num_stages is None:  # K and V tiles of every stage sit in shared memory: keep them under ~64 KiB
+        num_stages = 2 if 2 * block_n * block_d * q.element_size() <= 32 * 1024 else 1
+    single = num_splits == 1
+    if single:  # write the output directly; no reduction
+        mid_o = mid_lse = out
+    else:
+        mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, mid_o, mid_lse,
+        float(scale) * LOG2E,
+        num_heads, num_splits,
+        q.stride(0), q.stride(1), q.stride(2),
+        *k_cache.stride(),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        GROUP=group, GROUP_PAD=max(_next_pow2(group), 16),
+        HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if not single:
+        _decode_reduce_kernel[(batch, num_heads)](
+            mid_o, mid_lse, out,
+            num_heads, num_splits,
+            out.stride(0), out.stride(1), out.stride(2),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_next_pow2(num_splits),
+            num_warps=4,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# prefill: varlen causal attention over the paged cache
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, kc_ptr, vc_ptr, out_ptr,
+    cu_q_ptr, ctx_ptr, bt_ptr,
+    qk_scale,
+    stride_qn, stride_qh, stride_qd,
+    stride_on, stride_oh, stride_od,
+    stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_btb,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows of the tile: BLOCK_Q query tokens x GROUP heads (padded)
+    BLOCK_Q: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    q_blk = tl.program_id(0)
+    seq = tl.program_id(1)
+    kvh = tl.program_id(2)
+
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    if q_blk * BLOCK_Q >= q_len:
+        return
+    ctx = tl.load(ctx_ptr + seq)
+    prefix = ctx - q_len  # query j sits at position prefix + j
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    tok = q_blk * BLOCK_Q + offs_m // GROUP
+    heads = kvh * GROUP + offs_m % GROUP
+    row_mask = (offs_m < BLOCK_Q * GROUP) & (tok < q_len)
+    d_mask = offs_d < HEAD_DIM
+    q_pos = prefix + tok  # >= 0 for every row, so key 0 is visible to every row: no all -inf row
+
+    q_tok = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + q_tok[:, None] * stride_qn + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # keys 0 .. (position of this tile's last query) are needed; later tiles are skipped
+    last_tok = tl.minimum(q_blk * BLOCK_Q + BLOCK_Q, q_len) - 1
+    kv_end = prefix + last_tok + 1
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
+    head_off = kvh.to(tl.int64) * stride_ch
+    for start in range(0, kv_end, BLOCK_N):
+        pos = start + offs_n
+        n_mask = pos < kv_end
+        phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        tok_off = phys * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_cs + head_off
+        kv_off = tok_off[:, None] + offs_d[None, :] * stride_cd
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+
+        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        visible = n_mask[None, :] & (pos[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    o = acc / l_i[:, None]
+    tl.store(out_ptr + q_tok[:, None] * stride_on + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+             o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
+
+
+def _prefill_config(dtype: torch.dtype, block_d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+    if dtype == torch.float32 or block_d > 128:
+        return 64, 32, 4, 1
+    return 64, 64, 4, 2
+
+
+def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor,
+                            block_tables: torch.Tensor, scale: float, max_seqlen_q: int, *,
+                            out: torch.Tensor | None = None, block_m: int | None = None,
+                            block_n: int | None = None, num_warps: int | None = None,
+                            num_stages: int | None = None) -> torch.Tensor:
+    """Varlen causal prefill.  ``q`` [N, H, D] holds each sequence's last ``q_len`` tokens
+    (``cu_seqlens_q`` [B+1] int32), which attend over ``context_lens[b]`` keys read from the paged cache
+    (prefix + the new tokens, already stored).  ``max_seqlen_q`` (host int) sizes the grid.
+    Returns [N, H, D]."""
+    _check_cache(k_cache, v_cache)
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    assert cache_dim == head_dim and num_heads % num_kv_heads == 0
+    assert block_tables.dim() == 2 and block_tables.stride(1) == 1
+    if out is None:
+        out = torch.empty((num_tokens, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    batch = cu_seqlens_q.shape[0] - 1
+    if num_tokens == 0 or batch == 0 or max_seqlen_q <= 0:
+        return out
+    group = num_heads // num_kv_heads
+    block_d = max(_next_pow2(head_dim), 16)
+    cfg_m, cfg_n, cfg_w, cfg_s = _prefill_config(q.dtype, block_d)
+    block_m = max(block_m or cfg_m, _next_pow2(group), 16)
+    block_n = block_n or cfg_n
+    assert block_m & (block_m - 1) == 0 and block_n >= 16 and block_n & (block_n - 1) == 0
+    block_q = block_m // group
+    grid = (_cdiv(int(max_seqlen_q), block_q), batch, num_kv_heads)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out,
+        cu_seqlens_q, context_lens, block_tables,
+        float(scale) * LOG2E,
+        q.stride(0), q.stride(1), q.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        *k_cache.stride(),
+        block_tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# backend
+# ----------------------------------------------------------------------------------------------
+
+
+class TritonBackend(AttentionBackend):
+    """Paged attention with the Triton kernels above; same results as ``TorchRefBackend``."""
+
+    name = "triton"
+    block_size_multiple = 1  # the kernels address the cache per token: any block size works
+
+    def __init__(self, num_splits: int | None = None):
+        self.num_splits = num_splits  # decode split count; None: heuristic
+
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+        if k_cache is None or k_cache.numel() == 0:
+            return
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+        if k_cache is None or k_cache.numel() == 0:  # no cache yet (a warm-up forward)
+            out = torch.empty_like(q)
+            bounds = meta.cu_seqlens_q.tolist()
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                out[s:e] = causal_attention(q[s:e], k[s:e], v[s:e], scale)
+            return out
+        if not meta.is_prefill:
+            # the split heuristic reads only shapes (block-table width x block size bounds the context),
+            # so a captured CUDA graph and an eager step with the same shapes launch the same grid
+            return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                          num_splits=self.num_splits)
+        return paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
+                                       meta.block_tables, scale, meta.max_seqlen_q)
