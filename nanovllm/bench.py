@@ -146,7 +146,7 @@ def run_nanovllm(w: Workload, folder, device: str, args) -> Result:
                  f"backend={llm.runner.backend.name}")
     if hasattr(llm, "shutdown"):
         llm.shutdown()
-    del llm
+    llm.runner.close()
     return res
 
 

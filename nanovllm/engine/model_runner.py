@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,14 @@ def init_random_weights(model: torch.nn.Module, seed: int) -> None:
             p.normal_(0, 0.02, generator=gen)
 
 
+def row_seed(seed: int, step: int) -> int:
+    """A Philox seed for one row of one step, mixed from a request seed and its token count (< 2**53, so
+    it survives the float64 staging buffer exactly)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return x & (2**53 - 1)
+
+
 def available_host_memory() -> int:
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -103,12 +112,34 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.backend = self.backend
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.rng = random.Random(config.seed)  # per-step seeds of the fused sampler
+        self.gumbel_sample = None
+        if device.type == "cuda":
+            try:
+                from nanovllm.layers.triton_sampler import gumbel_sample
+
+                self.gumbel_sample = gumbel_sample
+            except ImportError:
+                pass
         self.num_kvcache_blocks = self.allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         if device.type == "cuda" and not config.enforce_eager:
             self.compile_layers()
             if self.backend.cuda_graph_safe:
                 self.capture_decode_graphs()
+
+    def close(self) -> None:
+        """Release the GPU memory (graphs, KV cache, weights) even if something still holds this runner."""
+        self.graphs.clear()
+        for layer in self.attn_layers:
+            layer.k_cache = layer.v_cache = torch.tensor([])
+        self.kv_cache = None
+        self.model = None
+        self.attn_layers = []
+        for name in ("g_ints", "g_ctx", "g_tables", "g_cu_q", "g_hidden"):
+            self.__dict__.pop(name, None)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # -- KV cache ------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -227,9 +258,23 @@ class ModelRunner:
             return []
         logits = self.model.compute_logits(hidden[rows])
         sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
-        temps, top_k, top_p, generators = self.sampling_tensors(sampling_seqs)
-        tokens = sample(logits, temps, top_k, top_p, generators, self.generator)
-        return tokens.tolist()
+        return self.sample(logits, sampling_seqs).tolist()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Next tokens for ``seqs`` (one row of logits each).  On CUDA, batches without top-k/top-p take
+        the fused Gumbel-max kernel; everything else takes the PyTorch sampler."""
+        params = [s.params for s in seqs]
+        if self.gumbel_sample is not None and not any(p.top_k > 0 or p.top_p < 1 for p in params):
+            base = self.rng.getrandbits(62)
+            host = torch.empty(2, len(seqs), dtype=torch.float64, pin_memory=True)
+            host[0] = torch.tensor([p.temperature for p in params], dtype=torch.float64)
+            host[1] = torch.tensor([row_seed(p.seed, s.num_completion_tokens) if p.seed is not None
+                                    else row_seed(base, i) for i, (s, p) in enumerate(zip(seqs, params))],
+                                   dtype=torch.float64)
+            dev = host.to(self.device, non_blocking=True)
+            return self.gumbel_sample(logits, dev[0].float(), dev[1].long())
+        temps, top_k, top_p, generators = self.sampling_tensors(seqs)
+        return sample(logits, temps, top_k, top_p, generators, self.generator)
 
     # -- torch.compile and CUDA graphs (CUDA only; enforce_eager=True turns both off) ------------------
     def compile_layers(self) -> None:

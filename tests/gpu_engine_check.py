@@ -1,0 +1,244 @@
+"""Engine checks and timings on a CUDA GPU, in one go (not collected by pytest; run by hand on a GPU machine):
+
+    PYTHONPATH=. python3 tests/gpu_engine_check.py [--out DIR] [--skip-bench] [--skip-hf]
+
+1. float32 greedy tokens on the GPU (Triton backend, CUDA graphs, torch.compile) equal the reference path
+   (PyTorch backend, eager) on a tiny Qwen3 and on the Qwen3-0.6B shape with random weights; also with
+   prefix caching, chunked prefill and preemption;
+2. bf16 logits of one forward within bf16 tolerance of HF transformers (Qwen3-0.6B shape, random weights);
+3. the seed benchmark, nanovllm and HF transformers in one run;
+4. a profile of one decode step at batch 256: attention vs GEMMs vs sampling vs the rest.
+Prints PASS/FAIL lines; never stops at the first failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.bench import QWEN3_0_6B_CONFIG  # noqa: E402
+
+FAILS = []
+
+
+def check(name):
+    def wrap(fn):
+        def run(*a, **kw):
+            t = time.perf_counter()
+            try:
+                fn(*a, **kw)
+                print(f"PASS {name} ({time.perf_counter() - t:.1f} s)", flush=True)
+            except Exception:
+                FAILS.append(name)
+                print(f"FAIL {name}\n{traceback.format_exc()}", flush=True)
+        return run
+    return wrap
+
+
+def save_random_qwen3(path: Path, dtype=torch.bfloat16, tiny=False):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if tiny:
+        from conftest import make_tiny_model
+
+        return make_tiny_model("qwen3", path)
+    cfg = AutoConfig.for_model("qwen3", **{k: v for k, v in json.loads(QWEN3_0_6B_CONFIG.read_text()).items()
+                                           if k not in ("architectures", "torch_dtype", "model_type")})
+    cfg.architectures = ["Qwen3ForCausalLM"]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" not in n:
+                p.normal_(0, 0.05)
+    model.save_pretrained(path)
+    return model.eval()
+
+
+def prompts_for(vocab, n=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shared = torch.randint(0, vocab, (70,), generator=g).tolist()
+    out = []
+    for i in range(n):
+        tail = torch.randint(0, vocab, (int(torch.randint(1, 200, (1,), generator=g)),), generator=g).tolist()
+        out.append(shared + tail if i % 2 else tail)
+    return out
+
+
+def compare_engines(path, vocab, max_tokens=24, **kw):
+    prompts = prompts_for(vocab)
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    ref = LLM(path, device="cuda", dtype="float32", attention_backend="torch", enforce_eager=True, **kw)
+    want = [o.token_ids for o in ref.generate(prompts, params, use_tqdm=False)]
+    close(ref)
+    fast = LLM(path, device="cuda", dtype="float32", attention_backend="triton", **kw)
+    try:
+        assert fast.runner.graphs, "CUDA graphs were not captured"
+        _compare_rounds(fast, prompts, params, want)
+    finally:
+        close(fast)
+
+
+def close(llm):
+    (llm.shutdown if hasattr(llm, "shutdown") else llm.runner.close)()
+    if llm.runner.model is not None:
+        llm.runner.close()
+
+
+def _compare_rounds(fast, prompts, params, want):
+    for _ in range(2):  # second round: prefix-cache hits
+        got = [o.token_ids for o in fast.generate(prompts, params, use_tqdm=False)]
+        bad = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+        assert not bad, f"{len(bad)} of {len(prompts)} differ, first {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
+    assert fast.block_manager.num_free_blocks == fast.block_manager.num_blocks
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-profile", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out) if args.out else None
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    tmp = Path(tempfile.mkdtemp())
+
+    @check("tiny qwen3 fp32: triton+graphs == torch reference (prefix cache, chunked prefill, preemption)")
+    def _tiny():
+        save_random_qwen3(tmp / "tiny", tiny=True)
+        compare_engines(tmp / "tiny", 512, max_num_batched_tokens=64, num_kvcache_blocks=40, max_model_len=1024)
+        compare_engines(tmp / "tiny", 512)
+    _tiny()
+
+    hf = None
+
+    @check("qwen3-0.6b shape fp32: triton+graphs == torch reference")
+    def _big():
+        nonlocal hf
+        hf = save_random_qwen3(tmp / "q06")
+        compare_engines(tmp / "q06", 10000, max_num_batched_tokens=512, num_kvcache_blocks=120)
+    _big()
+
+    @check("qwen3-0.6b shape bf16 logits within bf16 tolerance of HF transformers")
+    def _logits():
+        """Our bf16 logits must be as close to the float32 truth as HF's own bf16 logits are."""
+        from nanovllm.engine.scheduler import ScheduledBatch
+        from nanovllm.engine.sequence import Sequence
+
+        llm = LLM(tmp / "q06", device="cuda", dtype="bfloat16", num_kvcache_blocks=512)
+        prompts = prompts_for(10000, n=4)
+        seqs = []
+        for p in prompts:
+            s = Sequence(10_000 + len(seqs), p)
+            llm.block_manager.allocate(s)
+            seqs.append(s)
+        ours = llm.runner.logits(ScheduledBatch(seqs, [len(s) for s in seqs], True))
+        for s in seqs:
+            llm.block_manager.deallocate(s)
+        close(llm)
+        ref16, ref32 = [], []
+        hf32 = type(hf).from_pretrained(tmp / "q06", dtype=torch.float32).cuda().eval()
+        with torch.no_grad():
+            for p in prompts:
+                ids = torch.tensor([p], device="cuda")
+                ref16.append(hf(ids).logits[0, -1].float())
+                ref32.append(hf32(ids).logits[0, -1].float())
+        del hf32
+        ref16, ref32 = torch.stack(ref16), torch.stack(ref32)
+        rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+        ours_err, hf_err, vs_hf = rel(ours, ref32), rel(ref16, ref32), rel(ours, ref16)
+        agree = (ours.argmax(-1) == ref16.argmax(-1)).float().mean().item()
+        print(f"  relative L2 error vs float32 HF: ours {ours_err:.4f}, HF bf16 {hf_err:.4f}; ours vs HF bf16 "
+              f"{vs_hf:.4f}; argmax agreement with HF bf16 {agree:.2f}")
+        assert ours_err <= 1.5 * hf_err + 1e-3, "our bf16 logits are further from float32 than HF's bf16 ones"
+
+    _logits()
+    del hf
+    torch.cuda.empty_cache()
+
+    if not args.skip_bench:
+        from nanovllm import bench
+
+        engines = "nanovllm" if args.skip_hf else "nanovllm,hf"
+        argv = ["--engine", engines]
+        if out:
+            argv += ["--json", str(out / "bench.jsonl")]
+        bench.main(argv)
+
+    if not args.skip_profile:
+        profile_decode(out)
+    print("FAILED: " + ", ".join(FAILS) if FAILS else "ALL PASSED")
+
+
+def profile_decode(out):
+    """Time one decode step at batch 256 (contexts ~600) by kernel category."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanovllm.bench import seed_workload
+
+    w = seed_workload(256)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(QWEN3_0_6B_CONFIG.read_text())
+        llm = LLM(tmp, load_format="dummy")
+        for p, n in zip(w.prompts, w.max_tokens):
+            llm.add_request(p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n))
+        while True:  # finish the prefills, then a few decode steps
+            batch, _ = llm.step()
+            if not batch.is_prefill and len(batch.seqs) == 256:
+                break
+        for _ in range(50):
+            llm.step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(20):
+            llm.step()
+        torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - t) / 20 * 1e3
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                llm.step()
+            torch.cuda.synchronize()
+        cats = {"attention": 0.0, "gemm": 0.0, "sampling": 0.0, "kv store": 0.0, "other": 0.0}
+        for e in prof.key_averages():
+            dev = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+            if e.device_type.name != "CUDA" or dev == 0:
+                continue
+            n = e.key.lower()
+            if "decode" in n or "attn" in n or "attention" in n or "_reduce" in n:
+                cats["attention"] += dev
+            elif "gemm" in n or "sm90" in n or "cutlass" in n or "nvjet" in n or "matmul" in n:
+                cats["gemm"] += dev
+            elif "store_kv" in n:
+                cats["kv store"] += dev
+            elif any(k in n for k in ("exponential", "argmax", "softmax", "div", "max", "distribution")):
+                cats["sampling"] += dev
+            else:
+                cats["other"] += dev
+        gpu_ms = sum(cats.values()) / 5 / 1e3
+        print(f"decode step at batch 256: {step_ms:.2f} ms wall, {gpu_ms:.2f} ms of GPU kernels; "
+              f"host/idle {max(step_ms - gpu_ms, 0):.2f} ms")
+        for k, v in cats.items():
+            print(f"  {k:>10}: {v / 5 / 1e3:.3f} ms")
+        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+        print(table)
+        if out:
+            (out / "decode_profile.txt").write_text(table)
+        llm.abort_all()
+        close(llm)
+
+
+if __name__ == "__main__":
+    main()
