@@ -82,7 +82,12 @@ class LLM:
         config.max_model_len = min(max_model_len, self.hf_config.max_position_embeddings)
         config.eos_token_ids = read_eos_token_ids(self.model_dir, self.hf_config)
         self.config = config
-        self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype)
+        if tensor_parallel_size > 1:  # rank 0 here, ranks 1.. in worker processes (nanovllm/distributed)
+            from nanovllm.distributed.runner import TensorParallelRunner
+
+            self.runner = TensorParallelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype)
+        else:
+            self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype)
         self.block_manager = BlockManager(self.runner.num_kvcache_blocks, config.kvcache_block_size,
                                           enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
@@ -211,9 +216,27 @@ class LLM:
             bar = tqdm(total=len(seqs), desc="Generating", unit="req", dynamic_ncols=True)
         prefill_tok = decode_tok = 0
         prefill_s = decode_s = 0.0
-        while self.scheduler.has_unfinished():
+        sched, runner = self.scheduler, self.runner
+        overlap = getattr(runner, "supports_overlap", False)
+        pending = None  # (sequences, ticket) of a launched decode step whose tokens are still on the GPU
+        while sched.has_unfinished():
             t = time.perf_counter()
-            batch, finished = self.step()
+            if overlap and sched.can_decode_ahead(runner.max_graph_batch):
+                # overlapped decode: launch step N+1, then collect step N's tokens while the GPU runs N+1
+                batch = sched.schedule()
+                ticket = runner.launch_decode(batch.seqs)
+                launched = sched.postprocess_launched(batch)
+                finished = sched.resolve(pending[0], runner.tokens(pending[1])) if pending else []
+                pending = (launched, ticket)
+            else:
+                finished = sched.resolve(pending[0], runner.tokens(pending[1])) if pending else []
+                pending = None
+                if not sched.has_unfinished():
+                    if bar is not None:
+                        bar.update(len(finished))
+                    break
+                batch, more = self.step()
+                finished += more
             dt = time.perf_counter() - t
             if batch.is_prefill:
                 prefill_tok, prefill_s = prefill_tok + sum(batch.num_new_tokens), prefill_s + dt
@@ -223,6 +246,8 @@ class LLM:
                 bar.set_postfix_str(f"prefill {prefill_tok / max(prefill_s, 1e-9):,.0f} tok/s, "
                                     f"decode {decode_tok / max(decode_s, 1e-9):,.0f} tok/s", refresh=False)
                 bar.update(len(finished))
+        if pending is not None:  # every sequence of the last launched step had already stopped
+            sched.resolve(pending[0], runner.tokens(pending[1]))
         if bar is not None:
             bar.close()
 
@@ -246,6 +271,19 @@ class LLM:
     # -- odds and ends -------------------------------------------------------------------------------
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes (idempotent; also done when the LLM is garbage-
+        collected or the interpreter exits).  A single-process engine holds none: for it this does nothing."""
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     def __repr__(self) -> str:
         return (f"LLM(model={self.model_dir.name!r}, device={str(self.device)!r}, dtype={self.dtype}, "

@@ -123,6 +123,7 @@ class ModelRunner:
                 pass
         self.num_kvcache_blocks = self.allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.prev_seq_rows: dict[int, int] = {}
         if device.type == "cuda" and not config.enforce_eager:
             self.compile_layers()
             if self.backend.cuda_graph_safe:
@@ -312,14 +313,12 @@ class ModelRunner:
         width = -(-self.config.max_model_len // self.block_size)
         dev = self.device
         hidden_size = self.hf_config.hidden_size
-        self.g_ints = torch.zeros(3, top, dtype=torch.int64, device=dev)  # input ids, positions, slots
+        self.g_ints = torch.zeros(4, top, dtype=torch.int64, device=dev)  # ids, positions, slots, prev rows
         self.g_ctx = torch.ones(top, dtype=torch.int32, device=dev)
         self.g_tables = torch.zeros(top, width, dtype=torch.int32, device=dev)
         self.g_cu_q = torch.arange(top + 1, dtype=torch.int32, device=dev)
         self.g_hidden = torch.zeros(top, hidden_size, dtype=self.dtype, device=dev)
-        self.h_ints = torch.zeros(3, top, dtype=torch.int64).pin_memory()  # host staging
-        self.h_ctx = torch.ones(top, dtype=torch.int32).pin_memory()
-        self.h_tables = torch.zeros(top, width, dtype=torch.int32).pin_memory()
+        self.prev_tokens, self.prev_seq_rows = torch.zeros(1, dtype=torch.int64, device=dev), {}
         self.g_ints[2].fill_(-1)
         pool = None
         for b in reversed(self.graph_batch_sizes()):
@@ -340,11 +339,19 @@ class ModelRunner:
             slot_mapping=self.g_ints[2, :b], block_tables=self.g_tables[:b], max_seqlen_q=1,
             max_seqlen_k=self.config.max_model_len)
 
-    def replay_decode_graph(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Copy this step's inputs into the static buffers, replay the smallest graph that fits."""
+    def replay_decode_graph(self, seqs: list[Sequence], prev_rows: np.ndarray | None = None) -> torch.Tensor:
+        """Copy this step's inputs into the static buffers, replay the smallest graph that fits.
+
+        ``prev_rows[i] >= 0``: sequence i's input token is row ``prev_rows[i]`` of the previous step's
+        sampled tokens, still on the GPU (overlapped decode)."""
         n, bs = len(seqs), self.block_size
         b = next(size for size in sorted(self.graphs) if size >= n)
-        ints, ctx, tables = self.h_ints.numpy(), self.h_ctx.numpy(), self.h_tables.numpy()
+        # fresh pinned staging each step: the caching host allocator reuses a buffer only once the copy that
+        # read it has run, which matters when the next step is prepared while this one is still queued
+        h_ints = torch.empty(4, b, dtype=torch.int64, pin_memory=True)
+        h_ctx = torch.empty(b, dtype=torch.int32, pin_memory=True)
+        h_tables = torch.zeros(b, self.g_tables.shape[1], dtype=torch.int32, pin_memory=True)
+        ints, ctx, tables = h_ints.numpy(), h_ctx.numpy(), h_tables.numpy()
         for i, seq in enumerate(seqs):
             length = len(seq)
             table = seq.block_table
@@ -353,11 +360,46 @@ class ModelRunner:
             ctx[i] = length
             tables[i, :len(table)] = table
         ints[2, n:b], ctx[n:b] = -1, 1  # padding rows: store nothing, attend over one token
-        self.g_ints[:, :b].copy_(self.h_ints[:, :b], non_blocking=True)
-        self.g_ctx[:b].copy_(self.h_ctx[:b], non_blocking=True)
-        self.g_tables[:b].copy_(self.h_tables[:b], non_blocking=True)
+        if prev_rows is not None:
+            ints[3, :n] = prev_rows
+            ints[3, n:b] = -1
+            self.g_ints[:, :b].copy_(h_ints, non_blocking=True)
+            rows = self.g_ints[3, :b]
+            from_prev = self.prev_tokens[rows.clamp(0, self.prev_tokens.numel() - 1)]
+            self.g_ints[0, :b] = torch.where(rows >= 0, from_prev, self.g_ints[0, :b])
+        else:
+            self.g_ints[:3, :b].copy_(h_ints[:3], non_blocking=True)
+        self.g_ctx[:b].copy_(h_ctx, non_blocking=True)
+        self.g_tables[:b].copy_(h_tables, non_blocking=True)
         self.graphs[b].replay()
         return self.g_hidden[:n]
+
+    @property
+    def supports_overlap(self) -> bool:
+        return bool(self.graphs)
+
+    @torch.inference_mode()
+    def launch_decode(self, seqs: list[Sequence]):
+        """Launch a decode step without waiting for it (overlapped decode).  A sequence whose last token is
+        a placeholder gets the token the previous launch sampled for it.  Returns a ticket for tokens()."""
+        last = self.prev_seq_rows
+        rows = np.fromiter((last.get(s.seq_id, -1) if s.token_ids[-1] < 0 else -1 for s in seqs),
+                           dtype=np.int64, count=len(seqs))
+        hidden = self.replay_decode_graph(seqs, rows if last else None)
+        sampled = self.sample(self.model.compute_logits(hidden), seqs)
+        self.prev_tokens = sampled
+        self.prev_seq_rows = {s.seq_id: i for i, s in enumerate(seqs)}
+        host = torch.empty(len(seqs), dtype=torch.int64, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
+    @staticmethod
+    def tokens(ticket) -> list[int]:
+        host, event = ticket
+        event.synchronize()
+        return host.tolist()
 
     @torch.inference_mode()
     def logits(self, batch: ScheduledBatch) -> torch.Tensor:

@@ -73,8 +73,13 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch:
         bm = self.block_manager
         queue, scheduled = deque(self.running), []
-        while queue and len(scheduled) < self.config.max_num_seqs:
+        limit = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)  # one token per sequence
+        finishing = []  # (overlapped decode only) sequences whose pending token is their last
+        while queue and len(scheduled) < limit:
             seq = queue.popleft()
+            if self._finishes_by_length(seq):
+                finishing.append(seq)
+                continue
             while not bm.can_append(seq):
                 if queue:
                     self._preempt(queue.pop())
@@ -85,7 +90,7 @@ class Scheduler:
             if seq is not None:
                 bm.append_slot(seq)
                 scheduled.append(seq)
-        self.running = scheduled + list(queue)
+        self.running = scheduled + finishing + list(queue)
         if not scheduled:
             raise RuntimeError("the KV cache cannot hold even one sequence: raise num_kvcache_blocks")
         return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False)
@@ -100,7 +105,6 @@ class Scheduler:
         """Record what the step computed; append the sampled tokens (one per sequence that sampled, in
         batch order); finish and release sequences that are done.  Returns the finished ones."""
         finished, sampled = [], iter(token_ids)
-        eos = self.config.eos_token_ids
         for i, seq in enumerate(batch.seqs):
             samples = batch.samples(i)
             seq.num_computed_tokens += batch.num_new_tokens[i]
@@ -109,20 +113,79 @@ class Scheduler:
                 continue
             token = next(sampled)
             seq.token_ids.append(token)
-            p = seq.params
-            if (not p.ignore_eos and token in eos) or (p.stop_token_ids and token in p.stop_token_ids):
-                seq.finish_reason = "stop"
-            elif seq.num_completion_tokens >= p.max_tokens or len(seq) >= self.config.max_model_len:
-                seq.finish_reason = "length"
+            seq.finish_reason = self._finish_reason(seq, token, len(seq) - 1)
             if seq.finish_reason is not None:
                 self._finish(seq)
                 finished.append(seq)
         return finished
 
+    def _finish_reason(self, seq: Sequence, token: int, index: int) -> str | None:
+        """Why the sequence ends with ``token`` at position ``index``, if it does."""
+        p = seq.params
+        if (not p.ignore_eos and token in self.config.eos_token_ids) or (p.stop_token_ids and token in p.stop_token_ids):
+            return "stop"
+        if index + 1 - seq.num_prompt_tokens >= p.max_tokens or index + 1 >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def _finishes_by_length(self, seq: Sequence) -> bool:
+        return (seq.num_completion_tokens >= seq.params.max_tokens
+                or len(seq) >= self.config.max_model_len)
+
     def _finish(self, seq: Sequence) -> None:
+        if seq.status == SequenceStatus.WAITING:  # preempted while its last token was in flight
+            self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
         seq.status = SequenceStatus.FINISHED
         self.block_manager.deallocate(seq)
-        self.running.remove(seq)
+
+    # -- overlapped decode: step N+1 is scheduled and launched before step N's tokens are known --------
+    # Each sequence of a launched decode step gets a placeholder token, so the next step is scheduled at
+    # the right positions; the runner feeds it the real token straight from the GPU.  resolve() fills the
+    # placeholders in when the tokens reach the host.  A sequence that stops on an end-of-sequence token
+    # has then computed one token too many, which is dropped.
+    PLACEHOLDER = -1
+
+    def can_decode_ahead(self, max_batch: int) -> bool:
+        """Can the next decode step be scheduled without knowing the pending tokens?  Only in a pure decode
+        phase (nothing waiting, no prefill under way), within ``max_batch``, and without preemption."""
+        if self.waiting or not self.running:
+            return False
+        bm, active, need = self.block_manager, 0, 0
+        for seq in self.running:
+            if seq.num_uncomputed_tokens > 1:
+                return False
+            if self._finishes_by_length(seq):
+                continue
+            active += 1
+            need += bm.blocks_for(len(seq)) > len(seq.block_table)
+        return 0 < active <= min(max_batch, self.config.max_num_seqs) and need <= bm.num_free_blocks
+
+    def postprocess_launched(self, batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
+        """Book-keeping of a decode step whose tokens are still on the GPU; returns what resolve() needs."""
+        pending = []
+        for seq in batch.seqs:
+            seq.num_computed_tokens += 1
+            seq.token_ids.append(self.PLACEHOLDER)
+            pending.append((seq, len(seq.token_ids) - 1))
+        return pending
+
+    def resolve(self, pending: list[tuple[Sequence, int]], token_ids: list[int]) -> list[Sequence]:
+        """Fill in the tokens of a launched step; finish the sequences that are done."""
+        finished = []
+        for (seq, index), token in zip(pending, token_ids):
+            if seq.status == SequenceStatus.FINISHED:  # it stopped one step earlier: drop this token
+                continue
+            seq.token_ids[index] = token
+            seq.finish_reason = self._finish_reason(seq, token, index)
+            if seq.finish_reason is not None:
+                del seq.token_ids[index + 1:]
+                self._finish(seq)
+                finished.append(seq)
+            else:
+                self.block_manager.register_computed(seq)
+        return finished
 
     def abort_all(self) -> None:
         """Drop every request and release its blocks (after an error, so the engine stays usable)."""
