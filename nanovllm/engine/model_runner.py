@@ -348,7 +348,7 @@ class ModelRunner:
         b = next(size for size in sorted(self.graphs) if size >= n)
         # fresh pinned staging each step: the caching host allocator reuses a buffer only once the copy that
         # read it has run, which matters when the next step is prepared while this one is still queued
-        h_ints = torch.empty(4, b, dtype=torch.int64, pin_memory=True)
+        h_ints = torch.zeros(4, b, dtype=torch.int64, pin_memory=True)
         h_ctx = torch.empty(b, dtype=torch.int32, pin_memory=True)
         h_tables = torch.zeros(b, self.g_tables.shape[1], dtype=torch.int32, pin_memory=True)
         ints, ctx, tables = h_ints.numpy(), h_ctx.numpy(), h_tables.numpy()
