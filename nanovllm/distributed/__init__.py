@@ -1,17 +1,74 @@
-"""Tensor parallelism on torch.distributed (NCCL on CUDA, gloo on CPU)."""
+"""Tensor parallelism on torch.distributed (NCCL on CUDA, gloo on CPU): what the layers need.
 
+A tensor-parallel engine runs one process per rank, each holding a slice of every weight matrix; the
+layers combine the slices with two collectives: ``all_reduce`` (row-parallel outputs, the vocab-parallel
+embedding) and ``all_gather`` (the LM head's vocabulary slices).  They run over a process group that
+belongs to *one engine*, described by a ``TPGroup`` (this rank, the number of ranks, the group).
+
+How a layer finds its group: the engine builds its model inside ``with tensor_parallel(tp): ...``; a layer
+reads ``tp_rank_size()`` and ``current_group()`` once, in its constructor, and keeps the group for its
+forward pass.  Outside such a block there is no group: ``tp_rank_size()`` is ``(0, 1)``,
+``current_group()`` is None, and both collectives are no-ops, so a single-GPU engine never touches
+torch.distributed.  The block sets a ``ContextVar`` and restores it on exit, so nothing stays set
+after construction: two engines in one process (a notebook, say) each keep their own group, and neither
+uses torch.distributed's process-wide default group.
+
+The processes, the rendezvous and the per-step messages are in ``nanovllm.distributed.runner``; the
+process groups themselves are made in ``nanovllm.distributed.group``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass
+
+import torch
 import torch.distributed as dist
 
 
+@dataclass(frozen=True, slots=True)
+class TPGroup:
+    rank: int
+    size: int
+    group: object  # a torch.distributed.ProcessGroup of exactly these ``size`` processes
+
+
+_building: contextvars.ContextVar[TPGroup | None] = contextvars.ContextVar("nanovllm_tp_group", default=None)
+
+
+@contextlib.contextmanager
+def tensor_parallel(tp: TPGroup | None):
+    """Layers constructed inside this block split themselves over ``tp`` (None: no splitting)."""
+    token = _building.set(tp)
+    try:
+        yield tp
+    finally:
+        _building.reset(token)
+
+
+def current_group() -> TPGroup | None:
+    """The group of the model being built (None when not tensor-parallel)."""
+    return _building.get()
+
+
 def tp_rank_size() -> tuple[int, int]:
-    """This process's rank and the tensor-parallel world size ((0, 1) when not distributed)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    """This rank and the number of ranks of the model being built ((0, 1) when not tensor-parallel)."""
+    tp = _building.get()
+    return (0, 1) if tp is None else (tp.rank, tp.size)
 
 
-def all_reduce(x):
-    """Sum ``x`` over the tensor-parallel ranks, in place; a no-op on one rank."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(x)
+def all_reduce(x: torch.Tensor, tp: TPGroup | None = None) -> torch.Tensor:
+    """Sum ``x`` over the ranks of ``tp``, in place; a no-op without a group."""
+    if tp is not None and tp.size > 1:
+        dist.all_reduce(x, group=tp.group)
     return x
+
+
+def all_gather(x: torch.Tensor, tp: TPGroup | None = None) -> torch.Tensor:
+    """Every rank's ``x``, concatenated along the last dimension in rank order; ``x`` without a group."""
+    if tp is None or tp.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    dist.all_gather(parts, x.contiguous(), group=tp.group)
+    return torch.cat(parts, -1)

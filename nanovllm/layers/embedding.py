@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.distributed import all_reduce, tp_rank_size
+from nanovllm.distributed import all_gather, all_reduce, current_group, tp_rank_size
 from nanovllm.layers.linear import materialize, narrow
 
 
@@ -15,6 +14,7 @@ class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank_size()
+        self.tp_group = current_group()
         if vocab_size % self.tp_size:
             raise ValueError(f"vocab size {vocab_size} does not divide by tensor_parallel_size={self.tp_size}")
         self.vocab_size = vocab_size
@@ -32,16 +32,11 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         mine = (local >= 0) & (local < self.shard_size)
         y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * mine.unsqueeze(-1)
-        return all_reduce(y)
+        return all_reduce(y, self.tp_group)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for the given hidden states; each rank computes its vocabulary slice, rank 0 gets them all."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
-        if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)]
-            dist.all_gather(parts, logits)
-            logits = torch.cat(parts, -1)
-        return logits
+        return all_gather(F.linear(hidden, self.weight), self.tp_group)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.distributed import all_reduce, tp_rank_size
+from nanovllm.distributed import all_reduce, current_group, tp_rank_size
 
 
 def narrow(loaded, dim: int, start: int, size: int):
@@ -39,6 +39,7 @@ class LinearBase(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank_size()
+        self.tp_group = current_group()
         self.tp_dim = tp_dim
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
@@ -135,4 +136,4 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(materialize(narrow(loaded, 1, self.tp_rank * size, size)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight, self.bias))
+        return all_reduce(F.linear(x, self.weight, self.bias), self.tp_group)
