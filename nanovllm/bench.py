@@ -144,10 +144,26 @@ def run_nanovllm(w: Workload, folder, device: str, args) -> Result:
     assert produced == w.output_tokens, f"nanovllm produced {produced} tokens, expected {w.output_tokens}"
     res = Result("nanovllm", w.name, len(prompts), produced, seconds, device_name(llm.device),
                  f"backend={llm.runner.backend.name}")
+    print_step_summary(llm.step_log)
     if hasattr(llm, "shutdown"):
         llm.shutdown()
     llm.runner.close()
     return res
+
+
+def print_step_summary(log) -> None:
+    """Where nanovllm's time went: prefill vs decode steps, and decode steps by batch size."""
+    pre = [r for r in log if r[0]]
+    dec = [r for r in log if not r[0]]
+    out = [f"  prefill: {len(pre)} steps, {sum(r[1] for r in pre):,} tokens, {sum(r[3] for r in pre):.2f} s"]
+    out.append(f"  decode:  {len(dec)} steps, {sum(r[1] for r in dec):,} tokens, {sum(r[3] for r in dec):.2f} s")
+    for lo, hi in ((1, 16), (17, 64), (65, 128), (129, 192), (193, 10**9)):
+        rows = [r for r in dec if lo <= r[2] <= hi]
+        if rows:
+            t = sum(r[3] for r in rows)
+            out.append(f"    batch {lo:>3}-{min(hi, 999):>3}: {len(rows):>5} steps, {t:6.2f} s, "
+                       f"{t / len(rows) * 1e3:6.2f} ms/step")
+    print("\n".join(out), file=sys.stderr, flush=True)
 
 
 def load_hf_model(folder, random_weights: bool, device: str, dtype, attn: str | None = None):

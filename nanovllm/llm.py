@@ -92,6 +92,7 @@ class LLM:
                                           enable_prefix_caching)
         self.scheduler = Scheduler(config, self.block_manager)
         self._ids = itertools.count()
+        self.step_log: list[tuple[bool, int, int, float]] = []
 
     # -- validation ----------------------------------------------------------------------------------
     def _prompt_ids(self, prompts) -> tuple[list[list[int]], list[str | None]]:
@@ -216,6 +217,7 @@ class LLM:
             bar = tqdm(total=len(seqs), desc="Generating", unit="req", dynamic_ncols=True)
         prefill_tok = decode_tok = 0
         prefill_s = decode_s = 0.0
+        self.step_log = []  # (is_prefill, tokens, sequences, seconds) per step of the last generate()
         sched, runner = self.scheduler, self.runner
         overlap = getattr(runner, "supports_overlap", False)
         pending = None  # (sequences, ticket) of a launched decode step whose tokens are still on the GPU
@@ -238,6 +240,7 @@ class LLM:
                 batch, more = self.step()
                 finished += more
             dt = time.perf_counter() - t
+            self.step_log.append((batch.is_prefill, sum(batch.num_new_tokens), len(batch.seqs), dt))
             if batch.is_prefill:
                 prefill_tok, prefill_s = prefill_tok + sum(batch.num_new_tokens), prefill_s + dt
             else:

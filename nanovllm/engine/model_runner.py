@@ -285,6 +285,11 @@ class ModelRunner:
         from nanovllm.layers.norm import RMSNorm, add_rms_norm, rms_norm
         from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
 
+        import torch._dynamo
+
+        # one compiled entry per (dtype, rank) a layer kind meets; several engines in one process (tests,
+        # notebooks) meet more than dynamo's default limit of 8, past which it would silently run eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         norm, add_norm = torch.compile(rms_norm, dynamic=True), torch.compile(add_rms_norm, dynamic=True)
         act, rot = torch.compile(silu_and_mul, dynamic=True), torch.compile(apply_rotary, dynamic=True)
         for m in self.model.modules():
