@@ -155,7 +155,8 @@ def print_step_summary(log) -> None:
     """Where nanovllm's time went: prefill vs decode steps, and decode steps by batch size."""
     pre = [r for r in log if r[0]]
     dec = [r for r in log if not r[0]]
-    out = [f"  prefill: {len(pre)} steps, {sum(r[1] for r in pre):,} tokens, {sum(r[3] for r in pre):.2f} s"]
+    out = [f"  prefill: {len(pre)} steps, {sum(r[1] for r in pre):,} tokens, {sum(r[3] for r in pre):.2f} s "
+           f"({', '.join(f'{r[3] * 1e3:.0f}' for r in pre[:20])} ms)"]
     out.append(f"  decode:  {len(dec)} steps, {sum(r[1] for r in dec):,} tokens, {sum(r[3] for r in dec):.2f} s")
     for lo, hi in ((1, 16), (17, 64), (65, 128), (129, 192), (193, 10**9)):
         rows = [r for r in dec if lo <= r[2] <= hi]
@@ -226,7 +227,7 @@ def run_hf_continuous(w: Workload, folder, device: str, dtype) -> Result:
     except ImportError:
         cb = None
     kw = {"continuous_batching_config": cb} if cb is not None else {}
-    with torch.inference_mode():
+    with torch.no_grad():  # (its generation thread cannot use tensors made under inference_mode)
         model.generate_batch([w.prompts[0][:16]], generation_config=gen, max_new_tokens=8, **kw)  # warm-up
         manager = model.init_continuous_batching(generation_config=gen, **kw)
         manager.start()

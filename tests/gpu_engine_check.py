@@ -111,11 +111,32 @@ def main():
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-profile", action="store_true")
+    ap.add_argument("--only", default=None, help="comma-separated: checks, bench, profile, modes, prefill")
     args = ap.parse_args()
+    parts = set(args.only.split(",")) if args.only else {"checks", "bench", "profile"}
     out = Path(args.out) if args.out else None
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}", flush=True)
     tmp = Path(tempfile.mkdtemp())
+    if "checks" in parts:
+        run_checks(tmp)
+    if "bench" in parts and not args.skip_bench:
+        from nanovllm import bench
 
+        engines = "nanovllm" if args.skip_hf else "nanovllm,hf"
+        argv = ["--engine", engines]
+        if out:
+            argv += ["--json", str(out / "bench.jsonl")]
+        bench.main(argv)
+    if "profile" in parts and not args.skip_profile:
+        profile_decode(out)
+    if "prefill" in parts:
+        profile_prefill(out)
+    if "modes" in parts:
+        decode_modes(out)
+    print("FAILED: " + ", ".join(FAILS) if FAILS else "ALL PASSED")
+
+
+def run_checks(tmp):
     @check("tiny qwen3 fp32: triton+graphs == torch reference (prefix cache, chunked prefill, preemption)")
     def _tiny():
         save_random_qwen3(tmp / "tiny", tiny=True)
@@ -169,18 +190,78 @@ def main():
     del hf
     torch.cuda.empty_cache()
 
-    if not args.skip_bench:
-        from nanovllm import bench
 
-        engines = "nanovllm" if args.skip_hf else "nanovllm,hf"
-        argv = ["--engine", engines]
-        if out:
-            argv += ["--json", str(out / "bench.jsonl")]
-        bench.main(argv)
+def seed_engine(**kw):
+    """An engine on the Qwen3-0.6B shape with random weights (its folder lives as long as the engine)."""
+    tmp = tempfile.mkdtemp()
+    (Path(tmp) / "config.json").write_text(QWEN3_0_6B_CONFIG.read_text())
+    return LLM(tmp, load_format="dummy", **kw)
 
-    if not args.skip_profile:
-        profile_decode(out)
-    print("FAILED: " + ", ".join(FAILS) if FAILS else "ALL PASSED")
+
+def profile_prefill(out):
+    """Where one full prefill step (8192 tokens of seed-benchmark prompts) spends its time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanovllm.bench import seed_workload
+
+    w = seed_workload(64)
+    llm = seed_engine()
+    for p in w.prompts:
+        llm.add_request(p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=4))
+    llm.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        batch, _ = llm.step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) * 1e3
+    print(f"prefill step: {sum(batch.num_new_tokens)} tokens of {len(batch.seqs)} sequences, {wall:.1f} ms wall")
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=20)
+    print(table)
+    if out:
+        (out / "prefill_profile.txt").write_text(table)
+    llm.abort_all()
+    close(llm)
+
+
+def decode_modes(out):
+    """Decode step latency: eager vs CUDA graphs vs graphs + torch.compile, by batch size."""
+    from nanovllm.engine import model_runner
+
+    rows = []
+    original = model_runner.ModelRunner.compile_layers
+    for mode in ("eager", "graphs", "graphs+compile"):
+        if mode == "graphs":
+            model_runner.ModelRunner.compile_layers = lambda self: None
+        else:
+            model_runner.ModelRunner.compile_layers = original
+        llm = seed_engine(enforce_eager=mode == "eager", max_num_seqs=256)
+        for bsz in (1, 8, 32, 128, 256):
+            for i in range(bsz):
+                llm.add_request([(7 * i + j) % 10000 for j in range(512)],
+                                SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=200))
+            while True:
+                batch, _ = llm.step()
+                if not batch.is_prefill:
+                    break
+            for _ in range(5):
+                llm.step()
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            for _ in range(30):
+                llm.step()
+            torch.cuda.synchronize()
+            ms = (time.perf_counter() - t) / 30 * 1e3
+            rows.append((bsz, mode, round(ms, 3)))
+            print(f"decode step, batch {bsz:>3}, {mode:>14}: {ms:.2f} ms", flush=True)
+            llm.abort_all()
+        close(llm)
+    model_runner.ModelRunner.compile_layers = original
+    if out:
+        gpu = torch.cuda.get_device_name()
+        lines = ["batch_size,mode,ms_per_step,gpu,date"]
+        lines += [f"{b},{m},{ms},{gpu},{time.strftime('%Y-%m-%d')}" for b, m, ms in rows]
+        (out / "gpu_decode_modes.csv").write_text("\n".join(lines) + "\n")
 
 
 def profile_decode(out):
@@ -190,54 +271,52 @@ def profile_decode(out):
     from nanovllm.bench import seed_workload
 
     w = seed_workload(256)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(QWEN3_0_6B_CONFIG.read_text())
-        llm = LLM(tmp, load_format="dummy")
-        for p, n in zip(w.prompts, w.max_tokens):
-            llm.add_request(p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n))
-        while True:  # finish the prefills, then a few decode steps
-            batch, _ = llm.step()
-            if not batch.is_prefill and len(batch.seqs) == 256:
-                break
-        for _ in range(50):
+    llm = seed_engine()
+    for p, n in zip(w.prompts, w.max_tokens):
+        llm.add_request(p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n))
+    while True:  # finish the prefills, then a few decode steps
+        batch, _ = llm.step()
+        if not batch.is_prefill and len(batch.seqs) == 256:
+            break
+    for _ in range(50):
+        llm.step()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(20):
+        llm.step()
+    torch.cuda.synchronize()
+    step_ms = (time.perf_counter() - t) / 20 * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
             llm.step()
         torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(20):
-            llm.step()
-        torch.cuda.synchronize()
-        step_ms = (time.perf_counter() - t) / 20 * 1e3
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                llm.step()
-            torch.cuda.synchronize()
-        cats = {"attention": 0.0, "gemm": 0.0, "sampling": 0.0, "kv store": 0.0, "other": 0.0}
-        for e in prof.key_averages():
-            dev = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-            if e.device_type.name != "CUDA" or dev == 0:
-                continue
-            n = e.key.lower()
-            if "decode" in n or "attn" in n or "attention" in n or "_reduce" in n:
-                cats["attention"] += dev
-            elif "gemm" in n or "sm90" in n or "cutlass" in n or "nvjet" in n or "matmul" in n:
-                cats["gemm"] += dev
-            elif "store_kv" in n:
-                cats["kv store"] += dev
-            elif any(k in n for k in ("exponential", "argmax", "softmax", "div", "max", "distribution")):
-                cats["sampling"] += dev
-            else:
-                cats["other"] += dev
-        gpu_ms = sum(cats.values()) / 5 / 1e3
-        print(f"decode step at batch 256: {step_ms:.2f} ms wall, {gpu_ms:.2f} ms of GPU kernels; "
-              f"host/idle {max(step_ms - gpu_ms, 0):.2f} ms")
-        for k, v in cats.items():
-            print(f"  {k:>10}: {v / 5 / 1e3:.3f} ms")
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
-        print(table)
-        if out:
-            (out / "decode_profile.txt").write_text(table)
-        llm.abort_all()
-        close(llm)
+    cats = {"attention": 0.0, "gemm": 0.0, "sampling": 0.0, "kv store": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        dev = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if e.device_type.name != "CUDA" or dev == 0:
+            continue
+        n = e.key.lower()
+        if "decode" in n or "attn" in n or "attention" in n or "_reduce" in n:
+            cats["attention"] += dev
+        elif "gemm" in n or "sm90" in n or "cutlass" in n or "nvjet" in n or "matmul" in n:
+            cats["gemm"] += dev
+        elif "store_kv" in n:
+            cats["kv store"] += dev
+        elif any(k in n for k in ("exponential", "argmax", "softmax", "div", "max", "distribution")):
+            cats["sampling"] += dev
+        else:
+            cats["other"] += dev
+    gpu_ms = sum(cats.values()) / 5 / 1e3
+    print(f"decode step at batch 256: {step_ms:.2f} ms wall, {gpu_ms:.2f} ms of GPU kernels; "
+          f"host/idle {max(step_ms - gpu_ms, 0):.2f} ms")
+    for k, v in cats.items():
+        print(f"  {k:>10}: {v / 5 / 1e3:.3f} ms")
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
+    print(table)
+    if out:
+        (out / "decode_profile.txt").write_text(table)
+    llm.abort_all()
+    close(llm)
 
 
 if __name__ == "__main__":

@@ -62,22 +62,20 @@ def causal_attention(q, k, v, scale) -> torch.Tensor:
 
 
 def paged_decode_ref(q, k_cache, v_cache, context_lens, block_tables, scale) -> torch.Tensor:
-    """One query per sequence, all sequences at once: gather a padded [B, L, Hkv, D] view of the cache,
+    """One query per sequence, all sequences at once: gather a padded [B, Hkv, L, D] view of the cache,
     mask the padding, and let each KV head's group of query heads share it.  q: [B, H, D]."""
-    batch, num_heads, head_dim = q.shape
+    head_dim = q.shape[-1]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = int(context_lens.max())
     pos = torch.arange(max_len, device=q.device)
     blocks = block_tables[:, pos // block_size].long().clamp_min(0)  # [B, L]
     slots = blocks * block_size + pos % block_size
-    k = k_cache.view(-1, num_kv_heads, head_dim)[slots].to(q.dtype)  # [B, L, Hkv, D]
-    v = v_cache.view(-1, num_kv_heads, head_dim)[slots].to(q.dtype)
-    qg = q.view(batch, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    scores = torch.einsum("bkgd,blkd->bkgl", qg, k) * scale
-    valid = pos[None, :] < context_lens[:, None]  # [B, L]
-    scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
-    probs = scores.float().softmax(-1).to(q.dtype)
-    return torch.einsum("bkgl,blkd->bkgd", probs, v).reshape(batch, num_heads, head_dim)
+    k = k_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2).to(q.dtype)  # [B, Hkv, L, D]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2).to(q.dtype)
+    valid = (pos[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=valid, scale=scale,
+                                       enable_gqa=q.shape[1] != num_kv_heads)
+    return o.squeeze(2)
 
 
 class TorchRefBackend(AttentionBackend):

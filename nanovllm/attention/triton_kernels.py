@@ -136,7 +136,7 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb"])  # the block-table width varies step to step
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr,
     out_ptr, mid_o_ptr, mid_lse_ptr,
@@ -240,12 +240,15 @@ DECODE_BLOCK_N = 64
 MAX_SPLITS = 32
 
 
+DECODE_WAVES = 2  # programs per SM the split heuristic aims for
+
+
 def pick_num_splits(batch: int, num_kv_heads: int, max_context_len: int, num_sms: int = 132,
                     block_n: int = DECODE_BLOCK_N, min_tiles_per_split: int = 2) -> int:
     """Split count for decode: enough (seq, kv head, split) programs for about two waves over the SMs,
     while each split keeps at least ``min_tiles_per_split`` tiles of ``block_n`` tokens."""
     programs = max(batch * num_kv_heads, 1)
-    target = 2 * num_sms
+    target = DECODE_WAVES * num_sms
     if programs >= target:
         return 1
     by_occupancy = _cdiv(target, programs)
@@ -322,7 +325,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_btb"])  # the block-table width varies step to step
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr,
     cu_q_ptr, ctx_ptr, bt_ptr,

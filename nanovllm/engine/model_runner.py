@@ -126,8 +126,10 @@ class ModelRunner:
         self.prev_seq_rows: dict[int, int] = {}
         if device.type == "cuda" and not config.enforce_eager:
             self.compile_layers()
-            if self.backend.cuda_graph_safe:
-                self.capture_decode_graphs()
+        if device.type == "cuda":
+            self.warmup_prefill()
+        if device.type == "cuda" and not config.enforce_eager and self.backend.cuda_graph_safe:
+            self.capture_decode_graphs()
 
     def close(self) -> None:
         """Release the GPU memory (graphs, KV cache, weights) even if something still holds this runner."""
@@ -276,6 +278,21 @@ class ModelRunner:
             return self.gumbel_sample(logits, dev[0].float(), dev[1].long())
         temps, top_k, top_p, generators = self.sampling_tensors(seqs)
         return sample(logits, temps, top_k, top_p, generators, self.generator)
+
+    def warmup_prefill(self) -> None:
+        """Run the largest prefill once through the paged path (a prefix, then the rest), so that kernels
+        compile now rather than during the first requests.  It writes junk into free blocks only."""
+        bs = self.block_size
+        n = min(self.config.max_num_batched_tokens, self.num_kvcache_blocks * bs, self.config.max_model_len - 1)
+        if n < 2:
+            return
+        seq = Sequence(-1, [0] * n)
+        seq.block_table = list(range(-(-n // bs)))
+        first = n // 2
+        self.run(ScheduledBatch([seq], [first], is_prefill=True))  # no prefix: nothing sampled
+        seq.num_computed_tokens = first
+        self.run(ScheduledBatch([seq], [n - first], is_prefill=True))  # over a cached prefix
+        torch.cuda.synchronize(self.device)
 
     # -- torch.compile and CUDA graphs (CUDA only; enforce_eager=True turns both off) ------------------
     def compile_layers(self) -> None:
