@@ -27,7 +27,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m nanovllm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="*", help="prompt(s); none: a demo batch")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model folder, .gguf file or hub id (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model folder, .gguf file or hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)

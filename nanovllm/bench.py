@@ -90,8 +90,9 @@ class Result:
         return self.output_tokens / self.seconds
 
     def line(self) -> str:
-        return (f"{self.engine:>9}  {self.workload}: {self.requests} requests, {self.output_tokens:,} output tokens "
-                f"in {self.seconds:.2f} s = {self.tok_per_s:,.0f} tok/s  [{self.device}]{' ' + self.note if self.note else ''}")
+        return (f"{self.engine:>9}  {self.workload}: {self.requests} requests, "
+                f"{self.output_tokens:,} output tokens in {self.seconds:.2f} s = {self.tok_per_s:,.0f} tok/s  "
+                f"[{self.device}]{' ' + self.note if self.note else ''}")
 
 
 def model_folder(w: Workload, tmp: Path) -> Path | str:

@@ -107,11 +107,11 @@ class LLM:
         vocab = self.hf_config.vocab_size
         for i, p in enumerate(prompts):
             if isinstance(p, str):
+                if not p:  # checked first: the more specific problem
+                    raise ValueError(f"prompt {i} is an empty string")
                 if self.tokenizer is None:
                     raise ValueError(f"prompt {i} is text, but the model at {self.model_dir.name} has no "
                                      "tokenizer: pass token-id lists instead")
-                if not p:
-                    raise ValueError(f"prompt {i} is an empty string")
                 toks = self.tokenizer(p).input_ids
                 texts.append(p)
             elif isinstance(p, (list, tuple)):

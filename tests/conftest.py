@@ -54,7 +54,7 @@ def tiny_qwen3(tmp_path_factory):
 def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id=None):
     """HF transformers' greedy continuation of one prompt (token ids)."""
     with torch.no_grad():
-        out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_token_id,
-                             pad_token_id=0)
+        ids = torch.tensor([prompt_ids])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=eos_token_id, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()

@@ -298,11 +298,11 @@ class ModelRunner:
     def compile_layers(self) -> None:
         """Compile the small elementwise layers (RMSNorm(+residual), RoPE, SiLU-and-mul): each becomes one
         fused kernel instead of several.  One compiled function is shared by every layer of a kind."""
+        import torch._dynamo
+
         from nanovllm.layers.activation import SiluAndMul, silu_and_mul
         from nanovllm.layers.norm import RMSNorm, add_rms_norm, rms_norm
         from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
-
-        import torch._dynamo
 
         # one compiled entry per (dtype, rank) a layer kind meets; several engines in one process (tests,
         # notebooks) meet more than dynamo's default limit of 8, past which it would silently run eager

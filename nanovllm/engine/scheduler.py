@@ -61,7 +61,7 @@ class Scheduler:
             if not self.block_manager.can_allocate(seq):
                 break
             self.block_manager.allocate(seq)
-            if seq.num_completion_tokens == 0:
+            if seq.num_preemptions == 0:  # first admission (later ones find the request's own blocks)
                 seq.num_cached_tokens = seq.num_computed_tokens
             seq.status = SequenceStatus.RUNNING
             self.running.append(self.waiting.popleft())
@@ -100,6 +100,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
+        seq.num_preemptions += 1
 
     def postprocess(self, batch: ScheduledBatch, token_ids: list[int]) -> list[Sequence]:
         """Record what the step computed; append the sampled tokens (one per sequence that sampled, in
@@ -122,7 +123,9 @@ class Scheduler:
     def _finish_reason(self, seq: Sequence, token: int, index: int) -> str | None:
         """Why the sequence ends with ``token`` at position ``index``, if it does."""
         p = seq.params
-        if (not p.ignore_eos and token in self.config.eos_token_ids) or (p.stop_token_ids and token in p.stop_token_ids):
+        if not p.ignore_eos and token in self.config.eos_token_ids:
+            return "stop"
+        if p.stop_token_ids and token in p.stop_token_ids:
             return "stop"
         if index + 1 - seq.num_prompt_tokens >= p.max_tokens or index + 1 >= self.config.max_model_len:
             return "length"

@@ -18,7 +18,7 @@ class Sequence:
     computes the rest (or a chunk of it), and when it has computed them all it samples one more token."""
 
     __slots__ = ("seq_id", "status", "token_ids", "num_prompt_tokens", "num_computed_tokens",
-                 "num_cached_tokens", "block_table", "params", "finish_reason", "generator")
+                 "num_cached_tokens", "block_table", "params", "finish_reason", "generator", "num_preemptions")
 
     def __init__(self, seq_id: int, token_ids: list[int], params: SamplingParams | None = None):
         self.seq_id = seq_id
@@ -31,6 +31,7 @@ class Sequence:
         self.params = params or SamplingParams()
         self.finish_reason: str | None = None
         self.generator = None  # per-request torch.Generator when params.seed is set
+        self.num_preemptions = 0  # times its blocks were taken back and it was queued again
 
     def __len__(self) -> int:
         return len(self.token_ids)

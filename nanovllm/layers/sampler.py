@@ -21,7 +21,8 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: t
     if top_p is not None:
         probs = sorted_logits.softmax(-1)
         before = probs.cumsum(-1) - probs  # probability of the better tokens
-        drop = before >= top_p.unsqueeze(1)
+        # top_p == 1 is off: the rounded cumsum can reach 1.0 before the last token, so test it explicitly
+        drop = (before >= top_p.unsqueeze(1)) & (top_p < 1).unsqueeze(1)
         drop[:, 0] = False  # the best token always stays
         sorted_logits.masked_fill_(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter_(-1, order, sorted_logits)
