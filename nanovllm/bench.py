@@ -131,7 +131,8 @@ def run_nanovllm(w: Workload, folder, device: str, args) -> Result:
     llm = LLM(folder, device=device, dtype=args.dtype, load_format="dummy" if w.random_weights else "auto",
               enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
               tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
-              max_model_len=args.max_model_len, kvcache_block_size=args.block_size)
+              max_model_len=args.max_model_len, kvcache_block_size=args.block_size,
+              max_num_batched_tokens=args.max_num_batched_tokens)
     print(f"nanovllm: engine ready in {time.perf_counter() - t:.1f} s ({llm!r})", file=sys.stderr)
     prompts = chat_prompt_ids(w, llm.tokenizer) if w.name == "chat" else w.prompts
     params = [SamplingParams(temperature=w.temperature, ignore_eos=True, max_tokens=n) for n in w.max_tokens]
@@ -302,6 +303,8 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=16384,
+                   help="tokens per prefill step (default 16384, nano-vllm's; the LLM default is 8192)")
     p.add_argument("--progress", action="store_true", help="show nanovllm's progress bar")
     p.add_argument("--json", default=None, help="append results to this JSON-lines file")
     args = p.parse_args(argv)

@@ -29,6 +29,7 @@ class EngineConfig:
     seed: int = 0
     attention_backend: str = "auto"
     load_format: str = "auto"  # "dummy": random weights from the config alone (benchmarks)
+    decode_longest_first: bool = True  # order decode batches by context length (GPU load balance)
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):

@@ -93,6 +93,10 @@ class Scheduler:
         self.running = scheduled + finishing + list(queue)
         if not scheduled:
             raise RuntimeError("the KV cache cannot hold even one sequence: raise num_kvcache_blocks")
+        if self.config.decode_longest_first:
+            # the attention kernel starts one program per (row, KV head) in row order: longest contexts first
+            # keeps the GPU busy to the end instead of finishing on a few long ones (longest-processing-time)
+            scheduled = sorted(scheduled, key=len, reverse=True)
         return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False)
 
     def _preempt(self, seq: Sequence) -> None:
