@@ -50,6 +50,8 @@ class SamplingParams:
             self.stop_token_ids = list(self.stop_token_ids)
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise TypeError(f"seed must be an int or None, got {type(self.seed).__name__}")
+        if self.seed is not None and not -(2 ** 63) <= self.seed < 2 ** 64:  # what torch.Generator takes
+            raise ValueError(f"seed must be in [-2**63, 2**64), got {self.seed}")
 
     @property
     def greedy(self) -> bool:

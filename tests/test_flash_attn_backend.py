@@ -5,8 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import hf_greedy
+
 from nanovllm import LLM, SamplingParams
 
 STANDIN = Path(__file__).parent / "flash_attn_standin"

@@ -3,8 +3,8 @@ the plain loop.  On a GPU it needs CUDA graphs; here a stand-in runner keeps its
 tokens handed over from the previous launch) on top of the real CPU runner."""
 
 import pytest
-
 from conftest import hf_greedy
+
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.scheduler import ScheduledBatch
 

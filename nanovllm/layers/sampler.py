@@ -36,7 +36,9 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor
     greedy = temperatures == 0
     if bool(greedy.all()):
         return logits.argmax(-1)
-    scaled = logits / torch.where(greedy, 1.0, temperatures).unsqueeze(1)
+    # shift the row maximum to 0 first (softmax does not change): a tiny temperature then sends the other
+    # logits to -inf instead of sending the best ones to inf, where softmax would give NaN
+    scaled = (logits - logits.amax(-1, keepdim=True)) / torch.where(greedy, 1.0, temperatures).unsqueeze(1)
     if top_k is not None or top_p is not None:
         scaled = apply_top_k_top_p(scaled, top_k, top_p)
     probs = scaled.softmax(-1)
