@@ -7,6 +7,7 @@ module executes just those cells, in order, into a fresh module.
 from __future__ import annotations
 
 import json
+import linecache
 import types
 from pathlib import Path
 
@@ -22,6 +23,10 @@ def load_chapter(name: str) -> types.ModuleType:
     cells = [c for c in nb["cells"] if c["cell_type"] == "code" and "export" in c.get("metadata", {}).get("tags", [])]
     if not cells:
         raise ValueError(f"{path.name} has no code cells tagged 'export'")
-    for cell in cells:
-        exec(compile("".join(cell["source"]), f"{path.name}:export", "exec"), module.__dict__)
+    for i, cell in enumerate(cells):
+        source = "".join(cell["source"])
+        filename = f"{path.name}:export[{i}]"
+        # registered like a file, so that inspect finds the source: Triton's JIT compiles a kernel from it
+        linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+        exec(compile(source, filename, "exec"), module.__dict__)
     return module

@@ -23,7 +23,7 @@ from nanovllm.layers.sampler import sample
 from nanovllm.loading.weights import load_weights
 from nanovllm.models import model_class
 
-CPU_KV_CACHE_CAP = 4 << 30  # bytes: on a CPU the cache takes at most this, or a quarter of free memory
+CPU_KV_CACHE_CAP = 1 << 30  # bytes: on a CPU the cache takes at most this, or a quarter of free memory
 
 
 @contextlib.contextmanager
@@ -36,7 +36,7 @@ def default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def make_backend(name: str, device: torch.device):
+def make_backend(name: str, device: torch.device, dtype: torch.dtype = torch.bfloat16):
     """The attention backend: ``name`` as asked, or for "auto" the fastest that runs here."""
     if name == "auto":
         name = "torch"
@@ -49,7 +49,8 @@ def make_backend(name: str, device: torch.device):
                 name = "triton"
             except ImportError:
                 pass
-            if flash_attn_usable(device) and name == "triton":  # it stores K/V with our Triton kernel
+            half = dtype in (torch.float16, torch.bfloat16)  # flash-attn has no float32 kernels
+            if half and flash_attn_usable(device) and name == "triton":  # it stores K/V with our Triton kernel
                 name = "flash_attn"
     if name == "torch":
         from nanovllm.attention.torch_ref import TorchRefBackend
@@ -96,7 +97,7 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
                  dtype: torch.dtype):
         self.config, self.hf_config, self.device, self.dtype = config, hf_config, device, dtype
-        self.backend = make_backend(config.attention_backend, device)
+        self.backend = make_backend(config.attention_backend, device, dtype)
         multiple = self.backend.block_size_multiple
         if config.kvcache_block_size % multiple:  # the block size follows the backend
             config.kvcache_block_size = max(multiple, config.kvcache_block_size // multiple * multiple)
