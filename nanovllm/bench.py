@@ -214,10 +214,21 @@ def run_hf(w: Workload, folder, device: str, args) -> Result:
     return Result("hf", w.name, len(prompts), produced, seconds, device_name(device), "generate, left-padded")
 
 
+def workload_prompts(w: Workload, folder) -> list[list[int]]:
+    """Token ids of the workload's prompts (the chat workload goes through the model's chat template)."""
+    if w.name != "chat":
+        return w.prompts
+    from transformers import AutoTokenizer
+
+    return chat_prompt_ids(w, AutoTokenizer.from_pretrained(folder))
+
+
 def run_hf_continuous(w: Workload, folder, device: str, dtype) -> Result:
     """transformers' continuous batching (paged attention, CUDA graphs), per-request max_new_tokens."""
     import torch
     from transformers import GenerationConfig
+
+    prompts = workload_prompts(w, folder)
 
     model = load_hf_model(folder, w.random_weights, device, dtype, attn="paged|sdpa")
     gen = GenerationConfig(do_sample=w.temperature > 0, temperature=w.temperature or None, top_p=1.0, top_k=0,
@@ -230,15 +241,15 @@ def run_hf_continuous(w: Workload, folder, device: str, dtype) -> Result:
         cb = None
     kw = {"continuous_batching_config": cb} if cb is not None else {}
     with torch.no_grad():  # (its generation thread cannot use tensors made under inference_mode)
-        model.generate_batch([w.prompts[0][:16]], generation_config=gen, max_new_tokens=8, **kw)  # warm-up
+        model.generate_batch([prompts[0][:16]], generation_config=gen, max_new_tokens=8, **kw)  # warm-up
         manager = model.init_continuous_batching(generation_config=gen, **kw)
         manager.start()
         sync(device)
         t = time.perf_counter()
-        for i, (p, n) in enumerate(zip(w.prompts, w.max_tokens)):
+        for i, (p, n) in enumerate(zip(prompts, w.max_tokens)):
             manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
         produced, done = 0, 0
-        while done < len(w.prompts):
+        while done < len(prompts):
             out = manager.get_result(timeout=60)
             if out is None:
                 raise RuntimeError("transformers continuous batching stalled")
@@ -248,7 +259,7 @@ def run_hf_continuous(w: Workload, folder, device: str, dtype) -> Result:
         sync(device)
         seconds = time.perf_counter() - t
         manager.stop(block=True)
-    return Result("hf", w.name, len(w.prompts), produced, seconds, device_name(device),
+    return Result("hf", w.name, len(prompts), produced, seconds, device_name(device),
                   "continuous batching, paged|sdpa, CUDA graphs")
 
 
@@ -260,7 +271,7 @@ def run_vllm(w: Workload, folder, device: str, args) -> Result:
     llm = vllm.LLM(str(folder), load_format="dummy" if w.random_weights else "auto", enforce_eager=False,
                    max_model_len=args.max_model_len, skip_tokenizer_init=w.name != "chat")
     params = [vllm.SamplingParams(temperature=w.temperature, ignore_eos=True, max_tokens=n) for n in w.max_tokens]
-    prompts = [{"prompt_token_ids": p} for p in w.prompts]
+    prompts = [{"prompt_token_ids": p} for p in workload_prompts(w, folder)]
     llm.generate(prompts[:2], vllm.SamplingParams(max_tokens=8), use_tqdm=False)
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
