@@ -61,6 +61,15 @@ def causal_attention(q, k, v, scale) -> torch.Tensor:
     return o.transpose(0, 1)
 
 
+def varlen_causal_attention(q, k, v, cu_seqlens_q, scale) -> torch.Tensor:
+    """Causal attention of each sequence over its own new tokens only (no cache): [N, H, D]."""
+    out = torch.empty_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        out[s:e] = causal_attention(q[s:e], k[s:e], v[s:e], scale)
+    return out
+
+
 def paged_decode_ref(q, k_cache, v_cache, context_lens, block_tables, scale) -> torch.Tensor:
     """One query per sequence, all sequences at once: gather a padded [B, Hkv, L, D] view of the cache,
     mask the padding, and let each KV head's group of query heads share it.  q: [B, H, D]."""
@@ -85,12 +94,8 @@ class TorchRefBackend(AttentionBackend):
         store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
-        if k_cache is None or k_cache.numel() == 0:  # no cache yet (a warm-up forward): plain causal attention
-            out = torch.empty_like(q)
-            bounds = meta.cu_seqlens_q.tolist()
-            for s, e in zip(bounds[:-1], bounds[1:]):
-                out[s:e] = causal_attention(q[s:e], k[s:e], v[s:e], scale)
-            return out
+        if k_cache is None or k_cache.numel() == 0:  # no cache yet (a warm-up forward)
+            return varlen_causal_attention(q, k, v, meta.cu_seqlens_q, scale)
         if not meta.is_prefill:
             return paged_decode_ref(q, k_cache, v_cache, meta.context_lens, meta.block_tables, scale)
         return paged_attention_ref(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,

@@ -35,7 +35,7 @@ except ImportError as exc:  # only this module needs triton
     ) from exc
 
 from nanovllm.attention.base import AttentionBackend, AttentionMetadata
-from nanovllm.attention.torch_ref import causal_attention
+from nanovllm.attention.torch_ref import varlen_causal_attention
 
 LOG2E = 1.4426950408889634
 
@@ -472,11 +472,7 @@ class TritonBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         if k_cache is None or k_cache.numel() == 0:  # no cache yet (a warm-up forward)
-            out = torch.empty_like(q)
-            bounds = meta.cu_seqlens_q.tolist()
-            for s, e in zip(bounds[:-1], bounds[1:]):
-                out[s:e] = causal_attention(q[s:e], k[s:e], v[s:e], scale)
-            return out
+            return varlen_causal_attention(q, k, v, meta.cu_seqlens_q, scale)
         if not meta.is_prefill:
             # the split heuristic reads only shapes (block-table width x block size bounds the context),
             # so a captured CUDA graph and an eager step with the same shapes launch the same grid
