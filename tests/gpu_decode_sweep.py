@@ -1,0 +1,117 @@
+"""Sweep the decode-attention kernel's launch settings and the KV-cache layout on a GPU (a script, not a
+pytest module).
+
+    python tests/gpu_decode_sweep.py [--out DIR]
+
+The batches are the seed benchmark's own: at decode step ``s`` the running sequences are those asking
+for more than ``s`` tokens, each with ``prompt_len + s`` tokens of context.  For each of a few steps it
+times ``paged_decode_attention`` (one layer of Qwen3-0.6B: 16 query heads, 8 KV heads, head_dim 128,
+bf16, blocks of 16 scattered at random) for two cache layouts:
+
+* ``NHD``: ``[num_blocks, block_size, kv_heads, head_dim]`` in memory, a head's 16 rows of a block
+  256 bytes each, 2 KiB apart;
+* ``HND``: ``[num_blocks, kv_heads, block_size, head_dim]`` in memory (passed to the kernel as the same
+  logical shape through strides), a head's block one contiguous 4 KiB run;
+
+and for each BLOCK_N / num_warps / num_stages / split count.  Prints achieved TB/s of K/V read per
+setting, and the best one per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from nanovllm.attention import triton_kernels as tk  # noqa: E402
+from nanovllm.bench import seed_workload  # noqa: E402
+
+H, HKV, D, BS = 16, 8, 128, 16
+
+
+def batch_at_step(w, step: int) -> list[int]:
+    ctx = [len(p) + step for p, n in zip(w.prompts, w.max_tokens) if n > step]
+    return sorted(ctx, reverse=True)  # the engine runs decode batches longest first
+
+
+def make_cache(ctx: list[int], layout: str, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    per_seq = [-(-c // BS) for c in ctx]
+    num_blocks = sum(per_seq) + 8
+    shape = (num_blocks, BS, HKV, D) if layout == "NHD" else (num_blocks, HKV, BS, D)
+    k = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16)
+    if layout == "HND":
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+    perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+    tables = torch.full((len(ctx), 4096 // BS), -1, dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(per_seq):
+        tables[i, :n] = torch.tensor(perm[at:at + n], dtype=torch.int32)
+        at += n
+    return k, v, tables.cuda(), torch.tensor(ctx, dtype=torch.int32, device="cuda")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--steps", default="20,200,400,600,800,900,960")
+    args = ap.parse_args()
+    from triton.testing import do_bench
+
+    w = seed_workload(256)
+    lines = ["step,batch,sum_ctx,layout,block_n,num_warps,num_stages,num_splits,us,tb_per_s"]
+    best_per_step = {}
+    for step in [int(s) for s in args.steps.split(",")]:
+        ctx = batch_at_step(w, step)
+        if not ctx:
+            continue
+        nbytes = sum(ctx) * HKV * D * 2 * 2
+        q = torch.randn(len(ctx), H, D, device="cuda", dtype=torch.bfloat16)
+        # the split count a captured graph uses (the block-table width bounds the context)
+        graph_bucket = next(b for b in [1, 2, 4, 8] + list(range(16, 257, 16)) if b >= len(ctx))
+        heur = tk.pick_num_splits(graph_bucket, HKV, 4096, tk._num_sms("cuda", None))
+        split_opts = sorted({heur, 1, 2, 4, 8}) if len(ctx) * HKV < 4 * 132 else [heur]
+        for layout in ("NHD", "HND"):
+            k, v, tables, lens = make_cache(ctx, layout)
+            ref = tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=1)
+            for bn, nw, ns, sp in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), split_opts):
+                try:
+                    fn = lambda: tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=sp,
+                                                           block_n=bn, num_warps=nw, num_stages=ns)
+                    out = fn()
+                    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+                    us = do_bench(fn, warmup=10, rep=60) * 1e3
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                    print(f"step {step} {layout} bn={bn} w={nw} s={ns} sp={sp}: {type(e).__name__} {str(e)[:80]}")
+                    continue
+                tbs = nbytes / us / 1e6
+                lines.append(f"{step},{len(ctx)},{sum(ctx)},{layout},{bn},{nw},{ns},{sp},{us:.1f},{tbs:.3f}")
+                key = (step, layout)
+                if key not in best_per_step or us < best_per_step[key][0]:
+                    best_per_step[key] = (us, tbs, bn, nw, ns, sp)
+            default_us = None
+            for ln in lines[1:]:
+                f = ln.split(",")
+                if (int(f[0]), f[3], int(f[4]), int(f[5]), int(f[6]), int(f[7])) == (step, layout, 64, 4, 2, heur):
+                    default_us = float(f[8])
+            b = best_per_step.get((step, layout))
+            print(f"step {step:>4} batch {len(ctx):>3} sum_ctx {sum(ctx):>7} {layout}: default(64,4,2,sp={heur}) "
+                  f"{default_us} us ({nbytes / default_us / 1e6 if default_us else 0:.2f} TB/s); best {b[0]:.1f} us "
+                  f"{b[1]:.2f} TB/s at bn={b[2]} warps={b[3]} stages={b[4]} splits={b[5]}", flush=True)
+            del k, v
+            torch.cuda.empty_cache()
+    if args.out:
+        Path(args.out, "decode_sweep.csv").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    main()
