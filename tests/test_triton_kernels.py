@@ -329,3 +329,84 @@ def test_int64_offsets_big_cache():
     out = tk.paged_prefill_attention(qp, k_cache, v_cache, cu, ctx, block_tables, 0.1, 20)
     ref = paged_attention_ref(qp.float(), k_cache, v_cache, cu, ctx, block_tables, 0.1)
     torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# qkv_rope_store: qk-norm + RoPE + KV store in one kernel
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,qk_norm", [
+    (4, 2, 64, True),   # Qwen3-style
+    (6, 2, 32, False),  # Llama-style: RoPE only
+    (3, 3, 80, True),   # D/2 = 40: not a power of two
+])
+def test_qkv_rope_store_equals_the_three_steps(dtype, num_heads, num_kv_heads, head_dim, qk_norm):
+    from nanovllm.layers.norm import rms_norm
+    from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
+
+    gen = _gen(11)
+    n, block_size, num_blocks = 7, 4, 6
+    qkv = _randn(n, (num_heads + 2 * num_kv_heads) * head_dim, gen=gen, dtype=dtype) * 3
+    positions = torch.tensor([0, 5, 9, 1, 33, 2, 100], device=DEVICE)
+    slots = torch.tensor([3, 0, -1, 17, 8, 22, 5], device=DEVICE)  # -1: a padding row
+    rope = RotaryEmbedding(head_dim, 128, 10000.0).to(DEVICE)
+    qw = (1 + 0.1 * _randn(head_dim, gen=gen)).to(dtype) if qk_norm else None
+    kw = (1 + 0.1 * _randn(head_dim, gen=gen)).to(dtype) if qk_norm else None
+
+    # the unfused path: split, norm, rotate, store
+    q, k, v = qkv.clone().split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    q, k, v = (t.reshape(n, -1, head_dim) for t in (q, k, v))
+    if qk_norm:
+        q, k = rms_norm(q, qw, 1e-6), rms_norm(k, kw, 1e-6)
+    cos, sin = rope.cos_sin[positions].chunk(2, -1)
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_ref, v_ref = torch.full(shape, FILL, dtype=dtype, device=DEVICE), torch.full(shape, FILL, dtype=dtype, device=DEVICE)
+    store_kvcache_ref(k, v, k_ref, v_ref, slots)
+
+    k_cache, v_cache = torch.full_like(k_ref, FILL), torch.full_like(v_ref, FILL)
+    fq, fk, fv = tk.qkv_rope_store(qkv, positions, rope.cos_sin, num_heads, num_kv_heads, head_dim, qw, kw, 1e-6,
+                                   k_cache, v_cache, slots)
+    assert fq.data_ptr() == qkv.data_ptr()  # in place: views of qkv
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(fq, q, **tol)
+    torch.testing.assert_close(fk, k, **tol)
+    assert torch.equal(fv, v)
+    torch.testing.assert_close(k_cache, k_ref, **tol)
+    assert torch.equal(v_cache, v_ref)  # V is copied, and only into the slots given
+
+    # without a cache it only normalizes and rotates
+    again = _randn(n, qkv.shape[1], gen=gen, dtype=dtype)
+    gq, gk, _ = tk.qkv_rope_store(again.clone(), positions, rope.cos_sin, num_heads, num_kv_heads, head_dim, qw, kw)
+    a_q, a_k, _ = again.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    a_q, a_k = a_q.reshape(n, -1, head_dim), a_k.reshape(n, -1, head_dim)
+    if qk_norm:
+        a_q, a_k = rms_norm(a_q, qw, 1e-6), rms_norm(a_k, kw, 1e-6)
+    torch.testing.assert_close(gq, apply_rotary(a_q, cos, sin), **tol)
+    torch.testing.assert_close(gk, apply_rotary(a_k, cos, sin), **tol)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_engine_on_triton_backend_equals_hf(arch, tmp_path):
+    """The whole engine on the Triton backend (fused RoPE + KV store, paged prefill over a cached prefix,
+    split-KV decode; the interpreter on a CPU) gives HF's greedy tokens in float32."""
+    from conftest import hf_greedy, make_tiny_model
+
+    from nanovllm import LLM, SamplingParams
+
+    model = make_tiny_model(arch, tmp_path)
+    gen = _gen(12)
+    shared = torch.randint(0, 512, (20,), generator=gen).tolist()
+    prompts = [shared + torch.randint(0, 512, (n,), generator=gen).tolist() for n in (3, 9)]
+    want = [hf_greedy(model, p, 6) for p in prompts]
+    llm = LLM(tmp_path, device=DEVICE, dtype=torch.float32, attention_backend="triton", enforce_eager=True,
+              kvcache_block_size=8, max_num_batched_tokens=16)  # 16: chunked prefill, the second prompt hits the cache
+    assert llm.runner.backend.name == "triton"
+    assert all(m.fused_rope_store is tk.qkv_rope_store for m in llm.runner.model.modules()
+               if hasattr(m, "fused_rope_store"))
+    first = llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    both = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
+    assert first[0].token_ids == want[0]
+    assert [o.token_ids for o in both] == want

@@ -41,6 +41,7 @@ LOG2E = 1.4426950408889634
 
 __all__ = [
     "store_kvcache",
+    "qkv_rope_store",
     "paged_decode_attention",
     "paged_prefill_attention",
     "pick_num_splits",
@@ -129,6 +130,113 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         BLOCK_H=_next_pow2(num_kv_heads), BLOCK_D=_next_pow2(head_dim),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# qk-norm + RoPE + KV store, fused: what happens between the QKV projection and attention
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _qkv_rope_store_kernel(
+    qkv_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr, slot_ptr,
+    stride_t, stride_pos, eps,
+    stride_cb, stride_cs, stride_ch, stride_cd,
+    NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    dtype = qkv_ptr.dtype.element_ty
+    pos = tl.load(pos_ptr + tok)
+    offs_d = tl.arange(0, BLOCK_HALF)
+    d_mask = offs_d < HALF
+    cos = tl.load(cos_sin_ptr + pos * stride_pos + offs_d, mask=d_mask, other=0.0)[None, :]
+    sin = tl.load(cos_sin_ptr + pos * stride_pos + HALF + offs_d, mask=d_mask, other=0.0)[None, :]
+    row = qkv_ptr + tok * stride_t
+
+    # query heads: [BLOCK_H, HALF] halves x1 = x[:, :D/2], x2 = x[:, D/2:]
+    offs_h = tl.arange(0, BLOCK_H)
+    mask = (offs_h[:, None] < NUM_HEADS) & d_mask[None, :]
+    ptr = row + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
+    x1 = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(ptr + HALF, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NORM:  # RMSNorm over each head, rounded where rms_norm rounds: weight * x.to(dtype)
+        r = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / HEAD_DIM + eps)[:, None]
+        w1 = tl.load(qw_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(qw_ptr + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        x1 = (w1 * (x1 * r).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2 = (w2 * (x2 * r).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    tl.store(ptr, (x1 * cos - x2 * sin).to(dtype), mask=mask)
+    tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
+
+    # key heads, then the cache: K rotated, V as it is
+    offs_k = tl.arange(0, BLOCK_KV)
+    kmask = (offs_k[:, None] < NUM_KV) & d_mask[None, :]
+    kptr = row + (NUM_HEADS + offs_k[:, None]) * HEAD_DIM + offs_d[None, :]
+    y1 = tl.load(kptr, mask=kmask, other=0.0).to(tl.float32)
+    y2 = tl.load(kptr + HALF, mask=kmask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        r = tl.rsqrt((tl.sum(y1 * y1, 1) + tl.sum(y2 * y2, 1)) / HEAD_DIM + eps)[:, None]
+        w1 = tl.load(kw_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        w2 = tl.load(kw_ptr + HALF + offs_d, mask=d_mask, other=0.0).to(tl.float32)[None, :]
+        y1 = (w1 * (y1 * r).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        y2 = (w2 * (y2 * r).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    k1 = (y1 * cos - y2 * sin).to(dtype)
+    k2 = (y2 * cos + y1 * sin).to(dtype)
+    tl.store(kptr, k1, mask=kmask)
+    tl.store(kptr + HALF, k2, mask=kmask)
+    if STORE:
+        slot = tl.load(slot_ptr + tok).to(tl.int64)
+        if slot >= 0:  # slot -1: a padding row, nothing to store
+            vptr = kptr + NUM_KV * HEAD_DIM
+            v1 = tl.load(vptr, mask=kmask, other=0.0)
+            v2 = tl.load(vptr + HALF, mask=kmask, other=0.0)
+            dst = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
+                   + offs_k[:, None].to(tl.int64) * stride_ch + offs_d[None, :] * stride_cd)
+            tl.store(kc_ptr + dst, k1.to(kc_ptr.dtype.element_ty), mask=kmask)
+            tl.store(kc_ptr + dst + HALF * stride_cd, k2.to(kc_ptr.dtype.element_ty), mask=kmask)
+            tl.store(vc_ptr + dst, v1.to(vc_ptr.dtype.element_ty), mask=kmask)
+            tl.store(vc_ptr + dst + HALF * stride_cd, v2.to(vc_ptr.dtype.element_ty), mask=kmask)
+
+
+def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, num_heads: int,
+                   num_kv_heads: int, head_dim: int, q_norm_weight: torch.Tensor | None = None,
+                   k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                   k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                   slot_mapping: torch.Tensor | None = None):
+    """One kernel for everything between the QKV projection and attention, in place on ``qkv``
+    ([N, (H + 2 Hkv) * D], rows contiguous): the optional per-head RMSNorm of queries and keys (Qwen3),
+    RoPE on both (``cos_sin`` [max_pos, D] float32: cos of the D/2 frequencies, then sin), and the
+    store of the rotated K and of V into the paged cache at ``slot_mapping`` (-1: skip; no cache: no
+    store).  Returns the views q [N, H, D], k, v [N, Hkv, D], equal to what ``rms_norm``,
+    ``apply_rotary`` and ``store_kvcache`` compute one after the other."""
+    num_tokens = qkv.shape[0]
+    assert qkv.dim() == 2 and qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim
+    assert head_dim % 2 == 0 and cos_sin.shape[1] == head_dim and cos_sin.stride(1) == 1
+    assert (q_norm_weight is None) == (k_norm_weight is None)
+    store = k_cache is not None and k_cache.numel() > 0
+    if store:
+        _check_cache(k_cache, v_cache)
+        assert k_cache.shape[2] == num_kv_heads and k_cache.shape[3] == head_dim
+        assert slot_mapping.shape[0] == num_tokens
+    if num_tokens:
+        half = head_dim // 2
+        norm = q_norm_weight is not None
+        dummy = positions  # unused pointer arguments
+        _qkv_rope_store_kernel[(num_tokens,)](
+            qkv, positions, cos_sin, q_norm_weight if norm else dummy, k_norm_weight if norm else dummy,
+            k_cache if store else qkv, v_cache if store else qkv, slot_mapping if store else dummy,
+            qkv.stride(0), cos_sin.stride(0), float(eps),
+            *(k_cache.stride() if store else (0, 0, 0, 0)),
+            NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
+            BLOCK_H=_next_pow2(num_heads), BLOCK_KV=_next_pow2(num_kv_heads), BLOCK_HALF=_next_pow2(half),
+            BLOCK_SIZE=k_cache.shape[1] if store else 1, HAS_NORM=norm, STORE=store,
+            num_warps=4 if num_heads * head_dim >= 1024 else 1,
+        )
+    q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
+    return (q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
+            v.view(-1, num_kv_heads, head_dim))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -112,6 +112,7 @@ class ModelRunner:
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         for layer in self.attn_layers:
             layer.backend = self.backend
+        self.use_fused_rope_store()
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.rng = random.Random(config.seed)  # per-step seeds of the fused sampler
         self.gumbel_sample = None
@@ -131,6 +132,18 @@ class ModelRunner:
             self.warmup_prefill()
         if device.type == "cuda" and not config.enforce_eager and self.backend.cuda_graph_safe:
             self.capture_decode_graphs()
+
+    def use_fused_rope_store(self) -> None:
+        """Backends that store K/V with Triton get qk-norm + RoPE + KV store as one kernel per layer (the
+        torch backend keeps the step-by-step reference path)."""
+        if not (self.backend.name == "triton" or (self.backend.name == "flash_attn" and self.device.type == "cuda")):
+            return
+        from nanovllm.attention.triton_kernels import qkv_rope_store
+        from nanovllm.models.llama import DecoderAttention
+
+        for m in self.model.modules():
+            if isinstance(m, DecoderAttention):
+                m.fused_rope_store = qkv_rope_store
 
     def close(self) -> None:
         """Release the GPU memory (graphs, KV cache, weights) even if something still holds this runner."""

@@ -15,7 +15,8 @@ class PagedAttention(nn.Module):
         self.k_cache = self.v_cache = torch.tensor([])  # the runner hands each layer its slice of the cache
         self.backend: AttentionBackend | None = None
 
-    def forward(self, q, k, v, meta: AttentionMetadata) -> torch.Tensor:
-        if self.k_cache.numel():
+    def forward(self, q, k, v, meta: AttentionMetadata, kv_stored: bool = False) -> torch.Tensor:
+        """``kv_stored``: the caller already wrote k/v into the cache (the fused RoPE + store kernel)."""
+        if self.k_cache.numel() and not kv_stored:
             self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale)

@@ -39,9 +39,19 @@ class DecoderAttention(nn.Module):
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        # the runner may set this to triton_kernels.qkv_rope_store: qk-norm, RoPE and the KV store in one kernel
+        self.fused_rope_store = None
 
     def forward(self, positions, x, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], -1)
+        qkv = self.qkv_proj(x)
+        if self.fused_rope_store is not None:
+            norm = self.q_norm is not None
+            q, k, v = self.fused_rope_store(
+                qkv, positions, self.rotary.cos_sin, self.num_heads, self.num_kv_heads, self.head_dim,
+                self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
+                self.q_norm.eps if norm else 0.0, self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
+            return self.o_proj(self.attn(q, k, v, meta, kv_stored=True).flatten(1))
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
