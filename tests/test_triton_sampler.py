@@ -56,3 +56,22 @@ def test_same_seed_same_token_whatever_the_batch():
     draws = {gumbel_sample(logits[:1], temps[:1], torch.tensor([s], device=DEVICE), block=128).item()
              for s in range(40)}
     assert len(draws) > 5, "different seeds must give different draws"
+
+
+@pytest.mark.parametrize("temp", [0.0, 0.8])
+def test_the_draw_does_not_depend_on_how_rows_are_cut(temp):
+    """Rows cut into column ranges (the default for small batches) give the token of one whole-row program,
+    ties included: the noise of a column depends only on the row's seed, and the lowest index still wins."""
+    torch.manual_seed(2)
+    logits = torch.randn(5, 700, device=DEVICE)
+    logits[1, 40] = logits[1, 650] = 50.0  # a tie across two chunks
+    logits[3, :] = float("-inf")
+    logits[3, 699] = 0.0  # the only finite logit sits in the last, partial chunk
+    temps = torch.full((5,), temp, device=DEVICE)
+    seeds = torch.tensor([row_seed(3, i) for i in range(5)], dtype=torch.int64, device=DEVICE)
+    whole = gumbel_sample(logits, temps, seeds, block=64, num_chunks=1)
+    for chunks in (2, 3, 11, None):
+        assert torch.equal(gumbel_sample(logits, temps, seeds, block=64, num_chunks=chunks), whole), chunks
+    assert whole[3].item() == 699
+    if temp == 0.0:
+        assert whole.tolist() == logits.argmax(-1).tolist() and whole[1].item() == 40

@@ -3,9 +3,11 @@
 ``argmax(logits / T + G)`` with ``G`` standard Gumbel noise is a draw from ``softmax(logits / T)`` (the
 Gumbel-max trick; ``-log(E)`` for ``E ~ Exponential(1)`` is Gumbel, so this is the exponential race of
 ``sampler.py`` in log space).  One kernel reads each row once, makes its noise with Philox from a per-row
-seed (``tl.rand``), and keeps a running max: no softmax, no probability tensor, no second pass.  Rows with
-temperature 0 take the plain argmax.  Top-k/top-p rows are not handled here (the engine falls back to
-``sampler.sample`` for batches that use them).
+seed (``tl.rand``), and keeps a running max: no softmax, no probability tensor, no second pass over the
+logits.  When there are few rows, each row is cut into column ranges run by separate programs, and a tiny
+second kernel keeps the best of their winners.  Rows with temperature 0 take the plain argmax.
+Top-k/top-p rows are not handled here (the engine falls back to ``sampler.sample`` for batches that use
+them).
 
 Row seeds make it reproducible: a seeded request's seed for each step depends only on its own seed and
 how many tokens it has generated, never on the rest of the batch.
@@ -19,39 +21,84 @@ import triton.language as tl
 
 
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr, vocab,
-                          BLOCK: tl.constexpr):
+def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr, best_val_ptr, best_idx_ptr,
+                          vocab, chunk, num_chunks, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
     row = tl.program_id(0)
+    part = tl.program_id(1)  # this program's share of the row: columns [part * chunk, (part + 1) * chunk)
     temp = tl.load(temps_ptr + row)
     seed = tl.load(seeds_ptr + row)
     greedy = temp == 0.0
     inv_t = 1.0 / tl.where(greedy, 1.0, temp)
+    lo = part * chunk
+    hi = tl.minimum(lo + chunk, vocab)
     best_val = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_idx = tl.full([BLOCK], 0, tl.int32)
+    best_idx = tl.full([BLOCK], 0, tl.int32) + lo
     base = logits_ptr + row.to(tl.int64) * stride_row
-    for start in range(0, vocab, BLOCK):
+    for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        mask = cols < vocab
+        mask = cols < hi
         x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
         if not greedy:
-            u = tl.rand(seed, cols)
+            u = tl.rand(seed, cols)  # the noise of column j depends on (seed, j) only, not on the split
             x = x - tl.log(-tl.log(u + 1e-20) + 1e-20)
         better = x > best_val  # strict: the lowest index wins ties within a lane
         best_val = tl.where(better, x, best_val)
         best_idx = tl.where(better, cols, best_idx)
     top = tl.max(best_val, 0)
     idx = tl.min(tl.where(best_val == top, best_idx, vocab), 0)  # lowest index among equal maxima
-    tl.store(out_ptr + row, idx.to(tl.int64))
+    if SINGLE:
+        tl.store(out_ptr + row, idx.to(tl.int64))
+    else:
+        tl.store(best_val_ptr + row * num_chunks + part, top)
+        tl.store(best_idx_ptr + row * num_chunks + part, idx)
+
+
+@triton.jit
+def _argmax_of_parts_kernel(best_val_ptr, best_idx_ptr, out_ptr, vocab, num_chunks, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK_C)
+    mask = offs < num_chunks
+    val = tl.load(best_val_ptr + row * num_chunks + offs, mask=mask, other=float("-inf"))
+    idx = tl.load(best_idx_ptr + row * num_chunks + offs, mask=mask, other=vocab)
+    top = tl.max(val, 0)
+    tl.store(out_ptr + row, tl.min(tl.where(val == top, idx, vocab), 0).to(tl.int64))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: behave as on an H100
 
 
 def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
-                  block: int = 2048) -> torch.Tensor:
+                  block: int = 2048, num_chunks: int | None = None) -> torch.Tensor:
     """logits: [S, V] (any float dtype, last dim contiguous); temperatures: [S] float32 (0 = greedy);
-    seeds: [S] int32 Philox seeds.  Returns [S] int64 token ids."""
+    seeds: [S] int32 Philox seeds.  Returns [S] int64 token ids.
+
+    A few rows would leave most of the GPU idle, so each row is cut into ``num_chunks`` column ranges
+    (default: enough programs for about four per SM) whose winners a second small kernel compares.  The
+    result does not depend on the cut: the noise of a column depends only on the row's seed."""
     assert logits.stride(-1) == 1
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
-    if rows:
-        _gumbel_argmax_kernel[(rows,)](logits, logits.stride(0), temperatures, seeds, out, vocab,
-                                       BLOCK=block, num_warps=8)
+    if rows == 0:
+        return out
+    tiles = -(-vocab // block)
+    if num_chunks is None:
+        num_chunks = -(-4 * _num_sms(logits.device) // rows)
+    num_chunks = max(1, min(int(num_chunks), tiles))
+    chunk = -(-tiles // num_chunks) * block  # whole tiles per chunk
+    num_chunks = -(-vocab // chunk)
+    single = num_chunks == 1
+    if single:
+        best_val = best_idx = out  # unused
+    else:
+        best_val = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
+        best_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
+    _gumbel_argmax_kernel[(rows, num_chunks)](logits, logits.stride(0), temperatures, seeds, out, best_val,
+                                              best_idx, vocab, chunk, num_chunks, BLOCK=block, SINGLE=single,
+                                              num_warps=8 if block >= 1024 else 4)
+    if not single:
+        _argmax_of_parts_kernel[(rows,)](best_val, best_idx, out, vocab, num_chunks,
+                                         BLOCK_C=max(triton.next_power_of_2(num_chunks), 2), num_warps=1)
     return out
