@@ -176,6 +176,20 @@ def test_paged_decode_padded_sequence(num_splits):
     assert_close(out[:2], ref, dtype)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_paged_decode_tiles_of_128(num_splits):
+    """The long tiles big batches launch with on a GPU (block_n=128, two stages), context lengths around
+    and past one tile."""
+    dtype = DTYPES[-1]
+    gen = _gen(13)
+    ctx_lens = [1, 127, 128, 129, 300]
+    k_cache, v_cache, block_tables, ctx = make_paged_cache(ctx_lens, 16, 2, 64, dtype, gen)
+    q = _randn(len(ctx_lens), 4, 64, gen=gen, dtype=dtype)
+    out = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.125, num_splits=num_splits,
+                                    block_n=128, num_stages=2)
+    assert_close(out, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.125), dtype)
+
+
 def test_pick_num_splits():
     assert tk.pick_num_splits(256, 8, 2000, 132) == 1  # a big batch fills the GPU already
     assert tk.pick_num_splits(1, 8, 32768, 132) == 32  # capped at MAX_SPLITS

@@ -346,6 +346,7 @@ def _decode_reduce_kernel(
 
 DECODE_BLOCK_N = 64
 MAX_SPLITS = 32
+BIG_TILE_PROGRAMS_PER_SM = 4  # from this many (sequence, KV head) programs per SM, tiles of 128 tokens
 
 
 DECODE_WAVES = 2  # programs per SM the split heuristic aims for
@@ -367,7 +368,7 @@ def pick_num_splits(batch: int, num_kv_heads: int, max_context_len: int, num_sms
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None, *,
-                           max_context_len: int | None = None, block_n: int = DECODE_BLOCK_N,
+                           max_context_len: int | None = None, block_n: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
@@ -381,19 +382,26 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
     assert cache_dim == head_dim and num_heads % num_kv_heads == 0
     assert block_tables.dim() == 2 and block_tables.stride(1) == 1
-    assert block_n >= 16 and block_n & (block_n - 1) == 0
+    assert block_n is None or (block_n >= 16 and block_n & (block_n - 1) == 0)
     if out is None:
         out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
+    num_sms = _num_sms(q.device.type, q.device.index)
     if num_splits is None:
         if max_context_len is None:
             max_context_len = block_tables.shape[1] * block_size
-        num_splits = pick_num_splits(batch, num_kv_heads, max_context_len,
-                                     _num_sms(q.device.type, q.device.index), block_n)
+        num_splits = pick_num_splits(batch, num_kv_heads, max_context_len, num_sms, block_n or DECODE_BLOCK_N)
     num_splits = max(int(num_splits), 1)
     block_d = max(_next_pow2(head_dim), 16)
+    if block_n is None:
+        # enough (sequence, KV head) programs for several per SM: longer tiles read faster (measured on an
+        # H100 over the seed benchmark's batches, tests/gpu_decode_sweep.py: ~2-7% from batch 100 up)
+        big = num_splits == 1 and batch * num_kv_heads >= BIG_TILE_PROGRAMS_PER_SM * num_sms
+        block_n = 128 if big and q.element_size() == 2 and block_d <= 128 else DECODE_BLOCK_N
+        if num_stages is None and block_n == 128:
+            num_stages = 2
     if num_stages is None:  # K and V tiles of every stage sit in shared memory: keep them under ~64 KiB
         num_stages = 2 if 2 * block_n * block_d * q.element_size() <= 32 * 1024 else 1
     single = num_splits == 1
