@@ -129,6 +129,7 @@ def main():
         bench.main(argv)
     if "profile" in parts and not args.skip_profile:
         profile_decode(out)
+        profile_decode(out, 16)
     if "prefill" in parts:
         profile_prefill(out)
     if "modes" in parts:
@@ -264,19 +265,19 @@ def decode_modes(out):
         (out / "gpu_decode_modes.csv").write_text("\n".join(lines) + "\n")
 
 
-def profile_decode(out):
-    """Time one decode step at batch 256 (contexts ~600) by kernel category."""
+def profile_decode(out, num=256):
+    """Time one decode step at batch ``num`` (contexts ~600) by kernel category."""
     from torch.profiler import ProfilerActivity, profile
 
     from nanovllm.bench import seed_workload
 
-    w = seed_workload(256)
+    w = seed_workload(num)
     llm = seed_engine()
     for p, n in zip(w.prompts, w.max_tokens):
         llm.add_request(p, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n))
     while True:  # finish the prefills, then a few decode steps
         batch, _ = llm.step()
-        if not batch.is_prefill and len(batch.seqs) == 256:
+        if not batch.is_prefill and len(batch.seqs) == num:
             break
     for _ in range(50):
         llm.step()
@@ -296,25 +297,27 @@ def profile_decode(out):
         if e.device_type.name != "CUDA" or dev == 0:
             continue
         n = e.key.lower()
-        if "decode" in n or "attn" in n or "attention" in n or "_reduce" in n:
+        if "qkv_rope" in n:
+            cats["rope+store"] = cats.get("rope+store", 0.0) + dev
+        elif "decode" in n or "attn" in n or "attention" in n or "_reduce" in n:
             cats["attention"] += dev
         elif "gemm" in n or "sm90" in n or "cutlass" in n or "nvjet" in n or "matmul" in n:
             cats["gemm"] += dev
         elif "store_kv" in n:
             cats["kv store"] += dev
-        elif any(k in n for k in ("exponential", "argmax", "softmax", "div", "max", "distribution")):
+        elif any(k in n for k in ("exponential", "argmax", "softmax", "div", "max", "distribution", "gumbel")):
             cats["sampling"] += dev
         else:
             cats["other"] += dev
     gpu_ms = sum(cats.values()) / 5 / 1e3
-    print(f"decode step at batch 256: {step_ms:.2f} ms wall, {gpu_ms:.2f} ms of GPU kernels; "
+    print(f"decode step at batch {num}: {step_ms:.2f} ms wall, {gpu_ms:.2f} ms of GPU kernels; "
           f"host/idle {max(step_ms - gpu_ms, 0):.2f} ms")
     for k, v in cats.items():
         print(f"  {k:>10}: {v / 5 / 1e3:.3f} ms")
     table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25)
     print(table)
     if out:
-        (out / "decode_profile.txt").write_text(table)
+        (out / f"decode_profile_{num}.txt").write_text(table)
     llm.abort_all()
     close(llm)
 
