@@ -132,6 +132,8 @@ class ModelRunner:
             self.warmup_prefill()
         if device.type == "cuda" and not config.enforce_eager and self.backend.cuda_graph_safe:
             self.capture_decode_graphs()
+        if self.gumbel_sample is not None:
+            self.warmup_sampler()
 
     def use_fused_rope_store(self) -> None:
         """Backends that store K/V with Triton get qk-norm + RoPE + KV store as one kernel per layer (the
@@ -306,6 +308,18 @@ class ModelRunner:
         self.run(ScheduledBatch([seq], [first], is_prefill=True))  # no prefix: nothing sampled
         seq.num_computed_tokens = first
         self.run(ScheduledBatch([seq], [n - first], is_prefill=True))  # over a cached prefix
+        torch.cuda.synchronize(self.device)
+
+    def warmup_sampler(self) -> None:
+        """Compile both versions of the sampling kernel (whole rows, rows cut in column ranges) now, not in
+        the middle of the first requests."""
+        from nanovllm.layers.triton_sampler import whole_row_batch
+
+        vocab = self.hf_config.vocab_size
+        for rows in (1, whole_row_batch(self.device)):
+            logits = torch.zeros(rows, vocab, dtype=self.dtype, device=self.device)
+            temps = torch.full((rows,), 0.5, device=self.device)
+            self.gumbel_sample(logits, temps, torch.zeros(rows, dtype=torch.int64, device=self.device))
         torch.cuda.synchronize(self.device)
 
     # -- torch.compile and CUDA graphs (CUDA only; enforce_eager=True turns both off) ------------------

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_row", "vocab", "chunk", "num_chunks"])  # one compile for every batch
 def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr, best_val_ptr, best_idx_ptr,
                           vocab, chunk, num_chunks, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
     row = tl.program_id(0)
@@ -53,7 +53,7 @@ def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr,
         tl.store(best_idx_ptr + row * num_chunks + part, idx)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["vocab", "num_chunks"])
 def _argmax_of_parts_kernel(best_val_ptr, best_idx_ptr, out_ptr, vocab, num_chunks, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_C)
@@ -64,10 +64,18 @@ def _argmax_of_parts_kernel(best_val_ptr, best_idx_ptr, out_ptr, vocab, num_chun
     tl.store(out_ptr + row, tl.min(tl.where(val == top, idx, vocab), 0).to(tl.int64))
 
 
+MAX_CHUNKS = 256  # a fixed block for the merge kernel: one compiled version whatever the batch
+
+
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 132  # the interpreter: behave as on an H100
+
+
+def whole_row_batch(device: torch.device) -> int:
+    """From this many rows on, one program per row already fills the GPU (about four per SM)."""
+    return 4 * _num_sms(device)
 
 
 def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
@@ -85,8 +93,8 @@ def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
         return out
     tiles = -(-vocab // block)
     if num_chunks is None:
-        num_chunks = -(-4 * _num_sms(logits.device) // rows)
-    num_chunks = max(1, min(int(num_chunks), tiles))
+        num_chunks = -(-whole_row_batch(logits.device) // rows)
+    num_chunks = max(1, min(int(num_chunks), tiles, MAX_CHUNKS))
     chunk = -(-tiles // num_chunks) * block  # whole tiles per chunk
     num_chunks = -(-vocab // chunk)
     single = num_chunks == 1
@@ -99,6 +107,6 @@ def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
                                               best_idx, vocab, chunk, num_chunks, BLOCK=block, SINGLE=single,
                                               num_warps=8 if block >= 1024 else 4)
     if not single:
-        _argmax_of_parts_kernel[(rows,)](best_val, best_idx, out, vocab, num_chunks,
-                                         BLOCK_C=max(triton.next_power_of_2(num_chunks), 2), num_warps=1)
+        _argmax_of_parts_kernel[(rows,)](best_val, best_idx, out, vocab, num_chunks, BLOCK_C=MAX_CHUNKS,
+                                         num_warps=1)
     return out
