@@ -6,6 +6,7 @@ is dropped and its KV blocks released, so the engine stays usable.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import time
 from pathlib import Path
@@ -163,11 +164,17 @@ class LLM:
         params = self._params_list(sampling_params, len(ids))
         self._check_fits(ids, params)
         seqs = [self._make_seq(toks, p) for toks, p in zip(ids, params)]
+        # Python's full garbage collections walk every object alive (torch, transformers, the model: millions
+        # of them), which stalls the host for ~10 ms and with it the GPU.  Frozen objects are skipped; the
+        # objects the loop creates are still collected.  (vLLM freezes after start-up for the same reason.)
+        gc.freeze()
         try:
             self._run(seqs, use_tqdm)
         except BaseException:
             self.abort_all()
             raise
+        finally:
+            gc.unfreeze()
         return [self._output(s, text) for s, text in zip(seqs, texts)]
 
     def _make_seq(self, token_ids: list[int], params: SamplingParams) -> Sequence:

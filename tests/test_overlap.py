@@ -81,3 +81,30 @@ def test_seeded_sampling_is_the_same_with_and_without_overlap(tiny_qwen3):
     llm = LLM(path, device="cpu", num_kvcache_blocks=64)
     llm.runner = OverlapEmulator(llm.runner)
     assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
+
+
+def test_fill_decode_inputs_equals_a_loop_over_sequences():
+    """The vectorized host side of a graph decode step writes what a plain per-sequence loop writes."""
+    import numpy as np
+
+    from nanovllm.engine.model_runner import fill_decode_inputs
+    from nanovllm.engine.sequence import Sequence
+
+    rng = np.random.default_rng(0)
+    bs, b, width = 4, 8, 6
+    seqs = []
+    for i, length in enumerate([1, 4, 5, 17, 9]):
+        seq = Sequence(i, rng.integers(0, 100, size=length).tolist())
+        seq.block_table = rng.permutation(50)[:-(-length // bs)].tolist()
+        seqs.append(seq)
+    ints = np.full((4, b), 7, dtype=np.int64)
+    ctx = np.full(b, 7, dtype=np.int32)
+    tables = np.full((b, width), 99, dtype=np.int32)
+    fill_decode_inputs(seqs, bs, ints, ctx, tables)
+    for i, seq in enumerate(seqs):
+        pos = len(seq) - 1
+        assert ints[0, i] == seq.token_ids[-1] and ints[1, i] == pos
+        assert ints[2, i] == seq.block_table[pos // bs] * bs + pos % bs
+        assert ctx[i] == len(seq)
+        assert tables[i, :len(seq.block_table)].tolist() == seq.block_table
+    assert (ints[2, 5:] == -1).all() and (ctx[5:] == 1).all() and (tables[5:, 0] == 0).all()

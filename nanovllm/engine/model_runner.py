@@ -7,6 +7,7 @@ its slice) and, on CUDA, the captured decode graphs.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import random
 from pathlib import Path
@@ -93,6 +94,28 @@ def available_host_memory() -> int:
         return 8 << 30
 
 
+def fill_decode_inputs(seqs: list[Sequence], block_size: int, ints: np.ndarray, ctx: np.ndarray,
+                       tables: np.ndarray) -> None:
+    """The host side of a decode step, in a few numpy calls for the whole batch (no per-sequence loop):
+    ``ints`` [>=3, b] gets each sequence's last token, its position and the cache slot it stores into,
+    ``ctx`` [b] its context length, ``tables`` [b, width] its block table.  Rows past ``len(seqs)`` are
+    padding: slot -1 (store nothing), context 1 over block 0.  Entries of ``tables`` past a sequence's
+    blocks are left as they were (the kernels never read them)."""
+    n, b = len(seqs), ctx.shape[0]
+    lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=n)
+    num_blocks = np.fromiter((len(s.block_table) for s in seqs), dtype=np.int64, count=n)
+    flat = np.fromiter(itertools.chain.from_iterable(s.block_table for s in seqs), dtype=np.int32,
+                       count=int(num_blocks.sum()))
+    starts = np.cumsum(num_blocks) - num_blocks
+    tables[np.repeat(np.arange(n), num_blocks), np.arange(flat.size) - np.repeat(starts, num_blocks)] = flat
+    last = lengths - 1
+    ints[0, :n] = np.fromiter((s.token_ids[-1] for s in seqs), dtype=np.int64, count=n)
+    ints[1, :n] = last
+    ints[2, :n] = flat[starts + last // block_size].astype(np.int64) * block_size + last % block_size
+    ctx[:n] = lengths
+    ints[2, n:b], ctx[n:b], tables[n:b, 0] = -1, 1, 0
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
                  dtype: torch.dtype):
@@ -155,7 +178,7 @@ class ModelRunner:
         self.kv_cache = None
         self.model = None
         self.attn_layers = []
-        for name in ("g_ints", "g_ctx", "g_tables", "g_cu_q", "g_hidden"):
+        for name in ("g_ints", "g_ctx", "g_tables", "g_cu_q", "g_hidden", "h_stage", "h_tokens"):
             self.__dict__.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -279,13 +302,15 @@ class ModelRunner:
         sampling_seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         return self.sample(logits, sampling_seqs).tolist()
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence], host: torch.Tensor | None = None) -> torch.Tensor:
         """Next tokens for ``seqs`` (one row of logits each).  On CUDA, batches without top-k/top-p take
-        the fused Gumbel-max kernel; everything else takes the PyTorch sampler."""
+        the fused Gumbel-max kernel; everything else takes the PyTorch sampler.  ``host``: a pinned
+        [2, len(seqs)] float64 staging buffer to use (else one is allocated)."""
         params = [s.params for s in seqs]
         if self.gumbel_sample is not None and not any(p.top_k > 0 or p.top_p < 1 for p in params):
             base = self.rng.getrandbits(62)
-            host = torch.empty(2, len(seqs), dtype=torch.float64, pin_memory=True)
+            if host is None:
+                host = torch.empty(2, len(seqs), dtype=torch.float64, pin_memory=True)
             host[0] = torch.tensor([p.temperature for p in params], dtype=torch.float64)
             host[1] = torch.tensor([row_seed(p.seed, s.num_completion_tokens) if p.seed is not None
                                     else row_seed(base, i) for i, (s, p) in enumerate(zip(seqs, params))],
@@ -396,20 +421,9 @@ class ModelRunner:
         sampled tokens, still on the GPU (overlapped decode)."""
         n, bs = len(seqs), self.block_size
         b = next(size for size in sorted(self.graphs) if size >= n)
-        # fresh pinned staging each step: the caching host allocator reuses a buffer only once the copy that
-        # read it has run, which matters when the next step is prepared while this one is still queued
-        h_ints = torch.zeros(4, b, dtype=torch.int64, pin_memory=True)
-        h_ctx = torch.empty(b, dtype=torch.int32, pin_memory=True)
-        h_tables = torch.zeros(b, self.g_tables.shape[1], dtype=torch.int32, pin_memory=True)
+        h_ints, h_ctx, h_tables = self._staging(b)
         ints, ctx, tables = h_ints.numpy(), h_ctx.numpy(), h_tables.numpy()
-        for i, seq in enumerate(seqs):
-            length = len(seq)
-            table = seq.block_table
-            ints[0, i], ints[1, i] = seq.token_ids[-1], length - 1
-            ints[2, i] = table[(length - 1) // bs] * bs + (length - 1) % bs
-            ctx[i] = length
-            tables[i, :len(table)] = table
-        ints[2, n:b], ctx[n:b] = -1, 1  # padding rows: store nothing, attend over one token
+        fill_decode_inputs(seqs, bs, ints, ctx, tables)
         if prev_rows is not None:
             ints[3, :n] = prev_rows
             ints[3, n:b] = -1
@@ -421,8 +435,30 @@ class ModelRunner:
             self.g_ints[:3, :b].copy_(h_ints[:3], non_blocking=True)
         self.g_ctx[:b].copy_(h_ctx, non_blocking=True)
         self.g_tables[:b].copy_(h_tables, non_blocking=True)
+        self._staging_done()
         self.graphs[b].replay()
         return self.g_hidden[:n]
+
+    STAGING_SLOTS = 4
+
+    def _staging(self, b: int):
+        """Pinned host buffers for one step's graph inputs, from a small ring allocated once: allocating
+        pinned memory every step costs the host ~0.5 ms.  A slot is reused only after the copies that read
+        it have run (its event; with four slots it has long since)."""
+        if not hasattr(self, "h_stage"):
+            top, width = self.g_ints.shape[1], self.g_tables.shape[1]
+            self.h_stage = [(torch.zeros(4 * top, dtype=torch.int64, pin_memory=True),
+                             torch.zeros(top, dtype=torch.int32, pin_memory=True),
+                             torch.zeros(top * width, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
+                            for _ in range(self.STAGING_SLOTS)]
+            self.stage_index = 0
+        ints, ctx, tables, event = self.h_stage[self.stage_index % self.STAGING_SLOTS]
+        event.synchronize()  # an event never recorded returns at once
+        return ints[:4 * b].view(4, b), ctx[:b], tables[:b * self.g_tables.shape[1]].view(b, -1)
+
+    def _staging_done(self) -> None:
+        self.h_stage[self.stage_index % self.STAGING_SLOTS][3].record()
+        self.stage_index += 1
 
     @property
     def supports_overlap(self) -> bool:
@@ -436,14 +472,29 @@ class ModelRunner:
         rows = np.fromiter((last.get(s.seq_id, -1) if s.token_ids[-1] < 0 else -1 for s in seqs),
                            dtype=np.int64, count=len(seqs))
         hidden = self.replay_decode_graph(seqs, rows if last else None)
-        sampled = self.sample(self.model.compute_logits(hidden), seqs)
+        n = len(seqs)
+        params_buf, tokens_buf, event = self._token_staging()
+        sampled = self.sample(self.model.compute_logits(hidden), seqs, params_buf[:2 * n].view(2, n))
         self.prev_tokens = sampled
         self.prev_seq_rows = {s.seq_id: i for i, s in enumerate(seqs)}
-        host = torch.empty(len(seqs), dtype=torch.int64, pin_memory=True)
+        host = tokens_buf[:n]
         host.copy_(sampled, non_blocking=True)
-        event = torch.cuda.Event()
         event.record()
         return host, event
+
+    def _token_staging(self):
+        """Pinned buffers for the sampler's parameters and the sampled tokens of one launched step, from a
+        ring (at most two steps are in flight; each slot's event says when its copies are done)."""
+        if not hasattr(self, "h_tokens"):
+            top = self.g_ints.shape[1]
+            self.h_tokens = [(torch.zeros(2 * top, dtype=torch.float64, pin_memory=True),
+                              torch.zeros(top, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
+                             for _ in range(self.STAGING_SLOTS)]
+            self.token_index = 0
+        slot = self.h_tokens[self.token_index % self.STAGING_SLOTS]
+        self.token_index += 1
+        slot[2].synchronize()  # long done: its tokens were read two steps ago
+        return slot
 
     @staticmethod
     def tokens(ticket) -> list[int]:
