@@ -97,7 +97,7 @@ def test_fill_decode_inputs_equals_a_loop_over_sequences():
         seq = Sequence(i, rng.integers(0, 100, size=length).tolist())
         seq.block_table = rng.permutation(50)[:-(-length // bs)].tolist()
         seqs.append(seq)
-    ints = np.full((4, b), 7, dtype=np.int64)
+    ints = np.full((4, b), -1, dtype=np.int64)  # stale placeholders from an earlier step
     ctx = np.full(b, 7, dtype=np.int32)
     tables = np.full((b, width), 99, dtype=np.int32)
     fill_decode_inputs(seqs, bs, ints, ctx, tables)
@@ -107,4 +107,5 @@ def test_fill_decode_inputs_equals_a_loop_over_sequences():
         assert ints[2, i] == seq.block_table[pos // bs] * bs + pos % bs
         assert ctx[i] == len(seq)
         assert tables[i, :len(seq.block_table)].tolist() == seq.block_table
+    assert (ints[:2, 5:] == 0).all(), "padding rows: token 0 at position 0 (a stale -1 would index out of range)"
     assert (ints[2, 5:] == -1).all() and (ctx[5:] == 1).all() and (tables[5:, 0] == 0).all()

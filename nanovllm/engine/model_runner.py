@@ -99,7 +99,8 @@ def fill_decode_inputs(seqs: list[Sequence], block_size: int, ints: np.ndarray, 
     """The host side of a decode step, in a few numpy calls for the whole batch (no per-sequence loop):
     ``ints`` [>=3, b] gets each sequence's last token, its position and the cache slot it stores into,
     ``ctx`` [b] its context length, ``tables`` [b, width] its block table.  Rows past ``len(seqs)`` are
-    padding: slot -1 (store nothing), context 1 over block 0.  Entries of ``tables`` past a sequence's
+    padding: token 0 at position 0, slot -1 (store nothing), context 1 over block 0 (the buffers are
+    reused, so every padding field is written).  Entries of ``tables`` past a sequence's
     blocks are left as they were (the kernels never read them)."""
     n, b = len(seqs), ctx.shape[0]
     lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=n)
@@ -113,7 +114,7 @@ def fill_decode_inputs(seqs: list[Sequence], block_size: int, ints: np.ndarray, 
     ints[1, :n] = last
     ints[2, :n] = flat[starts + last // block_size].astype(np.int64) * block_size + last % block_size
     ctx[:n] = lengths
-    ints[2, n:b], ctx[n:b], tables[n:b, 0] = -1, 1, 0
+    ints[:2, n:b], ints[2, n:b], ctx[n:b], tables[n:b, 0] = 0, -1, 1, 0
 
 
 class ModelRunner:
