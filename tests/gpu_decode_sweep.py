@@ -59,12 +59,68 @@ def make_cache(ctx: list[int], layout: str, seed: int = 0):
     return k, v, tables.cuda(), torch.tensor(ctx, dtype=torch.int32, device="cuda")
 
 
+def read_bandwidth() -> None:
+    """What the GPU reads per second at best: a plain streaming-sum kernel over 2 GiB of bf16."""
+    import triton
+    import triton.language as tl
+    from triton.testing import do_bench
+
+    @triton.jit
+    def _sum_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for start in range(pid * BLOCK, n, tl.num_programs(0) * BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + pid, tl.sum(acc, 0))
+
+    x = torch.ones(1 << 30, device="cuda", dtype=torch.bfloat16)
+    sms = tk._num_sms("cuda", None)
+    for progs_per_sm, block, warps in ((4, 4096, 8), (8, 2048, 4), (16, 2048, 4), (32, 1024, 4)):
+        out = torch.empty(progs_per_sm * sms, device="cuda")
+        us = do_bench(lambda: _sum_kernel[(progs_per_sm * sms,)](x, out, x.numel(), BLOCK=block, num_warps=warps),
+                      warmup=10, rep=100) * 1e3
+        print(f"streaming read: {progs_per_sm} programs/SM, BLOCK {block}, {warps} warps: "
+              f"{x.numel() * 2 / us / 1e6:.2f} TB/s", flush=True)
+    us = do_bench(lambda: x.sum(), warmup=10, rep=100) * 1e3
+    print(f"torch sum: {x.numel() * 2 / us / 1e6:.2f} TB/s", flush=True)
+    y = torch.empty_like(x)
+    us = do_bench(lambda: y.copy_(x), warmup=10, rep=100) * 1e3
+    print(f"torch copy: {x.numel() * 4 / us / 1e6:.2f} TB/s (read + write)", flush=True)
+
+
+def quick(w) -> None:
+    """The current launch settings against load hints, on three of the benchmark's batches."""
+    from triton.testing import do_bench
+
+    for step in (20, 400, 800):
+        ctx = batch_at_step(w, step)
+        nbytes = sum(ctx) * HKV * D * 2 * 2
+        q = torch.randn(len(ctx), H, D, device="cuda", dtype=torch.bfloat16)
+        k, v, tables, lens = make_cache(ctx, "NHD")
+        for bn, nw, ns, hint in [(None, 4, None, 0), (None, 4, None, 1), (None, 4, None, 2), (128, 8, 2, 0),
+                                 (128, 8, 2, 1), (64, 4, 3, 1), (64, 4, 3, 2)]:
+            fn = lambda: tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=1, block_n=bn,
+                                                   num_warps=nw, num_stages=ns, load_hint=hint)
+            us = do_bench(fn, warmup=10, rep=100) * 1e3
+            print(f"step {step:>4} batch {len(ctx):>3}: block_n={bn} warps={nw} stages={ns} hint={hint}: "
+                  f"{us:7.1f} us {nbytes / us / 1e6:.2f} TB/s", flush=True)
+        del k, v
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", default="20,200,400,600,800,900,960")
+    ap.add_argument("--quick", action="store_true", help="read bandwidth and load hints only")
     args = ap.parse_args()
     from triton.testing import do_bench
+
+    if args.quick:
+        read_bandwidth()
+        quick(seed_workload(256))
+        return
 
     w = seed_workload(256)
     lines = ["step,batch,sum_ctx,layout,block_n,num_warps,num_stages,num_splits,us,tb_per_s"]

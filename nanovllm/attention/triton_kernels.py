@@ -147,14 +147,26 @@ def _qkv_rope_store_kernel(
     BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
-    dtype = qkv_ptr.dtype.element_ty
     pos = tl.load(pos_ptr + tok)
     offs_d = tl.arange(0, BLOCK_HALF)
     d_mask = offs_d < HALF
     cos = tl.load(cos_sin_ptr + pos * stride_pos + offs_d, mask=d_mask, other=0.0)[None, :]
     sin = tl.load(cos_sin_ptr + pos * stride_pos + HALF + offs_d, mask=d_mask, other=0.0)[None, :]
     row = qkv_ptr + tok * stride_t
+    if tl.program_id(1) == 0:
+        _rope_query_heads(row, qw_ptr, cos, sin, offs_d, d_mask, eps,
+                          NUM_HEADS, HEAD_DIM, HALF, BLOCK_H, HAS_NORM)
+    else:
+        _rope_key_heads_store(row, tok, kw_ptr, kc_ptr, vc_ptr, slot_ptr, cos, sin, offs_d, d_mask, eps,
+                              stride_cb, stride_cs, stride_ch, stride_cd,
+                              NUM_HEADS, NUM_KV, HEAD_DIM, HALF, BLOCK_KV, BLOCK_SIZE, HAS_NORM, STORE)
 
+
+@triton.jit
+def _rope_query_heads(row, qw_ptr, cos, sin, offs_d, d_mask, eps,
+                      NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+                      BLOCK_H: tl.constexpr, HAS_NORM: tl.constexpr):
+    dtype = row.dtype.element_ty
     # query heads: [BLOCK_H, HALF] halves x1 = x[:, :D/2], x2 = x[:, D/2:]
     offs_h = tl.arange(0, BLOCK_H)
     mask = (offs_h[:, None] < NUM_HEADS) & d_mask[None, :]
@@ -170,6 +182,14 @@ def _qkv_rope_store_kernel(
     tl.store(ptr, (x1 * cos - x2 * sin).to(dtype), mask=mask)
     tl.store(ptr + HALF, (x2 * cos + x1 * sin).to(dtype), mask=mask)
 
+
+@triton.jit
+def _rope_key_heads_store(row, tok, kw_ptr, kc_ptr, vc_ptr, slot_ptr, cos, sin, offs_d, d_mask, eps,
+                          stride_cb, stride_cs, stride_ch, stride_cd,
+                          NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
+                          HALF: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                          HAS_NORM: tl.constexpr, STORE: tl.constexpr):
+    dtype = row.dtype.element_ty
     # key heads, then the cache: K rotated, V as it is
     offs_k = tl.arange(0, BLOCK_KV)
     kmask = (offs_k[:, None] < NUM_KV) & d_mask[None, :]
@@ -224,7 +244,7 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
         half = head_dim // 2
         norm = q_norm_weight is not None
         dummy = positions  # unused pointer arguments
-        _qkv_rope_store_kernel[(num_tokens,)](
+        _qkv_rope_store_kernel[(num_tokens, 2)](  # per token: one program for the queries, one for K/V
             qkv, positions, cos_sin, q_norm_weight if norm else dummy, k_norm_weight if norm else dummy,
             k_cache if store else qkv, v_cache if store else qkv, slot_mapping if store else dummy,
             qkv.stride(0), cos_sin.stride(0), float(eps),
@@ -244,6 +264,18 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _load_kv(ptr, mask, LOAD_HINT: tl.constexpr):
+    """A K or V tile: each is read once per step, so a hint may keep it from evicting more useful lines
+    (0: none, 1: evict first, 2: bypass L1)."""
+    if LOAD_HINT == 1:
+        return tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first")
+    elif LOAD_HINT == 2:
+        return tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
 @triton.jit(do_not_specialize=["stride_btb"])  # the block-table width varies step to step
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr,
@@ -257,7 +289,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, LOAD_HINT: tl.constexpr = 0,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -293,14 +325,14 @@ def _decode_split_kernel(
         kv_off = tok_off[:, None] + offs_d[None, :] * stride_cd
         kv_mask = n_mask[:, None] & d_mask[None, :]
 
-        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        k = _load_kv(kc_ptr + kv_off, kv_mask, LOAD_HINT).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
         qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one valid token
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        v = _load_kv(vc_ptr + kv_off, kv_mask, LOAD_HINT).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -346,6 +378,7 @@ def _decode_reduce_kernel(
 
 DECODE_BLOCK_N = 64
 MAX_SPLITS = 32
+DECODE_LOAD_HINT = 0  # see _load_kv
 BIG_TILE_PROGRAMS_PER_SM = 4  # from this many (sequence, KV head) programs per SM, tiles of 128 tokens
 
 
@@ -369,7 +402,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None, *,
                            max_context_len: int | None = None, block_n: int | None = None,
-                           num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                           num_warps: int = 4, num_stages: int | None = None, load_hint: int = DECODE_LOAD_HINT
+                           ) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -422,7 +456,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_PAD=max(_next_pow2(group), 16),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype),
+        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype), LOAD_HINT=load_hint,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:

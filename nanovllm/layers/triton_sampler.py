@@ -3,7 +3,7 @@
 ``argmax(logits / T + G)`` with ``G`` standard Gumbel noise is a draw from ``softmax(logits / T)`` (the
 Gumbel-max trick; ``-log(E)`` for ``E ~ Exponential(1)`` is Gumbel, so this is the exponential race of
 ``sampler.py`` in log space).  One kernel reads each row once, makes its noise with Philox from a per-row
-seed (``tl.rand``), and keeps a running max: no softmax, no probability tensor, no second pass over the
+seed (``column_uniforms``: four columns per Philox call), and keeps a running max: no softmax, no probability tensor, no second pass over the
 logits.  When there are few rows, each row is cut into column ranges run by separate programs, and a tiny
 second kernel keeps the best of their winners.  Rows with temperature 0 take the plain argmax.
 Top-k/top-p rows are not handled here (the engine falls back to ``sampler.sample`` for batches that use
@@ -20,6 +20,18 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def column_uniforms(seed, start, QB: tl.constexpr):
+    """Uniform noise in (0, 1) for the columns ``start .. start + 4 * QB - 1`` of a row (``start`` a multiple
+    of 4), as a [QB, 4] block whose entry (i, j) belongs to column ``start + 4 i + j``.  Philox is a
+    counter-based generator: the call for counter ``c`` gives four numbers, the noise of columns
+    4c .. 4c + 3, so a column's noise depends only on (seed, column)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tl.arange(0, QB))
+    j = tl.arange(0, 4)[None, :]
+    r = tl.where(j == 0, r0[:, None], tl.where(j == 1, r1[:, None], tl.where(j == 2, r2[:, None], r3[:, None])))
+    return tl.random.uint_to_uniform_float(r)
+
+
 @triton.jit(do_not_specialize=["stride_row", "vocab", "chunk", "num_chunks"])  # one compile for every batch
 def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr, best_val_ptr, best_idx_ptr,
                           vocab, chunk, num_chunks, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
@@ -31,21 +43,23 @@ def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr,
     inv_t = 1.0 / tl.where(greedy, 1.0, temp)
     lo = part * chunk
     hi = tl.minimum(lo + chunk, vocab)
-    best_val = tl.full([BLOCK], float("-inf"), tl.float32)
-    best_idx = tl.full([BLOCK], 0, tl.int32) + lo
+    QB: tl.constexpr = BLOCK // 4
+    offs = tl.arange(0, QB)[:, None] * 4 + tl.arange(0, 4)[None, :]  # a tile of BLOCK columns as [QB, 4]
+    best_val = tl.full([QB, 4], float("-inf"), tl.float32)
+    best_idx = tl.full([QB, 4], 0, tl.int32) + lo
     base = logits_ptr + row.to(tl.int64) * stride_row
     for start in range(lo, hi, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+        cols = start + offs
         mask = cols < hi
         x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        if not greedy:
-            u = tl.rand(seed, cols)  # the noise of column j depends on (seed, j) only, not on the split
+        if not greedy:  # Gumbel noise -log(-log u)
+            u = column_uniforms(seed, start, QB)
             x = x - tl.log(-tl.log(u + 1e-20) + 1e-20)
         better = x > best_val  # strict: the lowest index wins ties within a lane
         best_val = tl.where(better, x, best_val)
         best_idx = tl.where(better, cols, best_idx)
-    top = tl.max(best_val, 0)
-    idx = tl.min(tl.where(best_val == top, best_idx, vocab), 0)  # lowest index among equal maxima
+    top = tl.max(tl.max(best_val, 1), 0)
+    idx = tl.min(tl.min(tl.where(best_val == top, best_idx, vocab), 1), 0)  # lowest index among equal maxima
     if SINGLE:
         tl.store(out_ptr + row, idx.to(tl.int64))
     else:
@@ -87,6 +101,7 @@ def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     (default: enough programs for about four per SM) whose winners a second small kernel compares.  The
     result does not depend on the cut: the noise of a column depends only on the row's seed."""
     assert logits.stride(-1) == 1
+    assert block >= 4 and block & (block - 1) == 0, "block: a power of two >= 4"
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
