@@ -290,6 +290,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, LOAD_HINT: tl.constexpr = 0,
+    USE_DOT: tl.constexpr = True,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -326,14 +327,21 @@ def _decode_split_kernel(
         kv_mask = n_mask[:, None] & d_mask[None, :]
 
         k = _load_kv(kc_ptr + kv_off, kv_mask, LOAD_HINT).to(q.dtype)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
+        if USE_DOT:
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
+        else:  # CUDA cores: no shared memory for the operands, so more programs fit on an SM
+            qk = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
         qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one valid token
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv(vc_ptr + kv_off, kv_mask, LOAD_HINT).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if USE_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p.to(v.dtype).to(tl.float32)[:, :, None]
+                                                * v.to(tl.float32)[None, :, :], 1)
         m_i = m_new
 
     has = l_i > 0  # false only for an empty split (or a padded sequence with context length 0)
@@ -402,8 +410,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None, *,
                            max_context_len: int | None = None, block_n: int | None = None,
-                           num_warps: int = 4, num_stages: int | None = None, load_hint: int = DECODE_LOAD_HINT
-                           ) -> torch.Tensor:
+                           num_warps: int = 4, num_stages: int | None = None, load_hint: int = DECODE_LOAD_HINT,
+                           use_dot: bool = True) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -453,10 +461,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *k_cache.stride(),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        GROUP=group, GROUP_PAD=max(_next_pow2(group), 16),
+        GROUP=group, GROUP_PAD=max(_next_pow2(group), 16) if use_dot else _next_pow2(group),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype), LOAD_HINT=load_hint,
+        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype), LOAD_HINT=load_hint, USE_DOT=use_dot,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
