@@ -89,78 +89,16 @@ def read_bandwidth() -> None:
     print(f"torch copy: {x.numel() * 4 / us / 1e6:.2f} TB/s (read + write)", flush=True)
 
 
-def quick(w) -> None:
-    """The current launch settings against load hints, on three of the benchmark's batches."""
-    from triton.testing import do_bench
-
-    for step in (20, 400, 800):
-        ctx = batch_at_step(w, step)
-        nbytes = sum(ctx) * HKV * D * 2 * 2
-        q = torch.randn(len(ctx), H, D, device="cuda", dtype=torch.bfloat16)
-        k, v, tables, lens = make_cache(ctx, "NHD")
-        for bn, nw, ns, hint in [(None, 4, None, 0), (None, 4, None, 1), (None, 4, None, 2), (128, 8, 2, 0),
-                                 (128, 8, 2, 1), (64, 4, 3, 1), (64, 4, 3, 2)]:
-            fn = lambda: tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=1, block_n=bn,
-                                                   num_warps=nw, num_stages=ns, load_hint=hint)
-            us = do_bench(fn, warmup=10, rep=100) * 1e3
-            print(f"step {step:>4} batch {len(ctx):>3}: block_n={bn} warps={nw} stages={ns} hint={hint}: "
-                  f"{us:7.1f} us {nbytes / us / 1e6:.2f} TB/s", flush=True)
-        del k, v
-        torch.cuda.empty_cache()
-
-
-def occupancy(w) -> None:
-    """Launch settings that fit more programs per SM: one stage of tiles, fewer warps, and the variant that
-    computes on CUDA cores (no tl.dot, so no shared memory for the operands)."""
-    from triton.testing import do_bench
-
-    configs = [(None, 4, None, True)]
-    configs += [(bn, nw, 1, True) for bn in (32, 64) for nw in (2, 4)]
-    configs += [(bn, nw, ns, False) for bn in (16, 32, 64) for nw in (1, 2, 4) for ns in (1, 2)]
-    for step in (20, 400, 800, 960):
-        ctx = batch_at_step(w, step)
-        nbytes = sum(ctx) * HKV * D * 2 * 2
-        q = torch.randn(len(ctx), H, D, device="cuda", dtype=torch.bfloat16)
-        k, v, tables, lens = make_cache(ctx, "NHD")
-        ref = tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=1)
-        results = []
-        for splits in ((1,) if len(ctx) > 40 else (1, 4, 8)):
-            for bn, nw, ns, dot in configs:
-                fn = lambda: tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=splits,
-                                                       block_n=bn, num_warps=nw, num_stages=ns, use_dot=dot)
-                try:
-                    torch.testing.assert_close(fn().float(), ref.float(), atol=2e-2, rtol=2e-2)
-                    us = do_bench(fn, warmup=10, rep=60) * 1e3
-                except Exception as e:  # noqa: BLE001
-                    print(f"  step {step} bn={bn} w={nw} s={ns} dot={dot}: {type(e).__name__} {str(e)[:60]}")
-                    continue
-                results.append((us, splits, bn, nw, ns, dot))
-        results.sort()
-        base = next(r for r in results if r[2] is None and r[1] == 1)
-        print(f"step {step:>4} batch {len(ctx):>3}: current {base[0]:.1f} us ({nbytes / base[0] / 1e6:.2f} TB/s)",
-              flush=True)
-        for us, splits, bn, nw, ns, dot in results[:6]:
-            print(f"    {us:7.1f} us {nbytes / us / 1e6:.2f} TB/s  splits={splits} block_n={bn} warps={nw} "
-                  f"stages={ns} {'tl.dot' if dot else 'cuda cores'}", flush=True)
-        del k, v
-        torch.cuda.empty_cache()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", default="20,200,400,600,800,900,960")
-    ap.add_argument("--quick", action="store_true", help="read bandwidth and load hints only")
-    ap.add_argument("--occupancy", action="store_true", help="settings with more programs per SM only")
+    ap.add_argument("--read", action="store_true", help="only the streaming-read bandwidth of the GPU")
     args = ap.parse_args()
     from triton.testing import do_bench
 
-    if args.occupancy:
-        occupancy(seed_workload(256))
-        return
-    if args.quick:
+    if args.read:
         read_bandwidth()
-        quick(seed_workload(256))
         return
 
     w = seed_workload(256)

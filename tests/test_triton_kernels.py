@@ -176,11 +176,8 @@ def test_paged_decode_padded_sequence(num_splits):
     assert_close(out[:2], ref, dtype)
 
 
-@pytest.mark.parametrize("num_splits,load_hint,block_n,use_dot", [
-    (1, 0, 128, True), (2, 0, 128, True), (1, 1, 128, True), (2, 2, 128, True),
-    (1, 0, 32, False), (3, 0, 64, False),  # the CUDA-core variant (no tl.dot)
-])
-def test_paged_decode_tiles_of_128(num_splits, load_hint, block_n, use_dot):
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_paged_decode_tiles_of_128(num_splits):
     """The long tiles big batches launch with on a GPU (block_n=128, two stages), context lengths around
     and past one tile."""
     dtype = DTYPES[-1]
@@ -189,7 +186,7 @@ def test_paged_decode_tiles_of_128(num_splits, load_hint, block_n, use_dot):
     k_cache, v_cache, block_tables, ctx = make_paged_cache(ctx_lens, 16, 2, 64, dtype, gen)
     q = _randn(len(ctx_lens), 4, 64, gen=gen, dtype=dtype)
     out = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.125, num_splits=num_splits,
-                                    block_n=block_n, num_stages=2, load_hint=load_hint, use_dot=use_dot)
+                                    block_n=128, num_stages=2)
     assert_close(out, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.125), dtype)
 
 
@@ -427,17 +424,3 @@ def test_engine_on_triton_backend_equals_hf(arch, tmp_path):
     both = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert first[0].token_ids == want[0]
     assert [o.token_ids for o in both] == want
-
-
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(6, 2), (4, 4), (8, 1)])
-def test_paged_decode_cuda_core_variant_any_group(num_heads, num_kv_heads):
-    """The variant without tl.dot pads the GQA group only to a power of two (3 -> 4, 1, 8)."""
-    dtype = DTYPES[-1]
-    gen = _gen(14)
-    ctx_lens = [5, 70, 33]
-    k_cache, v_cache, block_tables, ctx = make_paged_cache(ctx_lens, 16, num_kv_heads, 64, dtype, gen)
-    q = _randn(len(ctx_lens), num_heads, 64, gen=gen, dtype=dtype)
-    for splits in (1, 2):
-        out = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.125, num_splits=splits,
-                                        block_n=32, use_dot=False)
-        assert_close(out, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.125), dtype)

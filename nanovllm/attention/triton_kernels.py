@@ -264,18 +264,6 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _load_kv(ptr, mask, LOAD_HINT: tl.constexpr):
-    """A K or V tile: each is read once per step, so a hint may keep it from evicting more useful lines
-    (0: none, 1: evict first, 2: bypass L1)."""
-    if LOAD_HINT == 1:
-        return tl.load(ptr, mask=mask, other=0.0, eviction_policy="evict_first")
-    elif LOAD_HINT == 2:
-        return tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
-    else:
-        return tl.load(ptr, mask=mask, other=0.0)
-
-
 @triton.jit(do_not_specialize=["stride_btb"])  # the block-table width varies step to step
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr,
@@ -289,8 +277,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, LOAD_HINT: tl.constexpr = 0,
-    USE_DOT: tl.constexpr = True,
+    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -326,22 +313,15 @@ def _decode_split_kernel(
         kv_off = tok_off[:, None] + offs_d[None, :] * stride_cd
         kv_mask = n_mask[:, None] & d_mask[None, :]
 
-        k = _load_kv(kc_ptr + kv_off, kv_mask, LOAD_HINT).to(q.dtype)
-        if USE_DOT:
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
-        else:  # CUDA cores: no shared memory for the operands, so more programs fit on an SM
-            qk = tl.sum(q.to(tl.float32)[:, None, :] * k.to(tl.float32)[None, :, :], 2)
+        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
         qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one valid token
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_kv(vc_ptr + kv_off, kv_mask, LOAD_HINT).to(q.dtype)
-        if USE_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        else:
-            acc = acc * alpha[:, None] + tl.sum(p.to(v.dtype).to(tl.float32)[:, :, None]
-                                                * v.to(tl.float32)[None, :, :], 1)
+        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has = l_i > 0  # false only for an empty split (or a padded sequence with context length 0)
@@ -386,7 +366,6 @@ def _decode_reduce_kernel(
 
 DECODE_BLOCK_N = 64
 MAX_SPLITS = 32
-DECODE_LOAD_HINT = 0  # see _load_kv
 BIG_TILE_PROGRAMS_PER_SM = 4  # from this many (sequence, KV head) programs per SM, tiles of 128 tokens
 
 
@@ -410,8 +389,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None, *,
                            max_context_len: int | None = None, block_n: int | None = None,
-                           num_warps: int = 4, num_stages: int | None = None, load_hint: int = DECODE_LOAD_HINT,
-                           use_dot: bool = True) -> torch.Tensor:
+                           num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -461,10 +439,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *k_cache.stride(),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        GROUP=group, GROUP_PAD=max(_next_pow2(group), 16) if use_dot else _next_pow2(group),
+        GROUP=group, GROUP_PAD=max(_next_pow2(group), 16),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype), LOAD_HINT=load_hint, USE_DOT=use_dot,
+        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
