@@ -32,9 +32,24 @@ def column_uniforms(seed, start, QB: tl.constexpr):
     return tl.random.uint_to_uniform_float(r)
 
 
+@triton.jit
+def _log2(x, FAST: tl.constexpr):
+    """log2: on a GPU the hardware's approximate instruction (one op; the noise needs no more precision), in
+    the interpreter the exact one."""
+    if FAST:
+        return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        return tl.log2(x)
+
+
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2); a constexpr, so the kernels may read it
+
+
 @triton.jit(do_not_specialize=["stride_row", "vocab", "chunk", "num_chunks"])  # one compile for every batch
 def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr, best_val_ptr, best_idx_ptr,
-                          vocab, chunk, num_chunks, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+                          vocab, chunk, num_chunks, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
+                          FAST_LOG: tl.constexpr):
     row = tl.program_id(0)
     part = tl.program_id(1)  # this program's share of the row: columns [part * chunk, (part + 1) * chunk)
     temp = tl.load(temps_ptr + row)
@@ -52,9 +67,10 @@ def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr,
         cols = start + offs
         mask = cols < hi
         x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-        if not greedy:  # Gumbel noise -log(-log u)
+        if not greedy:  # Gumbel noise -ln(-ln u), with ln x = ln(2) log2(x)
             u = column_uniforms(seed, start, QB)
-            x = x - tl.log(-tl.log(u + 1e-20) + 1e-20)
+            e = -LN2 * _log2(u + 1e-20, FAST_LOG)  # -ln u: Exponential(1)
+            x = x - LN2 * _log2(e + 1e-20, FAST_LOG)
         better = x > best_val  # strict: the lowest index wins ties within a lane
         best_val = tl.where(better, x, best_val)
         best_idx = tl.where(better, cols, best_idx)
@@ -120,7 +136,7 @@ def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
         best_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
     _gumbel_argmax_kernel[(rows, num_chunks)](logits, logits.stride(0), temperatures, seeds, out, best_val,
                                               best_idx, vocab, chunk, num_chunks, BLOCK=block, SINGLE=single,
-                                              num_warps=8 if block >= 1024 else 4)
+                                              FAST_LOG=logits.is_cuda, num_warps=8 if block >= 1024 else 4)
     if not single:
         _argmax_of_parts_kernel[(rows,)](best_val, best_idx, out, vocab, num_chunks, BLOCK_C=MAX_CHUNKS,
                                          num_warps=1)
