@@ -75,3 +75,14 @@ def test_the_draw_does_not_depend_on_how_rows_are_cut(temp):
     assert whole[3].item() == 699
     if temp == 0.0:
         assert whole.tolist() == logits.argmax(-1).tolist() and whole[1].item() == 40
+
+
+def test_float64_staged_parameters_give_the_same_tokens():
+    """The engine stages temperatures and seeds in one float64 buffer; the kernel converts them itself."""
+    torch.manual_seed(4)
+    logits = torch.randn(6, 500, device=DEVICE)
+    temps = torch.tensor([0.0, 0.5, 1.0, 0.7, 2.0, 0.0], device=DEVICE)
+    seeds = torch.tensor([row_seed(9, i) for i in range(6)], dtype=torch.int64, device=DEVICE)
+    staged = torch.stack([temps.double(), seeds.double()])
+    assert torch.equal(gumbel_sample(logits, staged[0], staged[1], block=64),
+                       gumbel_sample(logits, temps, seeds, block=64))

@@ -317,7 +317,7 @@ class ModelRunner:
                                     else row_seed(base, i) for i, (s, p) in enumerate(zip(seqs, params))],
                                    dtype=torch.float64)
             dev = host.to(self.device, non_blocking=True)
-            return self.gumbel_sample(logits, dev[0].float(), dev[1].long())
+            return self.gumbel_sample(logits, dev[0], dev[1])  # the kernel reads float64 itself
         temps, top_k, top_p, generators = self.sampling_tensors(seqs)
         return sample(logits, temps, top_k, top_p, generators, self.generator)
 
@@ -344,8 +344,8 @@ class ModelRunner:
         vocab = self.hf_config.vocab_size
         for rows in (1, whole_row_batch(self.device)):
             logits = torch.zeros(rows, vocab, dtype=self.dtype, device=self.device)
-            temps = torch.full((rows,), 0.5, device=self.device)
-            self.gumbel_sample(logits, temps, torch.zeros(rows, dtype=torch.int64, device=self.device))
+            params = torch.full((2, rows), 0.5, dtype=torch.float64, device=self.device)  # as sample() stages them
+            self.gumbel_sample(logits, params[0], params[1])
         torch.cuda.synchronize(self.device)
 
     # -- torch.compile and CUDA graphs (CUDA only; enforce_eager=True turns both off) ------------------

@@ -52,8 +52,8 @@ def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr,
                           FAST_LOG: tl.constexpr):
     row = tl.program_id(0)
     part = tl.program_id(1)  # this program's share of the row: columns [part * chunk, (part + 1) * chunk)
-    temp = tl.load(temps_ptr + row)
-    seed = tl.load(seeds_ptr + row)
+    temp = tl.load(temps_ptr + row).to(tl.float32)
+    seed = tl.load(seeds_ptr + row).to(tl.int64)  # integers, possibly staged as float64 (exact below 2**53)
     greedy = temp == 0.0
     inv_t = 1.0 / tl.where(greedy, 1.0, temp)
     lo = part * chunk
@@ -110,8 +110,9 @@ def whole_row_batch(device: torch.device) -> int:
 
 def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
                   block: int = 2048, num_chunks: int | None = None) -> torch.Tensor:
-    """logits: [S, V] (any float dtype, last dim contiguous); temperatures: [S] float32 (0 = greedy);
-    seeds: [S] int32 Philox seeds.  Returns [S] int64 token ids.
+    """logits: [S, V] (any float dtype, last dim contiguous); temperatures: [S] float32 or float64 (0 =
+    greedy); seeds: [S] integer Philox seeds (int64, or float64 holding integers).  Returns [S] int64 token
+    ids.
 
     A few rows would leave most of the GPU idle, so each row is cut into ``num_chunks`` column ranges
     (default: enough programs for about four per SM) whose winners a second small kernel compares.  The
