@@ -21,15 +21,13 @@ import triton.language as tl
 
 
 @triton.jit
-def column_uniforms(seed, start, QB: tl.constexpr):
-    """Uniform noise in (0, 1) for the columns ``start .. start + 4 * QB - 1`` of a row (``start`` a multiple
-    of 4), as a [QB, 4] block whose entry (i, j) belongs to column ``start + 4 i + j``.  Philox is a
-    counter-based generator: the call for counter ``c`` gives four numbers, the noise of columns
-    4c .. 4c + 3, so a column's noise depends only on (seed, column)."""
-    r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tl.arange(0, QB))
-    j = tl.arange(0, 4)[None, :]
-    r = tl.where(j == 0, r0[:, None], tl.where(j == 1, r1[:, None], tl.where(j == 2, r2[:, None], r3[:, None])))
-    return tl.random.uint_to_uniform_float(r)
+def column_uniforms(seed, start, BLOCK: tl.constexpr):
+    """Uniform noise in (0, 1) for the columns ``start .. start + BLOCK - 1`` of a row (``start`` and ``BLOCK``
+    multiples of 4).  Philox is a counter-based generator: its call for counter ``c`` gives four numbers,
+    the noise of columns 4c .. 4c + 3, so a column's noise depends only on (seed, column)."""
+    r0, r1, r2, r3 = tl.randint4x(seed, start // 4 + tl.arange(0, BLOCK // 4))
+    # [r0[0], r1[0], r2[0], r3[0], r0[1], ...]: column start + 4 i + j gets r_j[i]
+    return tl.random.uint_to_uniform_float(tl.interleave(tl.interleave(r0, r2), tl.interleave(r1, r3)))
 
 
 @triton.jit
@@ -58,24 +56,22 @@ def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr,
     inv_t = 1.0 / tl.where(greedy, 1.0, temp)
     lo = part * chunk
     hi = tl.minimum(lo + chunk, vocab)
-    QB: tl.constexpr = BLOCK // 4
-    offs = tl.arange(0, QB)[:, None] * 4 + tl.arange(0, 4)[None, :]  # a tile of BLOCK columns as [QB, 4]
-    best_val = tl.full([QB, 4], float("-inf"), tl.float32)
-    best_idx = tl.full([QB, 4], 0, tl.int32) + lo
+    best_val = tl.full([BLOCK], float("-inf"), tl.float32)
+    best_idx = tl.full([BLOCK], 0, tl.int32) + lo
     base = logits_ptr + row.to(tl.int64) * stride_row
     for start in range(lo, hi, BLOCK):
-        cols = start + offs
+        cols = start + tl.arange(0, BLOCK)
         mask = cols < hi
         x = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_t
         if not greedy:  # Gumbel noise -ln(-ln u), with ln x = ln(2) log2(x)
-            u = column_uniforms(seed, start, QB)
+            u = column_uniforms(seed, start, BLOCK)
             e = -LN2 * _log2(u + 1e-20, FAST_LOG)  # -ln u: Exponential(1)
             x = x - LN2 * _log2(e + 1e-20, FAST_LOG)
         better = x > best_val  # strict: the lowest index wins ties within a lane
         best_val = tl.where(better, x, best_val)
         best_idx = tl.where(better, cols, best_idx)
-    top = tl.max(tl.max(best_val, 1), 0)
-    idx = tl.min(tl.min(tl.where(best_val == top, best_idx, vocab), 1), 0)  # lowest index among equal maxima
+    top = tl.max(best_val, 0)
+    idx = tl.min(tl.where(best_val == top, best_idx, vocab), 0)  # lowest index among equal maxima
     if SINGLE:
         tl.store(out_ptr + row, idx.to(tl.int64))
     else:
