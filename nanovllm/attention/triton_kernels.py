@@ -364,6 +364,110 @@ def _decode_reduce_kernel(
              res.to(out_ptr.dtype.element_ty), mask=d_mask)
 
 
+@triton.jit(do_not_specialize=["stride_btb", "num_items"])
+def _decode_persistent_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, out_ptr,
+    qk_scale, num_items,
+    stride_qb, stride_qh, stride_qd,
+    stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_btb,
+    stride_ob, stride_oh, stride_od,
+    NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Decode attention with a fixed number of programs: program p takes the (sequence, KV head) items
+    p, p + P, p + 2P, ... and walks all their tiles in ONE loop, so the loads of an item's first tile are
+    issued while the previous item finishes (a program per item pays that latency once per item)."""
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+
+    total = 0  # tiles of all my items (an empty sequence still takes one, all masked, tile)
+    for w in range(pid, num_items, nprog):
+        total += tl.maximum(tl.cdiv(tl.load(ctx_ptr + w // NUM_KV), BLOCK_N), 1)
+
+    w = pid
+    tile = 0
+    ctx = tl.load(ctx_ptr + w // NUM_KV)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    for _ in range(0, total):
+        seq = w // NUM_KV
+        kvh = w % NUM_KV
+        first = tile == 0  # a new item: start its softmax state afresh
+        m_i = tl.where(first, float("-inf"), m_i)
+        l_i = tl.where(first, 0.0, l_i)
+        acc = tl.where(first, 0.0, acc)
+        heads = kvh * GROUP + offs_g
+        q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+        pos = tile * BLOCK_N + offs_n
+        n_mask = pos < ctx
+        phys = tl.load(bt_ptr + seq.to(tl.int64) * stride_btb + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_off = (phys * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_cs + kvh.to(tl.int64) * stride_ch)[:, None] \
+            + offs_d[None, :] * stride_cd
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an empty sequence: no NaN from -inf - -inf
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+        last = tile + 1 >= tl.cdiv(ctx, BLOCK_N)  # the item's last tile: write its output
+        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
+                 o.to(out_ptr.dtype.element_ty), mask=(offs_g[:, None] < tl.where(last, GROUP, 0)) & d_mask[None, :])
+        tile = tl.where(last, 0, tile + 1)
+        w = tl.where(last, w + nprog, w)
+        ctx = tl.load(ctx_ptr + tl.minimum(w, num_items - 1) // NUM_KV)
+
+
+def paged_decode_persistent(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                            num_programs: int | None = None, out: torch.Tensor | None = None, *,
+                            block_n: int = 128, num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """Same result as ``paged_decode_attention`` with one split, from ``num_programs`` programs that each walk
+    several (sequence, KV head) items (default: one per SM).  For big batches."""
+    _check_cache(k_cache, v_cache)
+    batch, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, cache_dim = k_cache.shape
+    assert cache_dim == head_dim and num_heads % num_kv_heads == 0
+    assert block_tables.dim() == 2 and block_tables.stride(1) == 1
+    if out is None:
+        out = torch.empty((batch, num_heads, head_dim), dtype=q.dtype, device=q.device)
+    items = batch * num_kv_heads
+    if items == 0:
+        return out
+    if num_programs is None:
+        num_programs = _num_sms(q.device.type, q.device.index)
+    group = num_heads // num_kv_heads
+    _decode_persistent_kernel[(max(1, min(int(num_programs), items)),)](
+        q, k_cache, v_cache, block_tables, context_lens, out,
+        float(scale) * LOG2E, items,
+        q.stride(0), q.stride(1), q.stride(2),
+        *k_cache.stride(),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1), out.stride(2),
+        NUM_KV=num_kv_heads, GROUP=group, GROUP_PAD=max(_next_pow2(group), 16),
+        HEAD_DIM=head_dim, BLOCK_D=max(_next_pow2(head_dim), 16),
+        BLOCK_SIZE=block_size, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
 DECODE_BLOCK_N = 64
 MAX_SPLITS = 32
 BIG_TILE_PROGRAMS_PER_SM = 4  # from this many (sequence, KV head) programs per SM, tiles of 128 tokens
