@@ -89,55 +89,16 @@ def read_bandwidth() -> None:
     print(f"torch copy: {x.numel() * 4 / us / 1e6:.2f} TB/s (read + write)", flush=True)
 
 
-def persistent(w) -> None:
-    """The persistent decode kernel (a fixed number of programs walking several items) against the current
-    one-program-per-item kernel, on the benchmark's batches."""
-    from triton.testing import do_bench
-
-    sms = tk._num_sms("cuda", None)
-    for step in (20, 200, 400, 600, 800):
-        ctx = batch_at_step(w, step)
-        nbytes = sum(ctx) * HKV * D * 2 * 2
-        q = torch.randn(len(ctx), H, D, device="cuda", dtype=torch.bfloat16)
-        k, v, tables, lens = make_cache(ctx, "NHD")
-        ref = tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=1)
-        base = do_bench(lambda: tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=1),
-                        warmup=10, rep=80) * 1e3
-        res = []
-        for per_sm in (1, 2, 3, 4):
-            for bn, ns, nw in ((128, 2, 4), (64, 2, 4), (64, 3, 4), (128, 2, 8), (64, 4, 4)):
-                fn = lambda: tk.paged_decode_persistent(q, k, v, tables, lens, D ** -0.5, num_programs=per_sm * sms,
-                                                        block_n=bn, num_warps=nw, num_stages=ns)
-                try:
-                    torch.testing.assert_close(fn().float(), ref.float(), atol=2e-2, rtol=2e-2)
-                    us = do_bench(fn, warmup=10, rep=80) * 1e3
-                except Exception as e:  # noqa: BLE001
-                    print(f"  step {step} per_sm={per_sm} bn={bn}: {type(e).__name__} {str(e)[:80]}")
-                    continue
-                res.append((us, per_sm, bn, ns, nw))
-        res.sort()
-        print(f"step {step:>4} batch {len(ctx):>3}: current {base:.1f} us ({nbytes / base / 1e6:.2f} TB/s)", flush=True)
-        for us, per_sm, bn, ns, nw in res[:5]:
-            print(f"    persistent {us:7.1f} us {nbytes / us / 1e6:.2f} TB/s  programs={per_sm}xSMs block_n={bn} "
-                  f"stages={ns} warps={nw}", flush=True)
-        del k, v
-        torch.cuda.empty_cache()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", default="20,200,400,600,800,900,960")
     ap.add_argument("--read", action="store_true", help="only the streaming-read bandwidth of the GPU")
-    ap.add_argument("--persistent", action="store_true", help="only the persistent kernel against the current one")
     args = ap.parse_args()
     from triton.testing import do_bench
 
     if args.read:
         read_bandwidth()
-        return
-    if args.persistent:
-        persistent(seed_workload(256))
         return
 
     w = seed_workload(256)

@@ -424,25 +424,3 @@ def test_engine_on_triton_backend_equals_hf(arch, tmp_path):
     both = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert first[0].token_ids == want[0]
     assert [o.token_ids for o in both] == want
-
-
-@pytest.mark.parametrize("num_programs", [1, 3, 7, 100])
-@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (6, 2), (4, 4)])
-def test_paged_decode_persistent(num_programs, num_heads, num_kv_heads):
-    """A few programs walking many (sequence, KV head) items in one loop give the reference's output, empty
-    sequences (context 0: zeros) and one-token ones included."""
-    dtype = DTYPES[-1]
-    gen = _gen(15)
-    ctx_lens = [37, 1, 64, 0, 130, 16, 5]
-    k_cache, v_cache, block_tables, ctx = make_paged_cache([max(c, 1) for c in ctx_lens], 16, num_kv_heads, 64,
-                                                           dtype, gen)
-    ctx = torch.tensor(ctx_lens, dtype=torch.int32, device=DEVICE)
-    q = _randn(len(ctx_lens), num_heads + 2 * num_kv_heads, 64, gen=gen, dtype=dtype)[:, :num_heads]
-    out = tk.paged_decode_persistent(q, k_cache, v_cache, block_tables, ctx, 0.125, num_programs=num_programs,
-                                     block_n=32)
-    ref = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.125, num_splits=1)
-    assert_close(out, ref, dtype)
-    assert (out[3] == 0).all()
-    nonempty = [i for i, c in enumerate(ctx_lens) if c]
-    assert_close(out[nonempty], paged_decode_ref(*reference_dtype(q[nonempty], k_cache, v_cache), ctx[nonempty],
-                                                 block_tables[nonempty], 0.125), dtype)
