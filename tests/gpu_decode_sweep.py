@@ -89,43 +89,16 @@ def read_bandwidth() -> None:
     print(f"torch copy: {x.numel() * 4 / us / 1e6:.2f} TB/s (read + write)", flush=True)
 
 
-def tails(w) -> None:
-    """Whole tiles of BLOCK_N tokens then short tail tiles, against one tile length throughout."""
-    from triton.testing import do_bench
-
-    for step in (20, 200, 400, 600, 800, 900):
-        ctx = batch_at_step(w, step)
-        nbytes = sum(ctx) * HKV * D * 2 * 2
-        q = torch.randn(len(ctx), H, D, device="cuda", dtype=torch.bfloat16)
-        k, v, tables, lens = make_cache(ctx, "NHD")
-        ref = tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=1)
-        line = f"step {step:>4} batch {len(ctx):>3}:"
-        for bn, ns, tail in ((128, 2, 0), (128, 2, 16), (128, 2, 32), (128, 2, 64), (64, 2, 0), (64, 2, 16),
-                             (64, 2, 32), (64, 3, 16)):
-            fn = lambda: tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=1, block_n=bn,
-                                                   num_stages=ns, tail_n=tail)
-            torch.testing.assert_close(fn().float(), ref.float(), atol=2e-2, rtol=2e-2)
-            us = do_bench(fn, warmup=10, rep=80) * 1e3
-            line += f" | bn{bn}/s{ns}/tail{tail} {us:.1f} us {nbytes / us / 1e6:.2f}"
-        print(line, flush=True)
-        del k, v
-        torch.cuda.empty_cache()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", default="20,200,400,600,800,900,960")
     ap.add_argument("--read", action="store_true", help="only the streaming-read bandwidth of the GPU")
-    ap.add_argument("--tails", action="store_true", help="only whole tiles + short tail tiles vs one tile length")
     args = ap.parse_args()
     from triton.testing import do_bench
 
     if args.read:
         read_bandwidth()
-        return
-    if args.tails:
-        tails(seed_workload(256))
         return
 
     w = seed_workload(256)

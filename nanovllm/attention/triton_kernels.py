@@ -264,29 +264,6 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
-def _attend_tile(q, kc_ptr, vc_ptr, bt_row, head_off, pos, ctx, offs_d, d_mask, m_i, l_i, acc, qk_scale,
-                 stride_cb, stride_cs, stride_cd, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One tile of the online softmax: the tokens at ``pos`` (those < ctx; at least one) of one sequence and
-    KV head, read through the block table; returns the updated (max, sum, weighted sum)."""
-    n_mask = pos < ctx
-    phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-    tok_off = phys * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_cs + head_off
-    kv_off = tok_off[:, None] + offs_d[None, :] * stride_cd
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-
-    k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, tile] fp32
-    qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one valid token
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
-
-
 @triton.jit(do_not_specialize=["stride_btb"])  # the block-table width varies step to step
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr,
@@ -300,7 +277,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, TAIL_N: tl.constexpr = 0,
+    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -328,23 +305,24 @@ def _decode_split_kernel(
 
     bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
     head_off = kvh.to(tl.int64) * stride_ch
-    if SINGLE_SPLIT and TAIL_N > 0:
-        # whole tiles of BLOCK_N tokens, then the rest in short tiles: a long tile mostly empty costs nearly
-        # as much as a full one
-        for t in range(0, ctx // BLOCK_N):
-            m_i, l_i, acc = _attend_tile(q, kc_ptr, vc_ptr, bt_row, head_off, t * BLOCK_N + offs_n, ctx, offs_d,
-                                         d_mask, m_i, l_i, acc, qk_scale, stride_cb, stride_cs, stride_cd,
-                                         BLOCK_SIZE, DOT_PRECISION)
-        offs_t = tl.arange(0, TAIL_N)
-        for start in range(ctx // BLOCK_N * BLOCK_N, ctx, TAIL_N):
-            m_i, l_i, acc = _attend_tile(q, kc_ptr, vc_ptr, bt_row, head_off, start + offs_t, ctx, offs_d,
-                                         d_mask, m_i, l_i, acc, qk_scale, stride_cb, stride_cs, stride_cd,
-                                         BLOCK_SIZE, DOT_PRECISION)
-    else:
-        for t in range(t_start, t_end):
-            m_i, l_i, acc = _attend_tile(q, kc_ptr, vc_ptr, bt_row, head_off, t * BLOCK_N + offs_n, ctx, offs_d,
-                                         d_mask, m_i, l_i, acc, qk_scale, stride_cb, stride_cs, stride_cd,
-                                         BLOCK_SIZE, DOT_PRECISION)
+    for t in range(t_start, t_end):
+        pos = t * BLOCK_N + offs_n
+        n_mask = pos < ctx
+        phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        tok_off = phys * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_cs + head_off
+        kv_off = tok_off[:, None] + offs_d[None, :] * stride_cd
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+
+        k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one valid token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
 
     has = l_i > 0  # false only for an empty split (or a padded sequence with context length 0)
     o = acc / tl.where(has, l_i, 1.0)[:, None]
@@ -411,7 +389,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None, *,
                            max_context_len: int | None = None, block_n: int | None = None,
-                           num_warps: int = 4, num_stages: int | None = None, tail_n: int = 0) -> torch.Tensor:
+                           num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -464,7 +442,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_PAD=max(_next_pow2(group), 16),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype), TAIL_N=tail_n if tail_n < block_n else 0,
+        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:
