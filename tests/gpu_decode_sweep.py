@@ -78,8 +78,9 @@ def read_bandwidth() -> None:
     sms = tk._num_sms("cuda", None)
     for progs_per_sm, block, warps in ((4, 4096, 8), (8, 2048, 4), (16, 2048, 4), (32, 1024, 4)):
         out = torch.empty(progs_per_sm * sms, device="cuda")
-        us = do_bench(lambda: _sum_kernel[(progs_per_sm * sms,)](x, out, x.numel(), BLOCK=block, num_warps=warps),
-                      warmup=10, rep=100) * 1e3
+        grid = (progs_per_sm * sms,)
+        us = do_bench(lambda grid=grid, out=out, block=block, warps=warps: _sum_kernel[grid](
+            x, out, x.numel(), BLOCK=block, num_warps=warps), warmup=10, rep=100) * 1e3
         print(f"streaming read: {progs_per_sm} programs/SM, BLOCK {block}, {warps} warps: "
               f"{x.numel() * 2 / us / 1e6:.2f} TB/s", flush=True)
     us = do_bench(lambda: x.sum(), warmup=10, rep=100) * 1e3
@@ -119,8 +120,9 @@ def main():
             ref = tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=1)
             for bn, nw, ns, sp in itertools.product((32, 64, 128), (4, 8), (2, 3, 4), split_opts):
                 try:
-                    fn = lambda: tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=sp,
-                                                           block_n=bn, num_warps=nw, num_stages=ns)
+                    def fn(q=q, k=k, v=v, tables=tables, lens=lens, sp=sp, bn=bn, nw=nw, ns=ns):
+                        return tk.paged_decode_attention(q, k, v, tables, lens, D ** -0.5, num_splits=sp,
+                                                         block_n=bn, num_warps=nw, num_stages=ns)
                     out = fn()
                     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
                     us = do_bench(fn, warmup=10, rep=60) * 1e3

@@ -29,7 +29,7 @@ def main():
             layer_us = 0.0
             for name, w in weights.items():
                 x = torch.randn(m, w.shape[1], device=dev, dtype=dt)
-                us = do_bench(lambda: F.linear(x, w), warmup=20, rep=100) * 1e3
+                us = do_bench(lambda x=x, w=w: F.linear(x, w), warmup=20, rep=100) * 1e3
                 if name != "lm_head":
                     layer_us += us
                 tbs = w.numel() * 2 / us / 1e6

@@ -377,7 +377,8 @@ def test_qkv_rope_store_equals_the_three_steps(dtype, num_heads, num_kv_heads, h
     cos, sin = rope.cos_sin[positions].chunk(2, -1)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_ref, v_ref = torch.full(shape, FILL, dtype=dtype, device=DEVICE), torch.full(shape, FILL, dtype=dtype, device=DEVICE)
+    k_ref = torch.full(shape, FILL, dtype=dtype, device=DEVICE)
+    v_ref = torch.full_like(k_ref, FILL)
     store_kvcache_ref(k, v, k_ref, v_ref, slots)
 
     k_cache, v_cache = torch.full_like(k_ref, FILL), torch.full_like(v_ref, FILL)

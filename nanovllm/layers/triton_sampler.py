@@ -3,11 +3,11 @@
 ``argmax(logits / T + G)`` with ``G`` standard Gumbel noise is a draw from ``softmax(logits / T)`` (the
 Gumbel-max trick; ``-log(E)`` for ``E ~ Exponential(1)`` is Gumbel, so this is the exponential race of
 ``sampler.py`` in log space).  One kernel reads each row once, makes its noise with Philox from a per-row
-seed (``column_uniforms``: four columns per Philox call), and keeps a running max: no softmax, no probability tensor, no second pass over the
-logits.  When there are few rows, each row is cut into column ranges run by separate programs, and a tiny
-second kernel keeps the best of their winners.  Rows with temperature 0 take the plain argmax.
-Top-k/top-p rows are not handled here (the engine falls back to ``sampler.sample`` for batches that use
-them).
+seed (``column_uniforms``: four columns per Philox call), and keeps a running max: no softmax, no
+probability tensor, no second pass over the logits.  When there are few rows, each row is cut into column
+ranges run by separate programs, and a tiny second kernel keeps the best of their winners.  Rows with
+temperature 0 take the plain argmax.  Top-k/top-p rows are not handled here (the engine falls back to
+``sampler.sample`` for batches that use them).
 
 Row seeds make it reproducible: a seeded request's seed for each step depends only on its own seed and
 how many tokens it has generated, never on the rest of the batch.
