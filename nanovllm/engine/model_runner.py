@@ -117,6 +117,23 @@ def fill_decode_inputs(seqs: list[Sequence], block_size: int, ints: np.ndarray, 
     ints[:2, n:b], ints[2, n:b], ctx[n:b], tables[n:b, 0] = 0, -1, 1, 0
 
 
+class PinnedRing:
+    """A few sets of pinned host buffers, handed out in turn.  Allocating pinned memory every step costs the
+    host ~0.5 ms; a set comes round again only after the copies recorded on its event have run (with a few
+    sets and at most two steps in flight, long since)."""
+
+    def __init__(self, slots: int, *specs: tuple[int, torch.dtype]):
+        self.sets = [([torch.zeros(n, dtype=dtype, pin_memory=True) for n, dtype in specs], torch.cuda.Event())
+                     for _ in range(slots)]
+        self.index = 0
+
+    def next(self) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+        buffers, event = self.sets[self.index % len(self.sets)]
+        self.index += 1
+        event.synchronize()  # an event never recorded returns at once
+        return buffers, event
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, hf_config, model_dir: Path, device: torch.device,
                  dtype: torch.dtype):
@@ -179,7 +196,7 @@ class ModelRunner:
         self.kv_cache = None
         self.model = None
         self.attn_layers = []
-        for name in ("g_ints", "g_ctx", "g_tables", "g_cu_q", "g_hidden", "h_stage", "h_tokens"):
+        for name in ("g_ints", "g_ctx", "g_tables", "g_cu_q", "g_hidden", "input_ring", "token_ring"):
             self.__dict__.pop(name, None)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -396,6 +413,9 @@ class ModelRunner:
         self.g_hidden = torch.zeros(top, hidden_size, dtype=self.dtype, device=dev)
         self.prev_tokens, self.prev_seq_rows = torch.zeros(1, dtype=torch.int64, device=dev), {}
         self.g_ints[2].fill_(-1)
+        # pinned staging for each step's inputs, and for the sampler's parameters and the sampled tokens
+        self.input_ring = PinnedRing(4, (4 * top, torch.int64), (top, torch.int32), (top * width, torch.int32))
+        self.token_ring = PinnedRing(4, (2 * top, torch.float64), (top, torch.int64))
         pool = None
         for b in reversed(self.graph_batch_sizes()):
             meta = self._graph_meta(b)
@@ -422,7 +442,9 @@ class ModelRunner:
         sampled tokens, still on the GPU (overlapped decode)."""
         n, bs = len(seqs), self.block_size
         b = next(size for size in sorted(self.graphs) if size >= n)
-        h_ints, h_ctx, h_tables = self._staging(b)
+        (h_ints, h_ctx, h_tables), event = self.input_ring.next()
+        h_ints, h_ctx = h_ints[:4 * b].view(4, b), h_ctx[:b]
+        h_tables = h_tables[:b * self.g_tables.shape[1]].view(b, -1)
         ints, ctx, tables = h_ints.numpy(), h_ctx.numpy(), h_tables.numpy()
         fill_decode_inputs(seqs, bs, ints, ctx, tables)
         if prev_rows is not None:
@@ -436,30 +458,9 @@ class ModelRunner:
             self.g_ints[:3, :b].copy_(h_ints[:3], non_blocking=True)
         self.g_ctx[:b].copy_(h_ctx, non_blocking=True)
         self.g_tables[:b].copy_(h_tables, non_blocking=True)
-        self._staging_done()
+        event.record()
         self.graphs[b].replay()
         return self.g_hidden[:n]
-
-    STAGING_SLOTS = 4
-
-    def _staging(self, b: int):
-        """Pinned host buffers for one step's graph inputs, from a small ring allocated once: allocating
-        pinned memory every step costs the host ~0.5 ms.  A slot is reused only after the copies that read
-        it have run (its event; with four slots it has long since)."""
-        if not hasattr(self, "h_stage"):
-            top, width = self.g_ints.shape[1], self.g_tables.shape[1]
-            self.h_stage = [(torch.zeros(4 * top, dtype=torch.int64, pin_memory=True),
-                             torch.zeros(top, dtype=torch.int32, pin_memory=True),
-                             torch.zeros(top * width, dtype=torch.int32, pin_memory=True), torch.cuda.Event())
-                            for _ in range(self.STAGING_SLOTS)]
-            self.stage_index = 0
-        ints, ctx, tables, event = self.h_stage[self.stage_index % self.STAGING_SLOTS]
-        event.synchronize()  # an event never recorded returns at once
-        return ints[:4 * b].view(4, b), ctx[:b], tables[:b * self.g_tables.shape[1]].view(b, -1)
-
-    def _staging_done(self) -> None:
-        self.h_stage[self.stage_index % self.STAGING_SLOTS][3].record()
-        self.stage_index += 1
 
     @property
     def supports_overlap(self) -> bool:
@@ -474,7 +475,7 @@ class ModelRunner:
                            dtype=np.int64, count=len(seqs))
         hidden = self.replay_decode_graph(seqs, rows if last else None)
         n = len(seqs)
-        params_buf, tokens_buf, event = self._token_staging()
+        (params_buf, tokens_buf), event = self.token_ring.next()
         sampled = self.sample(self.model.compute_logits(hidden), seqs, params_buf[:2 * n].view(2, n))
         self.prev_tokens = sampled
         self.prev_seq_rows = {s.seq_id: i for i, s in enumerate(seqs)}
@@ -482,20 +483,6 @@ class ModelRunner:
         host.copy_(sampled, non_blocking=True)
         event.record()
         return host, event
-
-    def _token_staging(self):
-        """Pinned buffers for the sampler's parameters and the sampled tokens of one launched step, from a
-        ring (at most two steps are in flight; each slot's event says when its copies are done)."""
-        if not hasattr(self, "h_tokens"):
-            top = self.g_ints.shape[1]
-            self.h_tokens = [(torch.zeros(2 * top, dtype=torch.float64, pin_memory=True),
-                              torch.zeros(top, dtype=torch.int64, pin_memory=True), torch.cuda.Event())
-                             for _ in range(self.STAGING_SLOTS)]
-            self.token_index = 0
-        slot = self.h_tokens[self.token_index % self.STAGING_SLOTS]
-        self.token_index += 1
-        slot[2].synchronize()  # long done: its tokens were read two steps ago
-        return slot
 
     @staticmethod
     def tokens(ticket) -> list[int]:
