@@ -167,6 +167,8 @@ class LLM:
         # Python's full garbage collections walk every object alive (torch, transformers, the model: millions
         # of them), which stalls the host for ~10 ms and with it the GPU.  Frozen objects are skipped; the
         # objects the loop creates are still collected.  (vLLM freezes after start-up for the same reason.)
+        # If the application froze objects itself, they stay frozen: only our own freeze is undone.
+        ours = gc.get_freeze_count() == 0
         gc.freeze()
         try:
             self._run(seqs, use_tqdm)
@@ -174,7 +176,8 @@ class LLM:
             self.abort_all()
             raise
         finally:
-            gc.unfreeze()
+            if ours:
+                gc.unfreeze()
         return [self._output(s, text) for s, text in zip(seqs, texts)]
 
     def _make_seq(self, token_ids: list[int], params: SamplingParams) -> Sequence:

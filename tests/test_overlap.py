@@ -109,3 +109,31 @@ def test_fill_decode_inputs_equals_a_loop_over_sequences():
         assert tables[i, :len(seq.block_table)].tolist() == seq.block_table
     assert (ints[:2, 5:] == 0).all(), "padding rows: token 0 at position 0 (a stale -1 would index out of range)"
     assert (ints[2, 5:] == -1).all() and (ctx[5:] == 1).all() and (tables[5:, 0] == 0).all()
+
+
+def test_generate_freezes_the_garbage_collector_only_while_it_runs(tiny_qwen3):
+    """generate() freezes Python's GC for its loop (full collections stall the host) and undoes only its own
+    freeze: an application's frozen objects stay frozen."""
+    import gc
+
+    path, _ = tiny_qwen3
+    llm = LLM(path, device="cpu", dtype="float32")
+    seen = []
+    step = llm.step
+
+    def spy():
+        seen.append(gc.get_freeze_count())
+        return step()
+
+    llm.step = spy
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    assert gc.get_freeze_count() == 0
+    llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    assert seen and min(seen) > 0, "frozen during the loop"
+    assert gc.get_freeze_count() == 0, "and unfrozen after"
+    gc.freeze()  # the application's own freeze
+    try:
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+        assert gc.get_freeze_count() > 0, "generate must not unfreeze what the application froze"
+    finally:
+        gc.unfreeze()
