@@ -178,7 +178,7 @@ class LLM:
         finally:
             if ours:
                 gc.unfreeze()
-        return [self._output(s, text) for s, text in zip(seqs, texts)]
+        return [self.output(s, text) for s, text in zip(seqs, texts)]
 
     def _make_seq(self, token_ids: list[int], params: SamplingParams) -> Sequence:
         seq = Sequence(next(self._ids), token_ids, params)
@@ -186,7 +186,9 @@ class LLM:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         return seq
 
-    def _output(self, seq: Sequence, prompt: str | None = None) -> RequestOutput:
+    def output(self, seq: Sequence, prompt: str | None = None) -> RequestOutput:
+        """The ``RequestOutput`` of a request added with ``add_request`` (finished or not: the tokens so far),
+        the same as ``generate`` returns."""
         text = ""
         if self.tokenizer is not None:
             text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)

@@ -226,3 +226,18 @@ def test_random_configurations_match_hf(tiny_model, data):
     event(f"preempted: {llm.scheduler.num_preemptions > 0}")
     again = generate(llm, prompts[::-1], [greedy(n) for n in max_tokens[::-1]])  # now with a warm cache
     check_against_hf(tiny_model, prompts[::-1], again, max_tokens[::-1])
+
+
+def test_step_by_step_output_equals_generate(tiny_qwen3):
+    """add_request + step() + output(seq) give what generate() returns for the same request."""
+    path, _ = tiny_qwen3
+    llm = LLM(path, device="cpu", dtype="float32")
+    prompt = prompts_of([11], seed=5)[0]
+    want = llm.generate([prompt], greedy(6), use_tqdm=False)[0]
+    seq = llm.add_request(prompt, greedy(6))
+    assert llm.output(seq).token_ids == []  # nothing generated yet
+    while llm.has_unfinished_requests():
+        llm.step()
+    got = llm.output(seq)
+    assert (got.token_ids, got.prompt_token_ids, got.finish_reason) == (want.token_ids, want.prompt_token_ids,
+                                                                         want.finish_reason)

@@ -37,7 +37,7 @@ def record_run(llm, prompts, sampling_params=None, *, max_steps: int | None = No
         raise
     if with_outputs:
         texts = [p if isinstance(p, str) else None for p in prompts]
-        return snaps, [llm._output(s, t) for s, t in zip(seqs, texts)]
+        return snaps, [llm.output(s, t) for s, t in zip(seqs, texts)]
     return snaps
 
 
