@@ -75,7 +75,7 @@ def read_bandwidth() -> None:
         tl.store(out_ptr + pid, tl.sum(acc, 0))
 
     x = torch.ones(1 << 30, device="cuda", dtype=torch.bfloat16)
-    sms = tk._num_sms("cuda", None)
+    sms = tk.num_sms(torch.device("cuda"))
     for progs_per_sm, block, warps in ((4, 4096, 8), (8, 2048, 4), (16, 2048, 4), (32, 1024, 4)):
         out = torch.empty(progs_per_sm * sms, device="cuda")
         grid = (progs_per_sm * sms,)
@@ -113,7 +113,7 @@ def main():
         q = torch.randn(len(ctx), H, D, device="cuda", dtype=torch.bfloat16)
         # the split count a captured graph uses (the block-table width bounds the context)
         graph_bucket = next(b for b in [1, 2, 4, 8] + list(range(16, 257, 16)) if b >= len(ctx))
-        heur = tk.pick_num_splits(graph_bucket, HKV, 4096, tk._num_sms("cuda", None))
+        heur = tk.pick_num_splits(graph_bucket, HKV, 4096, tk.num_sms(torch.device("cuda")))
         split_opts = sorted({heur, 1, 2, 4, 8}) if len(ctx) * HKV < 4 * 132 else [heur]
         for layout in ("NHD", "HND"):
             k, v, tables, lens = make_cache(ctx, layout)

@@ -45,6 +45,7 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "pick_num_splits",
+    "num_sms",
     "TritonBackend",
 ]
 
@@ -63,12 +64,18 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; 132 (an H100's) elsewhere, so that launch heuristics
+    behave the same under the interpreter."""
+    return _num_sms(device.type, device.index)
+
+
 @functools.cache
 def _num_sms(device_type: str, index: int | None) -> int:
     if device_type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
                                                 ).multi_processor_count
-    return 132  # no GPU (the interpreter): pretend to be an H100 so the heuristic behaves the same
+    return 132
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -408,17 +415,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    num_sms = _num_sms(q.device.type, q.device.index)
+    sms = num_sms(q.device)
     if num_splits is None:
         if max_context_len is None:
             max_context_len = block_tables.shape[1] * block_size
-        num_splits = pick_num_splits(batch, num_kv_heads, max_context_len, num_sms, block_n or DECODE_BLOCK_N)
+        num_splits = pick_num_splits(batch, num_kv_heads, max_context_len, sms, block_n or DECODE_BLOCK_N)
     num_splits = max(int(num_splits), 1)
     block_d = max(_next_pow2(head_dim), 16)
     if block_n is None:
         # enough (sequence, KV head) programs for several per SM: longer tiles read faster (measured on an
         # H100 over the seed benchmark's batches, tests/gpu_decode_sweep.py: ~2-7% from batch 100 up)
-        big = num_splits == 1 and batch * num_kv_heads >= BIG_TILE_PROGRAMS_PER_SM * num_sms
+        big = num_splits == 1 and batch * num_kv_heads >= BIG_TILE_PROGRAMS_PER_SM * sms
         block_n = 128 if big and q.element_size() == 2 and block_d <= 128 else DECODE_BLOCK_N
         if num_stages is None and block_n == 128:
             num_stages = 2

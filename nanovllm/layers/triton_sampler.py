@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.attention.triton_kernels import num_sms
+
 
 @triton.jit
 def column_uniforms(seed, start, BLOCK: tl.constexpr):
@@ -93,15 +95,9 @@ def _argmax_of_parts_kernel(best_val_ptr, best_idx_ptr, out_ptr, vocab, num_chun
 MAX_CHUNKS = 256  # a fixed block for the merge kernel: one compiled version whatever the batch
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132  # the interpreter: behave as on an H100
-
-
 def whole_row_batch(device: torch.device) -> int:
     """From this many rows on, one program per row already fills the GPU (about four per SM)."""
-    return 4 * _num_sms(device)
+    return 4 * num_sms(device)
 
 
 def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch.Tensor,
