@@ -56,6 +56,11 @@ class AttentionBackend:
     #: whether a decode step can be captured in a CUDA graph (no host syncs, shapes fixed by the caller)
     cuda_graph_safe: bool = False
 
+    def fuses_rope_store(self, device) -> bool:
+        """Whether the model may hand this backend K/V already stored by ``triton_kernels.qkv_rope_store``
+        (qk-norm, RoPE and the KV store in one kernel) instead of calling ``store_kv``."""
+        return False
+
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         raise NotImplementedError
 

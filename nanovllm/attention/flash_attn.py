@@ -35,6 +35,9 @@ class FlashAttnBackend(AttentionBackend):
 
         self.varlen, self.with_kvcache = flash_attn_varlen_func, flash_attn_with_kvcache
 
+    def fuses_rope_store(self, device) -> bool:
+        return device.type == "cuda"  # it stores with Triton on a GPU, with the reference elsewhere
+
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         if k.is_cuda:
             from nanovllm.attention.triton_kernels import store_kvcache

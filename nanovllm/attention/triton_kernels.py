@@ -608,6 +608,9 @@ class TritonBackend(AttentionBackend):
     def __init__(self, num_splits: int | None = None):
         self.num_splits = num_splits  # decode split count; None: heuristic
 
+    def fuses_rope_store(self, device) -> bool:
+        return True  # its kernels run anywhere it does (a GPU, or the interpreter)
+
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
         if k_cache is None or k_cache.numel() == 0:
             return

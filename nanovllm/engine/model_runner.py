@@ -179,7 +179,7 @@ class ModelRunner:
     def use_fused_rope_store(self) -> None:
         """Backends that store K/V with Triton get qk-norm + RoPE + KV store as one kernel per layer (the
         torch backend keeps the step-by-step reference path)."""
-        if not (self.backend.name == "triton" or (self.backend.name == "flash_attn" and self.device.type == "cuda")):
+        if not self.backend.fuses_rope_store(self.device):
             return
         from nanovllm.attention.triton_kernels import qkv_rope_store
         from nanovllm.models.llama import DecoderAttention
