@@ -190,12 +190,43 @@ def test_paged_decode_tiles_of_128(num_splits):
     assert_close(out, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.125), dtype)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_paged_decode_program_order(num_splits, heads_first):
+    """Programs launched sequence-major or KV-head-major compute the same thing."""
+    dtype = DTYPES[-1]
+    gen = _gen(17)
+    ctx_lens = [5, 70, 33, 1]
+    k_cache, v_cache, block_tables, ctx = make_paged_cache(ctx_lens, 16, 3, 32, dtype, gen)
+    q = _randn(len(ctx_lens), 6, 32, gen=gen, dtype=dtype)
+    out = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.2, num_splits=num_splits,
+                                    heads_first=heads_first)
+    assert_close(out, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.2), dtype)
+
+
+def test_decode_launch_settings(monkeypatch):
+    cpu = torch.device("cpu")
+    big = tk.decode_launch(256, 8, 1, 128, 2, cpu)  # 2048 programs on 132 SMs (as on an H100)
+    assert big == dict(block_n=128, num_stages=tk.DECODE_STAGES, heads_first=True)
+    assert tk.decode_launch(40, 8, 1, 128, 2, cpu)["block_n"] == 64  # fewer programs: shorter tiles
+    split = tk.decode_launch(4, 8, 16, 128, 2, cpu)
+    assert split == dict(block_n=64, num_stages=4, heads_first=False)
+    assert tk.decode_launch(256, 8, 1, 128, 4, cpu)["block_n"] == 64  # float32 values: shorter tiles
+    # a GPU with ~100 KB of shared memory per program: the K/V tiles of every stage must fit
+    monkeypatch.setattr(tk, "_max_shared_memory", lambda *a: 99 * 1024)
+    for args in [(256, 8, 1, 128, 2), (4, 8, 16, 128, 2), (4, 8, 16, 128, 4), (256, 8, 1, 256, 2)]:
+        cfg = tk.decode_launch(*args, cpu)
+        per_stage = 2 * cfg["block_n"] * args[3] * args[4]
+        assert cfg["num_stages"] >= 1 and (cfg["num_stages"] == 1 or cfg["num_stages"] * per_stage <= 99 * 1024)
+
+
 def test_pick_num_splits():
     assert tk.pick_num_splits(256, 8, 2000, 132) == 1  # a big batch fills the GPU already
     assert tk.pick_num_splits(1, 8, 32768, 132) == 32  # capped at MAX_SPLITS
     assert tk.pick_num_splits(1, 8, 100, 132) == 1  # short context: splitting doesn't pay
     s = tk.pick_num_splits(4, 8, 4096, 132)
-    assert 1 < s <= tk.MAX_SPLITS and 4 * 8 * s >= 132
+    assert 1 < s <= tk.MAX_SPLITS and 4 * 8 * s >= tk.SPLIT_PROGRAMS_PER_SM * 132
+    assert tk.pick_num_splits(48, 8, 4096, 132) == 1  # two programs per SM: no split
 
 
 # ---------------------------------------------------------------------------------------------

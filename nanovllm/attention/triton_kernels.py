@@ -284,10 +284,14 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
 ):
-    seq = tl.program_id(0)
-    kvh = tl.program_id(1)
+    if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
+        kvh = tl.program_id(0)
+        seq = tl.program_id(1)
+    else:
+        seq = tl.program_id(0)
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     ctx = tl.load(ctx_ptr + seq)
@@ -374,29 +378,58 @@ def _decode_reduce_kernel(
 DECODE_BLOCK_N = 64
 MAX_SPLITS = 32
 BIG_TILE_PROGRAMS_PER_SM = 4  # from this many (sequence, KV head) programs per SM, tiles of 128 tokens
-
-
-DECODE_WAVES = 2  # programs per SM the split heuristic aims for
+DECODE_WAVES = 2  # from this many (sequence, KV head) programs per SM, no split
+SPLIT_PROGRAMS_PER_SM = 4  # below it, enough splits for about this many programs per SM
+DECODE_STAGES = 3  # pipeline depth of the K/V loads (single split); split programs are short: 4
 
 
 def pick_num_splits(batch: int, num_kv_heads: int, max_context_len: int, num_sms: int = 132,
                     block_n: int = DECODE_BLOCK_N, min_tiles_per_split: int = 2) -> int:
-    """Split count for decode: enough (seq, kv head, split) programs for about two waves over the SMs,
-    while each split keeps at least ``min_tiles_per_split`` tiles of ``block_n`` tokens."""
+    """Split count for decode: one split when there are ``DECODE_WAVES`` (sequence, KV head) programs per
+    SM; fewer, and enough splits for about ``SPLIT_PROGRAMS_PER_SM`` programs per SM, while each split
+    keeps at least ``min_tiles_per_split`` tiles of ``block_n`` tokens."""
     programs = max(batch * num_kv_heads, 1)
-    target = DECODE_WAVES * num_sms
-    if programs >= target:
+    if programs >= DECODE_WAVES * num_sms:
         return 1
-    by_occupancy = _cdiv(target, programs)
+    by_occupancy = _cdiv(SPLIT_PROGRAMS_PER_SM * num_sms, programs)
     by_length = max(_cdiv(max(max_context_len, 1), block_n) // min_tiles_per_split, 1)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+@functools.cache
+def _max_shared_memory(device_type: str, index: int | None) -> int:
+    """Bytes of shared memory one program may use (what Triton checks its kernels against)."""
+    if device_type == "cuda" and torch.cuda.is_available():
+        i = index if index is not None else torch.cuda.current_device()
+        return triton.runtime.driver.active.utils.get_device_properties(i)["max_shared_mem"]
+    return 227 * 1024  # an H100's, so the interpreter picks what the H100 would
+
+
+def decode_launch(batch: int, num_kv_heads: int, num_splits: int, block_d: int, elem_size: int,
+                  device: torch.device) -> dict:
+    """Tile length, pipeline depth and program order of the decode kernel (measured on an H100 over the
+    seed benchmark's batches, 28 layers replayed from a CUDA graph: ``tests/gpu_decode_sweep.py``).
+
+    * one split: a sequence's KV heads side by side in launch order (they read the same cache blocks,
+      3-5 % faster), three stages, tiles of 128 tokens once there are ``BIG_TILE_PROGRAMS_PER_SM``
+      programs per SM (and 16-bit values);
+    * several splits: tiles of 64 tokens, four stages.
+    The stages shrink to what fits the device's shared memory (K and V tiles of every stage)."""
+    single = num_splits == 1
+    big = single and batch * num_kv_heads >= BIG_TILE_PROGRAMS_PER_SM * num_sms(device)
+    block_n = 128 if big and elem_size == 2 and block_d <= 128 else DECODE_BLOCK_N
+    per_stage = 2 * block_n * block_d * elem_size
+    room = _max_shared_memory(device.type, device.index) - 8 * 1024  # leave room for the rest
+    stages = max(1, min(DECODE_STAGES if single else 4, room // per_stage))
+    return dict(block_n=block_n, num_stages=stages, heads_first=single)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None, *,
                            max_context_len: int | None = None, block_n: int | None = None,
-                           num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+                           num_warps: int = 4, num_stages: int | None = None,
+                           heads_first: bool | None = None) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -422,22 +455,18 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_splits = pick_num_splits(batch, num_kv_heads, max_context_len, sms, block_n or DECODE_BLOCK_N)
     num_splits = max(int(num_splits), 1)
     block_d = max(_next_pow2(head_dim), 16)
-    if block_n is None:
-        # enough (sequence, KV head) programs for several per SM: longer tiles read faster (measured on an
-        # H100 over the seed benchmark's batches, tests/gpu_decode_sweep.py: ~2-7% from batch 100 up)
-        big = num_splits == 1 and batch * num_kv_heads >= BIG_TILE_PROGRAMS_PER_SM * sms
-        block_n = 128 if big and q.element_size() == 2 and block_d <= 128 else DECODE_BLOCK_N
-        if num_stages is None and block_n == 128:
-            num_stages = 2
-    if num_stages is None:  # K and V tiles of every stage sit in shared memory: keep them under ~64 KiB
-        num_stages = 2 if 2 * block_n * block_d * q.element_size() <= 32 * 1024 else 1
+    auto = decode_launch(batch, num_kv_heads, num_splits, block_d, q.element_size(), q.device)
+    block_n = auto["block_n"] if block_n is None else block_n
+    num_stages = auto["num_stages"] if num_stages is None else num_stages
+    heads_first = auto["heads_first"] if heads_first is None else heads_first
     single = num_splits == 1
     if single:  # write the output directly; no reduction
         mid_o = mid_lse = out
     else:
         mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
+    _decode_split_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens,
         out, mid_o, mid_lse,
         float(scale) * LOG2E,
@@ -449,7 +478,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_PAD=max(_next_pow2(group), 16),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype),
+        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype), HEADS_FIRST=heads_first,
         num_warps=num_warps, num_stages=num_stages,
     )
     if not single:

@@ -154,6 +154,7 @@ class ModelRunner:
         for layer in self.attn_layers:
             layer.backend = self.backend
         self.use_fused_rope_store()
+        self.use_fused_mlp()
         self.generator = torch.Generator(device=device).manual_seed(config.seed)
         self.rng = random.Random(config.seed)  # per-step seeds of the fused sampler
         self.gumbel_sample = None
@@ -187,6 +188,21 @@ class ModelRunner:
         for m in self.model.modules():
             if isinstance(m, DecoderAttention):
                 m.fused_rope_store = qkv_rope_store
+
+    def use_fused_mlp(self) -> None:
+        """On CUDA, decode-sized batches compute the MLP's gate-up projection and its SiLU-and-mul in one
+        Triton kernel (``layers/triton_gemm.py``) instead of a cuBLAS GEMM and an activation kernel."""
+        if self.device.type != "cuda":
+            return
+        try:
+            from nanovllm.layers.triton_gemm import skinny_gemm
+        except ImportError:
+            return
+        from nanovllm.models.llama import MLP
+
+        for m in self.model.modules():
+            if isinstance(m, MLP):
+                m.fused_gate_up_act = skinny_gemm
 
     def close(self) -> None:
         """Release the GPU memory (graphs, KV cache, weights) even if something still holds this runner."""

@@ -72,8 +72,15 @@ class MLP(nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
         self.act = SiluAndMul()
+        # the runner may set this to triton_gemm.skinny_gemm: gate-up GEMM and activation in one kernel, for
+        # batches of up to FUSED_MAX_ROWS rows (decode); larger ones are faster with cuBLAS
+        self.fused_gate_up_act = None
+
+    FUSED_MAX_ROWS = 256
 
     def forward(self, x):
+        if self.fused_gate_up_act is not None and x.shape[0] <= self.FUSED_MAX_ROWS:
+            return self.down_proj(self.fused_gate_up_act(x, self.gate_up_proj.weight, "silu_mul"))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
