@@ -137,6 +137,7 @@ def run_nanovllm(w: Workload, folder, device: str, args) -> Result:
     prompts = chat_prompt_ids(w, llm.tokenizer) if w.name == "chat" else w.prompts
     params = [SamplingParams(temperature=w.temperature, ignore_eos=True, max_tokens=n) for n in w.max_tokens]
     llm.generate(prompts[:2], SamplingParams(temperature=w.temperature, max_tokens=8), use_tqdm=False)  # warm-up
+    llm.reset_prefix_cache()  # the timed run must not find the warm-up's prompts in the cache
     sync(str(llm.device))
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=args.progress)

@@ -235,10 +235,10 @@ class LLM:
         pending = None  # (sequences, ticket) of a launched decode step whose tokens are still on the GPU
         while sched.has_unfinished():
             t = time.perf_counter()
-            if overlap and sched.can_decode_ahead(runner.max_graph_batch):
-                # overlapped decode: launch step N+1, then collect step N's tokens while the GPU runs N+1
+            if overlap and (sched.can_prefill_ahead() or sched.can_decode_ahead(runner.max_graph_batch)):
+                # overlapped steps: launch step N+1, then collect step N's tokens while the GPU runs N+1
                 batch = sched.schedule()
-                ticket = runner.launch_decode(batch.seqs)
+                ticket = runner.launch_prefill(batch) if batch.is_prefill else runner.launch_decode(batch.seqs)
                 launched = sched.postprocess_launched(batch)
                 finished = sched.resolve(pending[0], runner.tokens(pending[1])) if pending else []
                 pending = (launched, ticket)

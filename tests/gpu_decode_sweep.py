@@ -2,6 +2,7 @@
 pytest module).
 
     python tests/gpu_decode_sweep.py [--out DIR]
+    python tests/gpu_decode_sweep.py --graph     # the engine's settings vs alternatives, as decode runs them
 
 The batches are the seed benchmark's own: at decode step ``s`` the running sequences are those asking
 for more than ``s`` tokens, each with ``prompt_len + s`` tokens of context.  For each of a few steps it
@@ -15,6 +16,11 @@ bf16, blocks of 16 scattered at random) for two cache layouts:
 
 and for each BLOCK_N / num_warps / num_stages / split count.  Prints achieved TB/s of K/V read per
 setting, and the best one per step.
+
+``--graph`` times as the engine runs the kernel: 28 layers (each its own cache, so nothing is read from L2
+that a layer before left there) replayed from one CUDA graph, the batch padded to its graph bucket, the
+sequences' blocks consecutive as the block manager hands them out; the engine's own choice
+(``decode_launch``) against alternatives.
 """
 
 from __future__ import annotations
@@ -90,11 +96,63 @@ def read_bandwidth() -> None:
     print(f"torch copy: {x.numel() * 4 / us / 1e6:.2f} TB/s (read + write)", flush=True)
 
 
+def graph_sweep(w, steps: list[int]) -> None:
+    from tests.gpu_gemm_check import LAYERS, chain, graph_us
+
+    sms = tk.num_sms(torch.device("cuda"))
+    for step in steps:
+        ctx = batch_at_step(w, step)
+        if not ctx:
+            continue
+        bucket = next(b for b in [1, 2, 4, 8] + list(range(16, 257, 16)) if b >= len(ctx))
+        per_seq = [-(-c // BS) for c in ctx]
+        nb = sum(per_seq)
+        k = torch.randn(nb * LAYERS + 8, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        tables = []
+        for layer in range(LAYERS):
+            t = torch.zeros(bucket, 4096 // BS, dtype=torch.int32)
+            at = layer * nb
+            for i, n in enumerate(per_seq):
+                t[i, :n] = torch.arange(at, at + n, dtype=torch.int32)
+                at += n
+            tables.append(t.cuda())
+        lens = torch.zeros(bucket, dtype=torch.int32, device="cuda")
+        lens[:len(ctx)] = torch.tensor(ctx)
+        q = torch.randn(bucket, H, D, device="cuda", dtype=torch.bfloat16)
+        heur = tk.pick_num_splits(bucket, HKV, 4096, sms)
+        opts = [("engine", {})]
+        if heur == 1:
+            for bn, st, hf in itertools.product((64, 128), (2, 3), (False, True)):
+                opts.append((f"bn{bn} st{st}{' heads-first' if hf else ''}",
+                             dict(block_n=bn, num_stages=st, heads_first=hf)))
+        else:
+            for sp, bn, st in itertools.product(sorted({heur, 2, 4, 8, 16}), (64, 128), (2, 3, 4)):
+                opts.append((f"splits {sp} bn{bn} st{st}", dict(num_splits=sp, block_n=bn, num_stages=st)))
+        res = []
+        for name, kw in opts:
+            def call(t, kw=kw, q=q, k=k, v=v, lens=lens):
+                tk.paged_decode_attention(q, k, v, t, lens, D ** -0.5, **kw)
+            try:
+                res.append((graph_us(chain(tables, call)), name))
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                print(f"  {name}: {type(e).__name__} {str(e)[:80]}")
+        engine = res[0][0]
+        nbytes = sum(ctx) * HKV * D * 4
+        res.sort()
+        print(f"step {step:>4} batch {len(ctx):>3} (bucket {bucket}, {heur} split(s)): engine {engine:.1f} us "
+              f"({nbytes / engine / 1e6:.2f} TB/s); fastest: " + "; ".join(f"{u:.1f} us {n}" for u, n in res[:3]),
+              flush=True)
+        del k, v
+        torch.cuda.empty_cache()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--steps", default="20,200,400,600,800,900,960")
     ap.add_argument("--read", action="store_true", help="only the streaming-read bandwidth of the GPU")
+    ap.add_argument("--graph", action="store_true", help="engine settings vs alternatives, in a CUDA graph")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -103,6 +161,10 @@ def main():
         return
 
     w = seed_workload(256)
+    if args.graph:
+        steps = "20,200,400,600,800,900,940,960,980,1000,1015" if args.steps == ap.get_default("steps") else args.steps
+        graph_sweep(w, [int(s) for s in steps.split(",")])
+        return
     lines = ["step,batch,sum_ctx,layout,block_n,num_warps,num_stages,num_splits,us,tb_per_s"]
     best_per_step = {}
     for step in [int(s) for s in args.steps.split(",")]:

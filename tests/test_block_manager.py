@@ -385,9 +385,13 @@ class FakeRunner:
         return self.check_and_compute(batch, launched=False)
 
     def launch(self, batch, tokens: list[int]) -> list[int]:
-        assert not batch.is_prefill
-        assert all(self.check_and_compute(batch, launched=True))
-        self.prev = {s.seq_id: t for s, t in zip(batch.seqs, tokens)}
+        """``tokens``: one per sequence that samples.  A prefill never meets a placeholder (a sequence waiting
+        for its sampled token is not prefilled); a decode step meets those of the launch just before."""
+        sampling = self.check_and_compute(batch, launched=not batch.is_prefill)
+        assert batch.is_prefill or all(sampling)
+        sampled = [s for s, samples in zip(batch.seqs, sampling) if samples]
+        assert len(tokens) == len(sampled)
+        self.prev = {s.seq_id: t for s, t in zip(sampled, tokens)}
         return tokens
 
 
@@ -422,17 +426,21 @@ class SchedulerMachine(RuleBasedStateMachine):
         def draw(k):  # the fake model's tokens; when draining, never eos, so lengths end everything
             return [data.draw(SAMPLED, label="sampled") for _ in range(k)] if data else [1] * k
 
-        if self.overlap and sched.can_decode_ahead(self.max_graph_batch):
+        prefill_ahead = self.overlap and sched.can_prefill_ahead()
+        if self.overlap and (prefill_ahead or sched.can_decode_ahead(self.max_graph_batch)):
             batch = sched.schedule()
-            tokens = self.runner.launch(batch, draw(len(batch.seqs)))
-            lengths = [len(s) for s in batch.seqs]
+            assert batch.is_prefill == prefill_ahead, "can_prefill_ahead() promised the kind of the next step"
+            sampling = [batch.samples(i) for i in range(len(batch.seqs))]
+            tokens = self.runner.launch(batch, draw(sum(sampling)))
+            states = [(len(s), s.num_computed_tokens, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
             launched = sched.postprocess_launched(batch)
-            for seq, length in zip(batch.seqs, lengths):
-                assert len(seq) == length + 1 and seq.token_ids[-1] == PLACEHOLDER
-                assert seq.num_computed_tokens == length
+            for seq, (length, computed, n), samples in zip(batch.seqs, states, sampling):
+                assert len(seq) == length + samples and (seq.token_ids[-1] == PLACEHOLDER) == samples
+                assert seq.num_computed_tokens == computed + n
+            assert [s for s, _ in launched] == [s for s, samples in zip(batch.seqs, sampling) if samples]
             finished = sched.resolve(*self.pending) if self.pending else []
             self.pending = (launched, tokens)
-            event("overlapped decode launch")
+            event("overlapped prefill launch" if batch.is_prefill else "overlapped decode launch")
             if any(s.finish_reason == "stop" and s.seq_id in self.runner.prev for s in finished):
                 event("overlapped: stopped with a token in flight")
         else:

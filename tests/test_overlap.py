@@ -1,5 +1,5 @@
-"""Overlapped decode (step N+1 launched before step N's tokens reach the host) gives the same tokens as
-the plain loop.  On a GPU it needs CUDA graphs; here a stand-in runner keeps its protocol (placeholders,
+"""Overlapped steps (step N+1, prefill or decode, launched before step N's tokens reach the host) give
+the same tokens as the plain loop.  On a GPU it needs CUDA graphs; here a stand-in runner keeps its protocol (placeholders,
 tokens handed over from the previous launch) on top of the real CPU runner."""
 
 import pytest
@@ -16,10 +16,18 @@ class OverlapEmulator:
     max_graph_batch = 64
 
     def __init__(self, runner):
-        self.runner, self.prev, self.launches = runner, {}, 0
+        self.runner, self.prev, self.launches, self.prefill_launches = runner, {}, 0, 0
 
     def run(self, batch, warmup=False):
         return self.runner.run(batch, warmup)
+
+    def launch_prefill(self, batch):
+        assert all(t >= 0 for s in batch.seqs for t in s.token_ids), "a placeholder reached a prefill"
+        tokens = self.runner.run(batch)
+        sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        self.prev = {s.seq_id: t for s, t in zip(sampled, tokens)}
+        self.prefill_launches += 1
+        return tokens
 
     def launch_decode(self, seqs):
         placeholders = [s for s in seqs if s.token_ids[-1] < 0]
@@ -52,9 +60,30 @@ def test_overlapped_decode_matches_hf(llm_and_hf):
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
     outs = llm.generate(prompts, params, use_tqdm=False)
     assert llm.runner.launches > 5, "the overlapped path was not taken"
+    assert llm.runner.prefill_launches >= 1
     for p, m, o in zip(prompts, max_tokens, outs):
         assert o.token_ids == hf_greedy(hf, p, m)
         assert o.finish_reason == "length"
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_overlapped_chunked_prefill_over_shared_prefixes(tiny_qwen3):
+    """Prefill steps launched ahead: prompts cut into chunks, later prompts finding the blocks of earlier
+    ones in the prefix cache (hashed when their step was launched), one prompt stopping on its first
+    token while the next step is already on its way."""
+    path, hf = tiny_qwen3
+    llm = LLM(path, device="cpu", num_kvcache_blocks=64, max_model_len=200, max_num_batched_tokens=16,
+              kvcache_block_size=4)
+    llm.runner = OverlapEmulator(llm.runner)
+    base = list(range(10, 50))
+    prompts = [base, base[:33] + [7, 8], base[:20], list(range(60, 75)), base + [3]]
+    max_tokens = [6, 9, 1, 4, 5]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.runner.prefill_launches >= 4, "the prompts take several overlapped prefill steps"
+    assert llm.block_manager.hit_tokens > 0, "later prompts reuse earlier prompts' blocks"
+    for p, m, o in zip(prompts, max_tokens, outs):
+        assert o.token_ids == hf_greedy(hf, p, m)
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 

@@ -500,8 +500,30 @@ class ModelRunner:
         event.record()
         return host, event
 
+    @torch.inference_mode()
+    def launch_prefill(self, batch: ScheduledBatch):
+        """Launch a prefill step without waiting for it (overlapped steps): the forward pass, then one token
+        sampled for each sequence that finishes its prompt, left on the GPU for the next launch (as
+        ``launch_decode`` leaves its tokens).  Returns a ticket for tokens()."""
+        input_ids, positions, meta, rows = self.prepare(batch)
+        hidden = self.model(input_ids, positions, meta)
+        seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
+        self.prev_seq_rows = {s.seq_id: i for i, s in enumerate(seqs)}
+        if not seqs:
+            return None
+        index = self._to_device(np.asarray(rows, dtype=np.int64), torch.int64)  # no pageable copy: no sync
+        sampled = self.sample(self.model.compute_logits(hidden.index_select(0, index)), seqs)
+        self.prev_tokens = sampled
+        host = torch.empty(len(seqs), dtype=torch.int64, pin_memory=True)
+        host.copy_(sampled, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return host, event
+
     @staticmethod
     def tokens(ticket) -> list[int]:
+        if ticket is None:  # a launch that sampled nothing
+            return []
         host, event = ticket
         event.synchronize()
         return host.tolist()

@@ -147,12 +147,20 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         self.block_manager.deallocate(seq)
 
-    # -- overlapped decode: step N+1 is scheduled and launched before step N's tokens are known --------
-    # Each sequence of a launched decode step gets a placeholder token, so the next step is scheduled at
-    # the right positions; the runner feeds it the real token straight from the GPU.  resolve() fills the
-    # placeholders in when the tokens reach the host.  A sequence that stops on an end-of-sequence token
-    # has then computed one token too many, which is dropped.
+    # -- overlapped steps: step N+1 is scheduled and launched before step N's tokens are known ---------
+    # Each sequence that samples in a launched step gets a placeholder token, so the next step is scheduled
+    # at the right positions; the runner feeds it the real token straight from the GPU.  resolve() fills
+    # the placeholders in when the tokens reach the host.  A sequence that stops on an end-of-sequence
+    # token has then computed one token too many, which is dropped.  Prefill steps overlap too: what they
+    # schedule does not depend on sampled tokens (a sequence waiting for its first token is not prefilled).
     PLACEHOLDER = -1
+
+    def can_prefill_ahead(self) -> bool:
+        """Will the next step be a prefill?  (Then it can be launched before the pending tokens arrive.)"""
+        if any(seq.num_uncomputed_tokens > 1 for seq in self.running):
+            return True
+        return (bool(self.waiting) and len(self.running) < self.config.max_num_seqs
+                and self.block_manager.can_allocate(self.waiting[0]))
 
     def can_decode_ahead(self, max_batch: int) -> bool:
         """Can the next decode step be scheduled without knowing the pending tokens?  Only in a pure decode
@@ -170,12 +178,17 @@ class Scheduler:
         return 0 < active <= min(max_batch, self.config.max_num_seqs) and need <= bm.num_free_blocks
 
     def postprocess_launched(self, batch: ScheduledBatch) -> list[tuple[Sequence, int]]:
-        """Book-keeping of a decode step whose tokens are still on the GPU; returns what resolve() needs."""
+        """Book-keeping of a step whose tokens are still on the GPU; returns what resolve() needs: (sequence,
+        index of its placeholder) for each sequence that samples, in batch order."""
         pending = []
-        for seq in batch.seqs:
-            seq.num_computed_tokens += 1
-            seq.token_ids.append(self.PLACEHOLDER)
-            pending.append((seq, len(seq.token_ids) - 1))
+        for i, seq in enumerate(batch.seqs):
+            samples = batch.samples(i)
+            seq.num_computed_tokens += batch.num_new_tokens[i]
+            if batch.is_prefill:  # its prompt blocks are computed (by the time a later step reads them)
+                self.block_manager.register_computed(seq)
+            if samples:
+                seq.token_ids.append(self.PLACEHOLDER)
+                pending.append((seq, len(seq.token_ids) - 1))
         return pending
 
     def resolve(self, pending: list[tuple[Sequence, int]], token_ids: list[int]) -> list[Sequence]:
