@@ -456,3 +456,31 @@ def test_engine_on_triton_backend_equals_hf(arch, tmp_path):
     both = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
     assert first[0].token_ids == want[0]
     assert [o.token_ids for o in both] == want
+
+
+def test_launch_fitting_stages_retries_with_fewer_stages():
+    """A launch the GPU's shared memory cannot hold is retried with a shallower pipeline, and what fit is
+    remembered; a kernel that fits nowhere still raises."""
+    from triton.runtime.errors import OutOfResources
+
+    calls = []
+
+    class FakeKernel:
+        def __init__(self, fits_up_to):
+            self.fits_up_to = fits_up_to
+
+        def __getitem__(self, grid):
+            def launch(*args, num_stages, **kwargs):
+                calls.append(num_stages)
+                if num_stages > self.fits_up_to:
+                    raise OutOfResources(num_stages * 1000, self.fits_up_to * 1000, "shared memory")
+            return launch
+
+    key = ("test-kernel", object())
+    tk.launch_fitting_stages(FakeKernel(2), (1,), key, 4, "arg", X=1)
+    assert calls == [4, 3, 2]
+    calls.clear()
+    tk.launch_fitting_stages(FakeKernel(2), (1,), key, 4)
+    assert calls == [2], "the second launch goes straight to what fit"
+    with pytest.raises(OutOfResources):
+        tk.launch_fitting_stages(FakeKernel(0), (1,), ("another", object()), 2)

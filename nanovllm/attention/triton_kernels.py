@@ -78,6 +78,28 @@ def _num_sms(device_type: str, index: int | None) -> int:
     return 132
 
 
+_FITTED_STAGES: dict[tuple, int] = {}
+
+
+def launch_fitting_stages(kernel, grid, key: tuple, num_stages: int, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs, num_stages=...)`` with the deepest pipeline up to ``num_stages``
+    whose buffers fit the GPU's shared memory: a launch Triton refuses for lack of it is retried with one
+    stage fewer, and what fits is remembered under ``key`` (the launch's tile sizes, dtype and device),
+    so later launches (and CUDA-graph captures, which come after a warm-up launch) go straight to it."""
+    from triton.runtime.errors import OutOfResources
+
+    stages = min(num_stages, _FITTED_STAGES.get(key, num_stages))
+    while True:
+        try:
+            kernel[grid](*args, **kwargs, num_stages=stages)
+            return
+        except OutOfResources:
+            if stages <= 1:
+                raise
+            stages -= 1
+            _FITTED_STAGES[key] = stages
+
+
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches: [num_blocks, block_size, Hkv, D]"
     assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share strides"
@@ -466,7 +488,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
-    _decode_split_kernel[grid](
+    key = ("decode", q.device.index, q.dtype, block_n, block_d, group, heads_first, single, num_warps, num_stages)
+    launch_fitting_stages(
+        _decode_split_kernel, grid, key, num_stages,
         q, k_cache, v_cache, block_tables, context_lens,
         out, mid_o, mid_lse,
         float(scale) * LOG2E,
@@ -479,7 +503,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype), HEADS_FIRST=heads_first,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps,
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](

@@ -367,6 +367,11 @@ class ModelRunner:
         self.run(ScheduledBatch([seq], [first], is_prefill=True))  # no prefix: nothing sampled
         seq.num_computed_tokens = first
         self.run(ScheduledBatch([seq], [n - first], is_prefill=True))  # over a cached prefix
+        # the LM head and the sampler for as many rows as a prefill step can sample: the memory they take
+        # is then in the allocator's cache, not asked of the driver in the middle of a run
+        rows = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)
+        hidden = torch.zeros(rows, self.hf_config.hidden_size, dtype=self.dtype, device=self.device)
+        self.sample(self.model.compute_logits(hidden), [Sequence(-2 - i, [0]) for i in range(rows)])
         torch.cuda.synchronize(self.device)
 
     def warmup_sampler(self) -> None:

@@ -114,10 +114,16 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, act: str | None = None, out: t
     if x.device.type == "cpu":  # the interpreter: no pipelining
         cfg["num_stages"] = 1
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
-    _skinny_gemm_kernel[grid](
+    from nanovllm.attention.triton_kernels import launch_fitting_stages
+
+    even_k = k % cfg["BLOCK_K"] == 0
+    key = ("skinny_gemm", x.device.index, x.dtype, act, even_k,
+           *(cfg[c] for c in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")))
+    launch_fitting_stages(
+        _skinny_gemm_kernel, grid, key, cfg["num_stages"],
         x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         ACT=ACTS[act], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        EVEN_K=k % cfg["BLOCK_K"] == 0, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        EVEN_K=even_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"],
     )
     return out
