@@ -185,6 +185,19 @@ def main():
                                   pg.block_tables, scale)
         return compare(out, ref, dtype, "prefill")
 
+    # ---- the skinny GEMM of decode (layers/triton_gemm.py) ---------------------------------------
+    @check("skinny gemm {0} M={1} N={2} K={3} act={4}")
+    def check_gemm(dtype, m, n, k, act):
+        from nanovllm.layers.triton_gemm import skinny_gemm
+
+        x = randn(m, k, dtype=dtype, device=device)
+        w = randn(n, k, dtype=dtype, device=device, seed=2) * k ** -0.5
+        ref = x.float() @ w.float().T
+        if act == "silu_mul":
+            gate, up = ref.to(dtype).float().chunk(2, -1)  # rounded as the GEMM stores them
+            ref = torch.nn.functional.silu(gate) * up
+        return compare(skinny_gemm(x, w, act), ref, dtype, "gemm")
+
     # ---- a cache of more than 2**31 elements (int64 offsets) ------------------------------------
     @check("big cache (> 2**31 elements, bf16): store + decode + prefill at the highest blocks")
     def check_big_cache():
@@ -260,6 +273,7 @@ def main():
             check_decode(dtype, 4, 4, 2, 64, 16, 1, 200, None)
             check_decode(dtype, 3, 6, 2, 128, 32, 1, 100, 3)
             check_prefill(dtype, 4, 2, 64, 16, [30, 1, 17], [30, 50, 17])
+            check_gemm(dtype, 5, 48, 64, "silu_mul")
     else:
         for dtype in dtypes:
             check_store(dtype, 4096, HKV, D, 16)
@@ -277,6 +291,9 @@ def main():
             check_prefill(dtype, H, HKV, D, 256, [1000, 512], [1000, 4096])
             check_prefill(dtype, 9, 3, 64, 16, [1000, 333], [1000, 1400])
             check_prefill(dtype, 32, 8, 128, 32, [700, 1024], [700, 2048])
+            for m in (1, 16, 37, 64, 100, 128, 256):  # every row of the tile table
+                check_gemm(dtype, m, 6144, 1024, "silu_mul")
+            check_gemm(dtype, 33, 1024, 3072, None)
         check_cuda_graph()
         if not args.no_big:
             check_big_cache()
