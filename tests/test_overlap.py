@@ -1,6 +1,6 @@
 """Overlapped steps (step N+1, prefill or decode, launched before step N's tokens reach the host) give
-the same tokens as the plain loop.  On a GPU it needs CUDA graphs; here a stand-in runner keeps its protocol (placeholders,
-tokens handed over from the previous launch) on top of the real CPU runner."""
+the same tokens as the plain loop.  On a GPU it needs CUDA graphs; here a stand-in runner keeps its
+protocol (placeholders, tokens handed over from the previous launch) on top of the real CPU runner."""
 
 import pytest
 from conftest import hf_greedy

@@ -18,8 +18,12 @@ faster once there are hundreds of rows.  The tests compare it with ``torch`` in 
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # only this module (and the attention kernels) need triton
+    raise ImportError("nanovllm.layers.triton_gemm needs the `triton` package (pip install triton)") from exc
 
 ACTS = {None: 0, "silu_mul": 1}
 
