@@ -232,7 +232,7 @@ class LLM:
         self.step_log = []  # (is_prefill, tokens, sequences, seconds) per step of the last generate()
         sched, runner = self.scheduler, self.runner
         overlap = getattr(runner, "supports_overlap", False)
-        pending = None  # (sequences, ticket) of a launched decode step whose tokens are still on the GPU
+        pending = None  # (sequences, ticket) of a launched step whose tokens are still on the GPU
         while sched.has_unfinished():
             t = time.perf_counter()
             if overlap and (sched.can_prefill_ahead() or sched.can_decode_ahead(runner.max_graph_batch)):
