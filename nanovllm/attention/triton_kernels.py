@@ -443,7 +443,8 @@ def decode_launch(batch: int, num_kv_heads: int, num_splits: int, block_d: int, 
     per_stage = 2 * block_n * block_d * elem_size
     room = _max_shared_memory(device.type, device.index) - 8 * 1024  # leave room for the rest
     stages = max(1, min(DECODE_STAGES if single else 4, room // per_stage))
-    return dict(block_n=block_n, num_stages=stages, heads_first=single)
+    # KV-head-major puts the batch in the grid's second dimension, which CUDA caps at 65,535
+    return dict(block_n=block_n, num_stages=stages, heads_first=single and batch <= 65535)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
