@@ -498,9 +498,13 @@ class ModelRunner:
         n = len(seqs)
         (params_buf, tokens_buf), event = self.token_ring.next()
         sampled = self.sample(self.model.compute_logits(hidden), seqs, params_buf[:2 * n].view(2, n))
+        return self._hand_over(sampled, seqs, tokens_buf[:n], event)
+
+    def _hand_over(self, sampled: torch.Tensor, seqs: list[Sequence], host: torch.Tensor, event):
+        """A launch's sampled tokens: kept on the GPU for the next launch's placeholders, and copied to the
+        pinned ``host`` buffer behind ``event``.  Returns the ticket for tokens()."""
         self.prev_tokens = sampled
         self.prev_seq_rows = {s.seq_id: i for i, s in enumerate(seqs)}
-        host = tokens_buf[:n]
         host.copy_(sampled, non_blocking=True)
         event.record()
         return host, event
@@ -513,17 +517,13 @@ class ModelRunner:
         input_ids, positions, meta, rows = self.prepare(batch)
         hidden = self.model(input_ids, positions, meta)
         seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
-        self.prev_seq_rows = {s.seq_id: i for i, s in enumerate(seqs)}
         if not seqs:
+            self.prev_seq_rows = {}
             return None
         index = self._to_device(np.asarray(rows, dtype=np.int64), torch.int64)  # no pageable copy: no sync
         sampled = self.sample(self.model.compute_logits(hidden.index_select(0, index)), seqs)
-        self.prev_tokens = sampled
         host = torch.empty(len(seqs), dtype=torch.int64, pin_memory=True)
-        host.copy_(sampled, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
+        return self._hand_over(sampled, seqs, host, torch.cuda.Event())
 
     @staticmethod
     def tokens(ticket) -> list[int]:
