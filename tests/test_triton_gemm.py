@@ -77,22 +77,24 @@ def test_tile_table_covers_every_batch():
 def test_mlp_fused_path_equals_step_by_step():
     """The model's MLP with the fused kernel plugged in (as the runner does on CUDA) gives what its
     gate-up GEMM + SiLU-and-mul + down GEMM give."""
+    import functools
     from types import SimpleNamespace
 
+    from nanovllm.kernels import Kernels
     from nanovllm.models.llama import MLP
 
     cfg = SimpleNamespace(hidden_size=64, intermediate_size=48, hidden_act="silu")
-    mlp = MLP(cfg).to(DEV)
+    mlp = MLP(cfg, Kernels()).to(DEV)
+    fused_kernels = Kernels(gate_up_silu=functools.partial(skinny_gemm, act="silu_mul"))
+    mlp_fused = MLP(cfg, fused_kernels).to(DEV)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in mlp.parameters():
             p.copy_(randn(*p.shape, generator=g, scale=0.1))
+        mlp_fused.load_state_dict(mlp.state_dict())
         x = randn(9, 64, generator=g)
         ref = mlp(x)
-        mlp.fused_gate_up_act = skinny_gemm
-        fused = mlp(x)
-        big = randn(MLP.FUSED_MAX_ROWS + 1, 64, generator=g)  # past the fused kernel's rows: cuBLAS path
-        mlp_ref = MLP(cfg).to(DEV)
-        mlp_ref.load_state_dict(mlp.state_dict())
-        torch.testing.assert_close(mlp(big), mlp_ref(big))
+        fused = mlp_fused(x)
+        big = randn(fused_kernels.gate_up_silu_max_rows + 1, 64, generator=g)  # past the fused rows: cuBLAS
+        torch.testing.assert_close(mlp_fused(big), mlp(big))
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-4)

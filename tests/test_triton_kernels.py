@@ -214,7 +214,7 @@ def test_decode_launch_settings(monkeypatch):
     assert tk.decode_launch(256, 8, 1, 128, 4, cpu)["block_n"] == 64  # float32 values: shorter tiles
     assert not tk.decode_launch(70000, 8, 1, 128, 2, cpu)["heads_first"]  # past the grid's y limit
     # a GPU with ~100 KB of shared memory per program: the K/V tiles of every stage must fit
-    monkeypatch.setattr(tk, "_max_shared_memory", lambda *a: 99 * 1024)
+    monkeypatch.setattr(tk, "max_shared_memory", lambda *a: 99 * 1024)
     for args in [(256, 8, 1, 128, 2), (4, 8, 16, 128, 2), (4, 8, 16, 128, 4), (256, 8, 1, 256, 2)]:
         cfg = tk.decode_launch(*args, cpu)
         per_stage = 2 * cfg["block_n"] * args[3] * args[4]

@@ -9,7 +9,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
-from nanovllm.engine.model_runner import row_seed  # noqa: E402
+from nanovllm.layers.sampler import row_seed  # noqa: E402
 from nanovllm.layers.triton_sampler import gumbel_sample  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,1 +1,47 @@
-"""Attention backends: one interface (base.py), a PyTorch reference (torch_ref.py), fast kernels beside it."""
+"""Attention backends: one interface (``base.py``), a PyTorch reference (``torch_ref.py``), fast kernels beside
+it, and the registry below, the one place where a backend is chosen.
+
+Importing this package imports no backend: each is imported when it is created, so triton and flash-attn
+are needed only by an engine that uses them.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+# name -> (module, class); "auto" tries them in AUTO_ORDER
+BACKENDS = {
+    "torch": ("nanovllm.attention.torch_ref", "TorchRefBackend"),
+    "triton": ("nanovllm.attention.triton_kernels", "TritonBackend"),
+    "flash_attn": ("nanovllm.attention.flash_attn", "FlashAttnBackend"),
+}
+AUTO_ORDER = ("flash_attn", "triton", "torch")
+
+
+def backend_class(name: str):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention_backend {name!r}; choose from {['auto', *BACKENDS]}")
+    module, cls = BACKENDS[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def resolve_backend_name(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """``name``, or for "auto" the first backend of ``AUTO_ORDER`` that can run here (``usable``)."""
+    if name != "auto":
+        backend_class(name)  # unknown names fail here
+        return name
+    for candidate in AUTO_ORDER:
+        try:
+            cls = backend_class(candidate)
+        except ImportError:  # triton or flash-attn not installed
+            continue
+        if cls.usable(device, dtype):
+            return candidate
+    raise AssertionError("the torch backend is always usable")
+
+
+def create_backend(name: str, device: torch.device, dtype: torch.dtype):
+    """The attention backend ``name`` ("auto": see ``resolve_backend_name``)."""
+    return backend_class(resolve_backend_name(name, device, dtype))()

@@ -37,10 +37,6 @@ class AttentionMetadata:
     query_lens_cpu: list[int] | None = None
     context_lens_cpu: list[int] | None = None
 
-    @property
-    def num_seqs(self) -> int:
-        return self.context_lens.numel()
-
 
 class AttentionBackend:
     """One way to compute paged attention.  Subclasses override the two methods below.
@@ -55,6 +51,18 @@ class AttentionBackend:
     block_size_multiple: int = 1
     #: whether a decode step can be captured in a CUDA graph (no host syncs, shapes fixed by the caller)
     cuda_graph_safe: bool = False
+
+    @classmethod
+    def usable(cls, device, dtype) -> bool:
+        """Whether ``attention_backend="auto"`` may pick this backend for ``device`` and ``dtype``."""
+        return True
+
+    @classmethod
+    def block_size(cls, requested: int) -> int:
+        """The KV-cache block size this backend needs, given the one asked for: the nearest multiple of
+        ``block_size_multiple`` at most ``requested`` (at least one multiple)."""
+        multiple = cls.block_size_multiple
+        return requested if requested % multiple == 0 else max(multiple, requested // multiple * multiple)
 
     def fuses_rope_store(self, device) -> bool:
         """Whether the model may hand this backend K/V already stored by ``triton_kernels.qkv_rope_store``

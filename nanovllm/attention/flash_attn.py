@@ -30,6 +30,17 @@ class FlashAttnBackend(AttentionBackend):
     block_size_multiple = 256
     cuda_graph_safe = True
 
+    @classmethod
+    def usable(cls, device, dtype) -> bool:
+        # flash-attn has no float32 kernels; it stores K/V with our Triton kernel, so triton must be there too
+        if dtype not in (torch.float16, torch.bfloat16) or not flash_attn_usable(device):
+            return False
+        try:
+            import nanovllm.attention.triton_kernels  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
     def __init__(self):
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 

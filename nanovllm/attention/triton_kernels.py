@@ -21,8 +21,6 @@ Importing this module needs ``triton``; the rest of ``nanovllm`` does not.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 try:
@@ -36,6 +34,14 @@ except ImportError as exc:  # only this module needs triton
 
 from nanovllm.attention.base import AttentionBackend, AttentionMetadata
 from nanovllm.attention.torch_ref import varlen_causal_attention
+from nanovllm.triton_utils import (
+    dot_precision,
+    launch_fitting_stages,
+    max_shared_memory,
+    next_pow2,
+    num_sms,
+)
+from nanovllm.utils import cdiv
 
 LOG2E = 1.4426950408889634
 
@@ -45,59 +51,8 @@ __all__ = [
     "paged_decode_attention",
     "paged_prefill_attention",
     "pick_num_splits",
-    "num_sms",
     "TritonBackend",
 ]
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << (max(int(x), 1) - 1).bit_length()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs: exact ("ieee") products, not TF32, so fp32 runs match the reference closely.
-    # 16-bit inputs ignore the setting.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device; 132 (an H100's) elsewhere, so that launch heuristics
-    behave the same under the interpreter."""
-    return _num_sms(device.type, device.index)
-
-
-@functools.cache
-def _num_sms(device_type: str, index: int | None) -> int:
-    if device_type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
-                                                ).multi_processor_count
-    return 132
-
-
-_FITTED_STAGES: dict[tuple, int] = {}
-
-
-def launch_fitting_stages(kernel, grid, key: tuple, num_stages: int, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs, num_stages=...)`` with the deepest pipeline up to ``num_stages``
-    whose buffers fit the GPU's shared memory: a launch Triton refuses for lack of it is retried with one
-    stage fewer, and what fits is remembered under ``key`` (the launch's tile sizes, dtype and device),
-    so later launches (and CUDA-graph captures, which come after a warm-up launch) go straight to it."""
-    from triton.runtime.errors import OutOfResources
-
-    stages = min(num_stages, _FITTED_STAGES.get(key, num_stages))
-    while True:
-        try:
-            kernel[grid](*args, **kwargs, num_stages=stages)
-            return
-        except OutOfResources:
-            if stages <= 1:
-                raise
-            stages -= 1
-            _FITTED_STAGES[key] = stages
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
@@ -156,7 +111,7 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         *k_cache.stride(),
         num_kv_heads,
         BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
-        BLOCK_H=_next_pow2(num_kv_heads), BLOCK_D=_next_pow2(head_dim),
+        BLOCK_H=next_pow2(num_kv_heads), BLOCK_D=next_pow2(head_dim),
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
     )
 
@@ -279,7 +234,7 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
             qkv.stride(0), cos_sin.stride(0), float(eps),
             *(k_cache.stride() if store else (0, 0, 0, 0)),
             NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
-            BLOCK_H=_next_pow2(num_heads), BLOCK_KV=_next_pow2(num_kv_heads), BLOCK_HALF=_next_pow2(half),
+            BLOCK_H=next_pow2(num_heads), BLOCK_KV=next_pow2(num_kv_heads), BLOCK_HALF=next_pow2(half),
             BLOCK_SIZE=k_cache.shape[1] if store else 1, HAS_NORM=norm, STORE=store,
             num_warps=4 if num_heads * head_dim >= 1024 else 1,
         )
@@ -413,18 +368,9 @@ def pick_num_splits(batch: int, num_kv_heads: int, max_context_len: int, num_sms
     programs = max(batch * num_kv_heads, 1)
     if programs >= DECODE_WAVES * num_sms:
         return 1
-    by_occupancy = _cdiv(SPLIT_PROGRAMS_PER_SM * num_sms, programs)
-    by_length = max(_cdiv(max(max_context_len, 1), block_n) // min_tiles_per_split, 1)
+    by_occupancy = cdiv(SPLIT_PROGRAMS_PER_SM * num_sms, programs)
+    by_length = max(cdiv(max(max_context_len, 1), block_n) // min_tiles_per_split, 1)
     return max(1, min(by_occupancy, by_length, MAX_SPLITS))
-
-
-@functools.cache
-def _max_shared_memory(device_type: str, index: int | None) -> int:
-    """Bytes of shared memory one program may use (what Triton checks its kernels against)."""
-    if device_type == "cuda" and torch.cuda.is_available():
-        i = index if index is not None else torch.cuda.current_device()
-        return triton.runtime.driver.active.utils.get_device_properties(i)["max_shared_mem"]
-    return 227 * 1024  # an H100's, so the interpreter picks what the H100 would
 
 
 def decode_launch(batch: int, num_kv_heads: int, num_splits: int, block_d: int, elem_size: int,
@@ -441,7 +387,7 @@ def decode_launch(batch: int, num_kv_heads: int, num_splits: int, block_d: int, 
     big = single and batch * num_kv_heads >= BIG_TILE_PROGRAMS_PER_SM * num_sms(device)
     block_n = 128 if big and elem_size == 2 and block_d <= 128 else DECODE_BLOCK_N
     per_stage = 2 * block_n * block_d * elem_size
-    room = _max_shared_memory(device.type, device.index) - 8 * 1024  # leave room for the rest
+    room = max_shared_memory(device) - 8 * 1024  # leave room for the rest
     stages = max(1, min(DECODE_STAGES if single else 4, room // per_stage))
     # KV-head-major puts the batch in the grid's second dimension, which CUDA caps at 65,535
     return dict(block_n=block_n, num_stages=stages, heads_first=single and batch <= 65535)
@@ -477,7 +423,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             max_context_len = block_tables.shape[1] * block_size
         num_splits = pick_num_splits(batch, num_kv_heads, max_context_len, sms, block_n or DECODE_BLOCK_N)
     num_splits = max(int(num_splits), 1)
-    block_d = max(_next_pow2(head_dim), 16)
+    block_d = max(next_pow2(head_dim), 16)
     auto = decode_launch(batch, num_kv_heads, num_splits, block_d, q.element_size(), q.device)
     block_n = auto["block_n"] if block_n is None else block_n
     num_stages = auto["num_stages"] if num_stages is None else num_stages
@@ -500,10 +446,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *k_cache.stride(),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        GROUP=group, GROUP_PAD=max(_next_pow2(group), 16),
+        GROUP=group, GROUP_PAD=max(next_pow2(group), 16),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_PRECISION=_dot_precision(q.dtype), HEADS_FIRST=heads_first,
+        SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first,
         num_warps=num_warps,
     )
     if not single:
@@ -511,7 +457,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             mid_o, mid_lse, out,
             num_heads, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=_next_pow2(num_splits),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_pow2(num_splits),
             num_warps=4,
         )
     return out
@@ -624,13 +570,13 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     if num_tokens == 0 or batch == 0 or max_seqlen_q <= 0:
         return out
     group = num_heads // num_kv_heads
-    block_d = max(_next_pow2(head_dim), 16)
+    block_d = max(next_pow2(head_dim), 16)
     cfg_m, cfg_n, cfg_w, cfg_s = _prefill_config(q.dtype, block_d)
-    block_m = max(block_m or cfg_m, _next_pow2(group), 16)
+    block_m = max(block_m or cfg_m, next_pow2(group), 16)
     block_n = block_n or cfg_n
     assert block_m & (block_m - 1) == 0 and block_n >= 16 and block_n & (block_n - 1) == 0
     block_q = block_m // group
-    grid = (_cdiv(int(max_seqlen_q), block_q), batch, num_kv_heads)
+    grid = (cdiv(int(max_seqlen_q), block_q), batch, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out,
         cu_seqlens_q, context_lens, block_tables,
@@ -641,7 +587,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s,
     )
     return out
@@ -661,6 +607,10 @@ class TritonBackend(AttentionBackend):
 
     def __init__(self, num_splits: int | None = None):
         self.num_splits = num_splits  # decode split count; None: heuristic
+
+    @classmethod
+    def usable(cls, device, dtype) -> bool:
+        return device.type == "cuda"  # on a CPU only by name (the interpreter is for tests)
 
     def fuses_rope_store(self, device) -> bool:
         return True  # its kernels run anywhere it does (a GPU, or the interpreter)

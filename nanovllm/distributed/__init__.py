@@ -13,8 +13,8 @@ torch.distributed.  The block sets a ``ContextVar`` and restores it on exit, so 
 after construction: two engines in one process (a notebook, say) each keep their own group, and neither
 uses torch.distributed's process-wide default group.
 
-The processes, the rendezvous and the per-step messages are in ``nanovllm.distributed.runner``; the
-process groups themselves are made in ``nanovllm.distributed.group``.
+This package holds the process groups (``group.py``) and the collectives only; the tensor-parallel engine
+(processes, rendezvous, per-step messages) is ``nanovllm/engine/tp_runner.py``.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import numpy as np
 import xxhash
 
 from nanovllm.engine.sequence import Sequence
+from nanovllm.utils import cdiv
 
 
 class Block:
@@ -62,22 +63,22 @@ class BlockManager:
         return len(self.free)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return (num_tokens + self.block_size - 1) // self.block_size
+        return cdiv(num_tokens, self.block_size)
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids holding this sequence's longest cached prefix of full blocks."""
         if not self.enable_prefix_caching:
             return []
         hits, h = [], None
-        bs = self.block_size
-        for i in range(len(seq) // bs):
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+        block_size = self.block_size
+        for i in range(len(seq) // block_size):
+            tokens = tuple(seq.token_ids[i * block_size:(i + 1) * block_size])
             h = block_hash(tokens, h)
             bid = self.hash_to_block.get(h)
             if bid is None or self.blocks[bid].token_ids != tokens:
                 break
             hits.append(bid)
-        if hits and len(hits) * bs == len(seq):
+        if hits and len(hits) * block_size == len(seq):
             hits.pop()  # keep at least one token to compute (its logits give the next token)
         return hits
 
@@ -122,12 +123,12 @@ class BlockManager:
         """Hash the blocks that became full and computed, so later requests can share them."""
         if not self.enable_prefix_caching:
             return
-        bs = self.block_size
-        start, end = self.num_hashed.get(seq.seq_id, 0), seq.num_computed_tokens // bs
+        block_size = self.block_size
+        start, end = self.num_hashed.get(seq.seq_id, 0), seq.num_computed_tokens // block_size
         prev = self.blocks[seq.block_table[start - 1]].hash if start > 0 else None
         for i in range(start, end):
             block = self.blocks[seq.block_table[i]]
-            tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
+            tokens = tuple(seq.token_ids[i * block_size:(i + 1) * block_size])
             block.hash, block.token_ids = block_hash(tokens, prev), tokens
             self.hash_to_block.setdefault(block.hash, block.block_id)  # an identical block may be there already
             prev = block.hash

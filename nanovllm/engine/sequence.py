@@ -1,7 +1,8 @@
-"""One request as the engine sees it: its tokens, how many of them have KV in the cache, and its blocks."""
+"""The engine's data types: one request (``Sequence``) and one step's work (``ScheduledBatch``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum, auto
 
 from nanovllm.sampling_params import SamplingParams
@@ -15,9 +16,14 @@ class SequenceStatus(Enum):
 
 class Sequence:
     """Tokens = prompt + generated.  ``num_computed_tokens`` of them have their K/V in the cache; a step
-    computes the rest (or a chunk of it), and when it has computed them all it samples one more token."""
+    computes the rest (or a chunk of it), and when it has computed them all it samples one more token.
 
-    __slots__ = ("seq_id", "status", "token_ids", "num_prompt_tokens", "num_computed_tokens",
+    ``num_pending_tokens``: tokens sampled by steps still running on the GPU (overlapped execution,
+    ``engine/overlap.py``).  They count in the sequence's length, so the next step is scheduled at the
+    right position, but their values are not in ``token_ids`` until they reach the host (vLLM's
+    ``num_output_placeholders``).  Always 0 in the plain step loop."""
+
+    __slots__ = ("seq_id", "status", "token_ids", "num_prompt_tokens", "num_computed_tokens", "num_pending_tokens",
                  "num_cached_tokens", "block_table", "params", "finish_reason", "generator", "num_preemptions")
 
     def __init__(self, seq_id: int, token_ids: list[int], params: SamplingParams | None = None):
@@ -26,6 +32,7 @@ class Sequence:
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = len(token_ids)
         self.num_computed_tokens = 0
+        self.num_pending_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at first admission
         self.block_table: list[int] = []
         self.params = params or SamplingParams()
@@ -34,11 +41,11 @@ class Sequence:
         self.num_preemptions = 0  # times its blocks were taken back and it was queued again
 
     def __len__(self) -> int:
-        return len(self.token_ids)
+        return len(self.token_ids) + self.num_pending_tokens
 
     @property
     def num_completion_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self) - self.num_prompt_tokens
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -49,17 +56,29 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
-    def last_token(self) -> int:
-        return self.token_ids[-1]
-
-    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.token_ids) - self.num_computed_tokens
+        return len(self) - self.num_computed_tokens
 
     def __repr__(self) -> str:
+        pending = f", pending={self.num_pending_tokens}" if self.num_pending_tokens else ""
         return (f"Sequence(id={self.seq_id}, status={self.status.name}, tokens={len(self)}, "
-                f"computed={self.num_computed_tokens}, blocks={self.block_table})")
+                f"computed={self.num_computed_tokens}{pending}, blocks={self.block_table})")
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """One step's work, as the scheduler hands it to the runner: which sequences, and how many of each
+    one's uncomputed tokens the step computes (all of a decode's one; a chunk of a long prompt)."""
+
+    seqs: list[Sequence]
+    num_new_tokens: list[int]  # tokens computed this step, per sequence
+    is_prefill: bool
+
+    def samples(self, i: int) -> bool:
+        """Does sequence i finish computing its tokens this step (and so sample a new one)?"""
+        seq = self.seqs[i]
+        return seq.num_computed_tokens + self.num_new_tokens[i] == len(seq)

@@ -10,9 +10,9 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 class SiluAndMul(nn.Module):
-    def __init__(self):
+    def __init__(self, fn=silu_and_mul):
         super().__init__()
-        self.fn = silu_and_mul
+        self.fn = fn  # plain or compiled (nanovllm/kernels.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)

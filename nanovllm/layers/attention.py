@@ -9,11 +9,11 @@ from nanovllm.attention.base import AttentionBackend, AttentionMetadata
 
 
 class PagedAttention(nn.Module):
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float):
+    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float, backend: AttentionBackend):
         super().__init__()
         self.num_heads, self.head_dim, self.num_kv_heads, self.scale = num_heads, head_dim, num_kv_heads, scale
         self.k_cache = self.v_cache = torch.tensor([])  # the runner hands each layer its slice of the cache
-        self.backend: AttentionBackend | None = None
+        self.backend = backend
 
     def forward(self, q, k, v, meta: AttentionMetadata, kv_stored: bool = False) -> torch.Tensor:
         """``kv_stored``: the caller already wrote k/v into the cache (the fused RoPE + store kernel)."""

@@ -36,11 +36,10 @@ def default_weight_loader(param: nn.Parameter, loaded, *args) -> None:
 
 
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool, tp_dim: int | None):
+    def __init__(self, input_size: int, output_size: int, bias: bool):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank_size()
         self.tp_group = current_group()
-        self.tp_dim = tp_dim
         self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
@@ -53,20 +52,12 @@ class LinearBase(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
-class ReplicatedLinear(LinearBase):
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
-        super().__init__(input_size, output_size, bias, None)
-
-    def weight_loader(self, param, loaded, *args):
-        default_weight_loader(param, loaded)
-
-
 class ColumnParallelLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         tp_size = tp_rank_size()[1]
         if output_size % tp_size:
             raise ValueError(f"output size {output_size} does not divide by tensor_parallel_size={tp_size}")
-        super().__init__(input_size, output_size // tp_size, bias, 0)
+        super().__init__(input_size, output_size // tp_size, bias)
 
     def weight_loader(self, param, loaded, *args):
         size = param.shape[0]
@@ -99,7 +90,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         self.num_kv_heads = max(1, num_kv_heads // tp_size)
         self.kv_replicas = max(1, tp_size // num_kv_heads)  # ranks sharing one KV head
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        LinearBase.__init__(self, hidden_size, out, bias, 0)
+        LinearBase.__init__(self, hidden_size, out, bias)
 
     def weight_loader(self, param, loaded, shard_id: str):
         hd, nh, nkv = self.head_dim, self.num_heads, self.num_kv_heads
@@ -126,7 +117,7 @@ class RowParallelLinear(LinearBase):
         tp_size = tp_rank_size()[1]
         if input_size % tp_size:
             raise ValueError(f"input size {input_size} does not divide by tensor_parallel_size={tp_size}")
-        super().__init__(input_size // tp_size, output_size, bias, 1)
+        super().__init__(input_size // tp_size, output_size, bias)
 
     def weight_loader(self, param, loaded, *args):
         if param.dim() == 1:  # the bias is added once, on rank 0

@@ -35,12 +35,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None):
+    def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None, fn=apply_rotary):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, base, scaling)
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float32), inv_freq)
         self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), -1), persistent=False)
-        self.fn = apply_rotary
+        self.fn = fn  # plain or compiled (nanovllm/kernels.py)
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         cos, sin = self.cos_sin[positions].chunk(2, -1)

@@ -25,6 +25,8 @@ try:
 except ImportError as exc:  # only this module (and the attention kernels) need triton
     raise ImportError("nanovllm.layers.triton_gemm needs the `triton` package (pip install triton)") from exc
 
+from nanovllm.triton_utils import dot_precision, launch_fitting_stages  # noqa: E402
+
 ACTS = {None: 0, "silu_mul": 1}
 
 
@@ -118,8 +120,6 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, act: str | None = None, out: t
     if x.device.type == "cpu":  # the interpreter: no pipelining
         cfg["num_stages"] = 1
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
-    from nanovllm.attention.triton_kernels import launch_fitting_stages
-
     even_k = k % cfg["BLOCK_K"] == 0
     key = ("skinny_gemm", x.device.index, x.dtype, act, even_k,
            *(cfg[c] for c in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")))
@@ -127,7 +127,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, act: str | None = None, out: t
         _skinny_gemm_kernel, grid, key, cfg["num_stages"],
         x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         ACT=ACTS[act], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        EVEN_K=even_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        EVEN_K=even_k, DOT_PRECISION=dot_precision(x.dtype),
         num_warps=cfg["num_warps"],
     )
     return out

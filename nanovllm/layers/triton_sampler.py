@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.attention.triton_kernels import num_sms
+from nanovllm.triton_utils import num_sms
 
 
 @triton.jit

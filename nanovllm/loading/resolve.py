@@ -1,11 +1,67 @@
-"""From what the user passed as ``model=`` to a local HF-style folder, its config and its tokenizer."""
+"""From what the user passed (``model``, ``device``, ``dtype``) to a ``ResolvedModel``: a local HF-style folder,
+its config, the device and the dtype the engine runs it in; and the model's tokenizer and end-of-sequence ids."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from nanovllm.models import MODEL_REGISTRY
+import torch
+
+from nanovllm.models import MODEL_REGISTRY, model_class
+
+_DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
+           "float16": torch.float16, "half": torch.float16}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """What a runner needs to build the model: where it is, its HF config, where and in what it runs."""
+
+    folder: Path
+    hf_config: object
+    device: torch.device
+    dtype: torch.dtype
+
+    @classmethod
+    def resolve(cls, model: str | Path, device="auto", dtype="auto") -> ResolvedModel:
+        device = resolve_device(device)
+        folder = resolve_model(model)
+        hf_config = read_config(folder)
+        return cls(folder, hf_config, device, resolve_dtype(dtype, device, hf_config))
+
+    @property
+    def model_class(self):
+        return model_class(self.hf_config)
+
+
+def resolve_device(device) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use 'auto', 'cpu' or 'cuda[:N]'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but no CUDA GPU is available")
+    return dev
+
+
+def resolve_dtype(dtype, device: torch.device, hf_config) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.type == "cpu":
+            return torch.float32
+        cfg = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+        cfg = _DTYPES.get(str(cfg).removeprefix("torch."), torch.bfloat16)
+        return torch.bfloat16 if cfg == torch.float32 else cfg
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
+    return _DTYPES[dtype]
 
 
 def resolve_model(model: str | Path) -> Path:

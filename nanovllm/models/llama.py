@@ -1,5 +1,13 @@
 """The Llama-family decoder (Llama 2/3, SmolLM2, Mistral-style) and the two Qwen variants built on it:
-Qwen2 adds a bias to the Q/K/V projection, Qwen3 an RMSNorm on each query and key head."""
+Qwen2 adds a bias to the Q/K/V projection, Qwen3 an RMSNorm on each query and key head.
+
+Which kernels run is decided outside, once (``nanovllm/kernels.py``): the model is built with a ``Kernels``
+object and each layer keeps what it needs.  Two fused paths replace steps of the reference path when the
+engine chose them (``fusions()`` says the model can take both):
+
+* ``qkv_rope_store``: qk-norm, RoPE and the KV-cache store in one kernel (``DecoderAttention``);
+* ``gate_up_silu``: the gate-up GEMM and SiLU-and-mul in one kernel, for decode-sized batches (``MLP``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +15,7 @@ import torch
 from torch import nn
 
 from nanovllm.attention.base import AttentionMetadata
+from nanovllm.kernels import GATE_UP_SILU, QKV_ROPE_STORE, Kernels
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import PagedAttention
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -27,26 +36,26 @@ def rope_settings(cfg) -> tuple[float, dict | None]:
 
 
 class DecoderAttention(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding):
+    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding, kernels: Kernels):
         super().__init__()
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         num_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self.qkv_proj = QKVParallelLinear(cfg.hidden_size, self.head_dim, cfg.num_attention_heads, num_kv, qkv_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.o_proj = RowParallelLinear(cfg.num_attention_heads * self.head_dim, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if qk_norm else None
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels.rms_norm) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, kernels.rms_norm) if qk_norm else None
         self.rotary = rotary
-        self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5)
+        self.attn = PagedAttention(self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim ** -0.5,
+                                   kernels.attention)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        # the runner may set this to triton_kernels.qkv_rope_store: qk-norm, RoPE and the KV store in one kernel
-        self.fused_rope_store = None
+        self.qkv_rope_store = kernels.qkv_rope_store  # None: the step-by-step path below
 
     def forward(self, positions, x, meta: AttentionMetadata):
         qkv = self.qkv_proj(x)
-        if self.fused_rope_store is not None:
+        if self.qkv_rope_store is not None:
             norm = self.q_norm is not None
-            q, k, v = self.fused_rope_store(
+            q, k, v = self.qkv_rope_store(
                 qkv, positions, self.rotary.cos_sin, self.num_heads, self.num_kv_heads, self.head_dim,
                 self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
                 self.q_norm.eps if norm else 0.0, self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
@@ -63,7 +72,7 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, kernels: Kernels):
         super().__init__()
         if getattr(cfg, "mlp_bias", False):
             raise ValueError("MLP biases are not supported")
@@ -71,26 +80,25 @@ class MLP(nn.Module):
             raise ValueError(f"unsupported activation {cfg.hidden_act!r} (supported: silu)")
         self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size)
-        self.act = SiluAndMul()
-        # the runner may set this to triton_gemm.skinny_gemm: gate-up GEMM and activation in one kernel, for
-        # batches of up to FUSED_MAX_ROWS rows (decode); larger ones are faster with cuBLAS
-        self.fused_gate_up_act = None
-
-    FUSED_MAX_ROWS = 256
+        self.act = SiluAndMul(kernels.silu_and_mul)
+        # None: GEMM, then the activation.  Else one kernel for batches of up to ``fused_max_rows`` rows
+        # (decode); larger ones are faster with cuBLAS
+        self.gate_up_silu, self.fused_max_rows = kernels.gate_up_silu, kernels.gate_up_silu_max_rows
 
     def forward(self, x):
-        if self.fused_gate_up_act is not None and x.shape[0] <= self.FUSED_MAX_ROWS:
-            return self.down_proj(self.fused_gate_up_act(x, self.gate_up_proj.weight, "silu_mul"))
+        if self.gate_up_silu is not None and x.shape[0] <= self.fused_max_rows:
+            return self.down_proj(self.gate_up_silu(x, self.gate_up_proj.weight))
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding):
+    def __init__(self, cfg, qkv_bias: bool, qk_norm: bool, rotary: RotaryEmbedding, kernels: Kernels):
         super().__init__()
-        self.self_attn = DecoderAttention(cfg, qkv_bias, qk_norm, rotary)
-        self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = DecoderAttention(cfg, qkv_bias, qk_norm, rotary, kernels)
+        self.mlp = MLP(cfg, kernels)
+        norm = dict(fn=kernels.rms_norm, add_fn=kernels.add_rms_norm)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
 
     def forward(self, positions, x, residual, meta):
         if residual is None:
@@ -109,16 +117,22 @@ class LlamaForCausalLM(nn.Module):
     packed_modules = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
                       "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, cfg):
+    @classmethod
+    def fusions(cls, cfg) -> frozenset[str]:
+        """The fused paths this model can take (``nanovllm/kernels.py`` picks among them)."""
+        return frozenset({QKV_ROPE_STORE, GATE_UP_SILU})
+
+    def __init__(self, cfg, kernels: Kernels | None = None):
         super().__init__()
+        kernels = kernels or Kernels()
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         theta, scaling = rope_settings(cfg)
         qkv_bias = self.qkv_bias or getattr(cfg, "attention_bias", False)
-        rotary = RotaryEmbedding(head_dim, cfg.max_position_embeddings, theta, scaling)
+        rotary = RotaryEmbedding(head_dim, cfg.max_position_embeddings, theta, scaling, kernels.apply_rotary)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, self.qk_norm, rotary)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, self.qk_norm, rotary, kernels)
                                     for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.rms_norm, kernels.add_rms_norm)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if self.tie_word_embeddings:

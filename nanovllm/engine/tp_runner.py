@@ -45,14 +45,15 @@ import threading
 import time
 import traceback
 import weakref
+from dataclasses import replace
 from multiprocessing.connection import wait
 
 import torch
 
 from nanovllm.distributed import TPGroup, tensor_parallel
 from nanovllm.distributed.group import connect_store, destroy_group, make_group, new_group_name, open_store
-from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import ScheduledBatch, Sequence
+from nanovllm.loading.resolve import ResolvedModel
 from nanovllm.sampling_params import SamplingParams
 
 RENDEZVOUS_TIMEOUT_S = 300.0  # for the workers to connect, once they have said hello
@@ -96,25 +97,25 @@ class TensorParallelRunner:
     """Rank 0 of a tensor-parallel engine; used like a ``ModelRunner`` (``run``, ``logits``,
     ``num_kvcache_blocks``); other attributes are rank 0's ``ModelRunner``'s (``self.runner``).
 
-    No overlapped decode: its next step reads the tokens just sampled on rank 0's GPU, which the workers
-    do not have, so ``LLM`` runs the plain step loop."""
+    No overlapped execution: its next step would read the tokens just sampled on rank 0's GPU, which the
+    workers do not have, so ``LLM`` runs the plain step loop."""
 
     supports_overlap = False
 
-    def __init__(self, config, hf_config, model_dir, device: torch.device, dtype: torch.dtype):
+    def __init__(self, config, model: ResolvedModel):
         from nanovllm.engine.model_runner import ModelRunner
 
         size = config.tensor_parallel_size
-        check_tensor_parallel(hf_config, size, device)
-        devices = rank_devices(device, size)
+        check_tensor_parallel(model.hf_config, size, model.device)
+        devices = rank_devices(model.device, size)
         self.size = size
         self.workers = Workers(size, devices[0])
         self._finalizer = weakref.finalize(self, self.workers.shutdown)
         self._live: dict[int, tuple] = {}  # seq_id -> (sequence, block table, its length) as last sent
         try:
-            self.workers.start(config, hf_config, model_dir, devices, dtype)
+            self.workers.start(config, model, devices)
             with tensor_parallel(TPGroup(0, size, self.workers.group)):
-                self.runner = ModelRunner(config, hf_config, model_dir, devices[0], dtype)
+                self.runner = ModelRunner(config, replace(model, device=devices[0]))
             blocks = self.workers.wait_for("ready")
             self.num_kvcache_blocks = min(self.runner.num_kvcache_blocks, *blocks)
         except BaseException as e:
@@ -126,9 +127,6 @@ class TensorParallelRunner:
 
     def logits(self, batch: ScheduledBatch) -> torch.Tensor:
         return self._call("logits", batch)
-
-    def launch_decode(self, seqs):
-        raise NotImplementedError("overlapped decode does not run tensor-parallel (supports_overlap is False)")
 
     def _call(self, method: str, batch: ScheduledBatch, *args):
         """Tell the workers to run ``method`` on their shadows of ``batch``, then run it here."""
@@ -207,14 +205,14 @@ class Workers:
         self.failed = threading.Event()
         self.closed = False
 
-    def start(self, config, hf_config, model_dir, devices, dtype) -> None:
+    def start(self, config, model: ResolvedModel, devices) -> None:
         ctx = mp.get_context("spawn")
         self.store = open_store(RENDEZVOUS_TIMEOUT_S)
         name = new_group_name()
         for rank in range(1, self.size):
             parent, child = ctx.Pipe()
-            args = (rank, self.size, self.store.port, name, child, os.getpid(), config, hf_config, model_dir,
-                    devices[rank], dtype)
+            args = (rank, self.size, self.store.port, name, child, os.getpid(), config,
+                    replace(model, device=devices[rank]))
             proc = ctx.Process(target=worker_main, args=args, name=f"nanovllm-tp-rank{rank}", daemon=True)
             proc.start()
             child.close()
@@ -342,7 +340,7 @@ def exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)
 
 
-def worker_main(rank, size, port, group_name, conn, parent_pid, config, hf_config, model_dir, device, dtype):
+def worker_main(rank, size, port, group_name, conn, parent_pid, config, model: ResolvedModel):
     """Rank ``rank``: join the group, build the model slice, then run what rank 0 sends until "stop"."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal; rank 0 decides
     threading.Thread(target=exit_when_orphaned, args=(parent_pid,), daemon=True).start()
@@ -350,6 +348,7 @@ def worker_main(rank, size, port, group_name, conn, parent_pid, config, hf_confi
     try:
         from nanovllm.engine.model_runner import ModelRunner
 
+        device = model.device
         if device.type == "cuda":
             torch.cuda.set_device(device)
         else:  # the ranks share the CPU's cores
@@ -357,7 +356,7 @@ def worker_main(rank, size, port, group_name, conn, parent_pid, config, hf_confi
         conn.send(("hello", rank))
         group = make_group(connect_store(port, RENDEZVOUS_TIMEOUT_S), rank, size, device, group_name)
         with tensor_parallel(TPGroup(rank, size, group)):
-            runner = ModelRunner(config, hf_config, model_dir, device, dtype)
+            runner = ModelRunner(config, model)
         conn.send(("ready", rank, runner.num_kvcache_blocks))
         shadows: dict[int, Sequence] = {}
         while True:

@@ -1,0 +1,88 @@
+"""Which implementation each piece of the forward pass uses: chosen once, here, and handed to the model.
+
+The model declares the fused paths it can take (``fusions()`` on its class); ``select_kernels`` picks,
+for the engine's device, dtype and settings, the attention backend (``attention/``), compiled or plain
+elementwise functions, and the fused kernels that apply; the model's layers keep what they are given.
+``Kernels()`` alone is the reference: PyTorch attention, plain functions, nothing fused.
+
+| piece                        | reference (CPU, ``enforce_eager``) | CUDA                                         |
+|------------------------------|------------------------------------|----------------------------------------------|
+| attention                    | ``torch_ref``                      | ``triton`` (or ``flash_attn``, see registry) |
+| RMSNorm, RoPE, SiLU-and-mul  | plain PyTorch                      | ``torch.compile``d (unless ``enforce_eager``)|
+| qk-norm + RoPE + KV store    | three steps                        | one Triton kernel (``qkv_rope_store``)       |
+| gate-up GEMM + SiLU-and-mul  | cuBLAS GEMM, then the activation   | one Triton kernel for decode-sized batches   |
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from nanovllm.layers.activation import silu_and_mul
+from nanovllm.layers.norm import add_rms_norm, rms_norm
+from nanovllm.layers.rotary import apply_rotary
+
+#: the fused paths a model may declare
+QKV_ROPE_STORE = "qkv_rope_store"  # qk-norm, RoPE and the KV-cache store in one kernel
+GATE_UP_SILU = "gate_up_silu"  # the MLP's gate-up GEMM with SiLU-and-mul folded in
+
+
+def _reference_attention():
+    from nanovllm.attention.torch_ref import TorchRefBackend
+
+    return TorchRefBackend()
+
+
+@dataclass(frozen=True)
+class Kernels:
+    attention: object = field(default_factory=_reference_attention)  # an AttentionBackend
+    rms_norm: Callable = rms_norm
+    add_rms_norm: Callable = add_rms_norm
+    silu_and_mul: Callable = silu_and_mul
+    apply_rotary: Callable = apply_rotary
+    # fused paths (None: the step-by-step reference path)
+    qkv_rope_store: Callable | None = None  # (qkv, positions, cos_sin, ...) -> q, k, v with K/V stored
+    gate_up_silu: Callable | None = None  # (x, gate_up_weight) -> silu(x @ gate.T) * (x @ up.T)
+    gate_up_silu_max_rows: int = 256  # larger batches (prefill) are faster with cuBLAS + the activation
+
+
+@functools.cache
+def compiled_functions() -> dict[str, Callable]:
+    """RMSNorm(+residual), RoPE and SiLU-and-mul through ``torch.compile``: each becomes one fused kernel
+    instead of several.  Made once per process and shared by every layer and every engine."""
+    import torch._dynamo
+
+    # one compiled entry per (dtype, rank) a function meets; several engines in one process (tests,
+    # notebooks) meet more than dynamo's default limit of 8, past which it would silently run eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return dict(rms_norm=torch.compile(rms_norm, dynamic=True), add_rms_norm=torch.compile(add_rms_norm, dynamic=True),
+                silu_and_mul=torch.compile(silu_and_mul, dynamic=True),
+                apply_rotary=torch.compile(apply_rotary, dynamic=True))
+
+
+def select_kernels(attention_backend: str, device: torch.device, dtype: torch.dtype, enforce_eager: bool,
+                   fusions: frozenset[str] = frozenset()) -> Kernels:
+    """The kernels an engine uses: ``attention_backend`` (a name of the registry, or "auto"), compiled
+    elementwise functions on CUDA unless ``enforce_eager``, and those of the model's ``fusions`` that
+    the device and backend support."""
+    from nanovllm.attention import create_backend
+
+    backend = create_backend(attention_backend, device, dtype)
+    chosen: dict = {"attention": backend}
+    if device.type == "cuda" and not enforce_eager:
+        chosen.update(compiled_functions())
+    if QKV_ROPE_STORE in fusions and backend.fuses_rope_store(device):
+        from nanovllm.attention.triton_kernels import qkv_rope_store
+
+        chosen["qkv_rope_store"] = qkv_rope_store
+    if GATE_UP_SILU in fusions and device.type == "cuda":
+        try:
+            from nanovllm.layers.triton_gemm import skinny_gemm
+        except ImportError:
+            pass
+        else:
+            chosen["gate_up_silu"] = functools.partial(skinny_gemm, act="silu_mul")
+    return Kernels(**chosen)
