@@ -375,12 +375,13 @@ def pick_num_splits(batch: int, num_kv_heads: int, max_context_len: int, num_sms
 
 def decode_launch(batch: int, num_kv_heads: int, num_splits: int, block_d: int, elem_size: int,
                   device: torch.device) -> dict:
-    """Tile length, pipeline depth and program order of the decode kernel (measured on an H100 over the
-    seed benchmark's batches, 28 layers replayed from a CUDA graph: ``tests/gpu_decode_sweep.py``).
+    """Tile length, pipeline depth and program order of the decode kernel: the settings that timed
+    fastest on an H100 over the seed benchmark's batches, 28 layers replayed from a CUDA graph
+    (``tests/gpu/decode_sweep.py --graph``; the numbers are in ``figures/data/kernel_measurements.md``).
 
     * one split: a sequence's KV heads side by side in launch order (they read the same cache blocks,
-      3-5 % faster), three stages, tiles of 128 tokens once there are ``BIG_TILE_PROGRAMS_PER_SM``
-      programs per SM (and 16-bit values);
+      and timed faster than sequence-major), three stages, tiles of 128 tokens once there are
+      ``BIG_TILE_PROGRAMS_PER_SM`` programs per SM (and 16-bit values);
     * several splits: tiles of 64 tokens, four stages.
     The stages shrink to what fits the device's shared memory (K and V tiles of every stage)."""
     single = num_splits == 1

@@ -4,7 +4,8 @@ In a decode step every linear layer multiplies a handful of rows (one per runnin
 matrix that is read once from memory: the work is bound by that read, and at these sizes (4-12 MB per
 matrix for Qwen3-0.6B) by how quickly the read ramps up.  Each program computes a ``BLOCK_M x BLOCK_N``
 tile of ``y`` from a stripe of ``BLOCK_N`` weight rows; narrow stripes make enough programs to keep every
-SM's loads in flight.  cuBLAS is as fast for the plain products; what the kernel is for is the fusion.
+SM's loads in flight.  cuBLAS timed as fast for the plain products (figures/data/kernel_measurements.md);
+what the kernel is for is the fusion.
 
 ``act="silu_mul"`` folds SwiGLU's activation into the merged gate-up projection: each program computes
 matching column tiles of the gate and the up projection, rounds both as the GEMM would store them, and
@@ -73,10 +74,10 @@ def _skinny_gemm_kernel(
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-# (up to this many rows: BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), the fastest tile settings of the
-# fused gate-up + SiLU-and-mul of Qwen3-0.6B (N 2 x 3072, K 1024) on an H100, 28 layers replayed from a CUDA
-# graph (tests/gpu_gemm_check.py --triton): 6.8-8.7 us per layer against 8.4-10.0 for cuBLAS + the
-# activation kernel up to 128 rows, even at 192-256
+# (up to this many rows: BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps), the tile settings that timed
+# fastest for the fused gate-up + SiLU-and-mul of Qwen3-0.6B (N 2 x 3072, K 1024) on an H100, 28 layers
+# replayed from a CUDA graph (tests/gpu/gemm_check.py --triton): faster than cuBLAS + the activation kernel
+# up to 128 rows, even with it at 192-256.  The per-layer times are in figures/data/kernel_measurements.md.
 TILES = ((16, (16, 32, 128, 5, 4)), (32, (32, 64, 128, 4, 4)), (64, (64, 32, 128, 5, 4)),
          (128, (64, 64, 128, 4, 4)), (None, (128, 64, 64, 4, 8)))
 
