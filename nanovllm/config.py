@@ -83,8 +83,10 @@ def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = 
     default and help; ``defaults`` overrides a default for this tool, ``aliases`` adds short names."""
     defaults, aliases = defaults or {}, aliases or {}
     group = parser.add_argument_group("engine", "arguments of LLM(...) (nanovllm.config.EngineConfig)")
+    names = [f.name for f in fields(EngineConfig) if f.metadata.get("cli", True) and f.name not in exclude]
+    parser.set_defaults(_engine_args=tuple(names))  # what engine_kwargs() collects (not a tool's own flags)
     for f in fields(EngineConfig):
-        if not f.metadata.get("cli", True) or f.name in exclude:
+        if f.name not in names:
             continue
         default = defaults.get(f.name, f.default if f.default is not MISSING else None)
         flags = [f"--{f.name.replace('_', '-')}", *aliases.get(f.name, ())]
@@ -99,5 +101,6 @@ def add_engine_args(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = 
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    """The engine arguments among parsed command-line ``args`` (those ``add_engine_args`` added)."""
-    return {name: getattr(args, name) for name in EngineConfig.field_names() if hasattr(args, name)}
+    """The engine arguments among parsed command-line ``args``: those ``add_engine_args`` added (a tool's own
+    flag of the same name, such as the CLI's sampling ``--seed``, is not one of them)."""
+    return {name: getattr(args, name) for name in args._engine_args}
