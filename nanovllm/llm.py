@@ -137,7 +137,7 @@ class LLM:
         self._check_fits(ids, params)
         seqs = [self._make_seq(toks, p) for toks, p in zip(ids, params)]
         # Python's full garbage collections walk every object alive (torch, transformers, the model: millions
-        # of them), which stalls the host for ~10 ms and with it the GPU.  Frozen objects are skipped; the
+        # of them), which stalls the host for milliseconds and with it the GPU.  Frozen objects are skipped; the
         # objects the loop creates are still collected.  (vLLM freezes after start-up for the same reason.)
         # If the application froze objects itself, they stay frozen: only our own freeze is undone.
         ours = gc.get_freeze_count() == 0
