@@ -1,8 +1,9 @@
 """Sweep the decode-attention kernel's launch settings and the KV-cache layout on a GPU (a script, not a
 pytest module).
 
-    python tests/gpu_decode_sweep.py [--out DIR]
-    python tests/gpu_decode_sweep.py --graph     # the engine's settings vs alternatives, as decode runs them
+    PYTHONPATH=. python3 tests/gpu/decode_sweep.py [--out DIR] [--steps 20,200,...]
+    PYTHONPATH=. python3 tests/gpu/decode_sweep.py --graph  # the engine's settings vs alternatives, as decode runs them
+    PYTHONPATH=. python3 tests/gpu/decode_sweep.py --read   # the GPU's streaming-read ceiling
 
 The batches are the seed benchmark's own: at decode step ``s`` the running sequences are those asking
 for more than ``s`` tokens, each with ``prompt_len + s`` tokens of context.  For each of a few steps it
@@ -20,7 +21,8 @@ setting, and the best one per step.
 ``--graph`` times as the engine runs the kernel: 28 layers (each its own cache, so nothing is read from L2
 that a layer before left there) replayed from one CUDA graph, the batch padded to its graph bucket, the
 sequences' blocks consecutive as the block manager hands them out; the engine's own choice
-(``decode_launch``) against alternatives.
+(``decode_launch``) against alternatives.  (Results of past runs: figures/data/gpu_decode_experiments.txt,
+figures/data/kernel_measurements.md.)
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)  # gemm_check, beside this file
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root
 
 from nanovllm.attention import triton_kernels as tk  # noqa: E402
 from nanovllm.bench import seed_workload  # noqa: E402
+from nanovllm.engine.cuda_graphs import graph_batch_sizes  # noqa: E402
 
 H, HKV, D, BS = 16, 8, 128, 16
 
@@ -97,14 +102,14 @@ def read_bandwidth() -> None:
 
 
 def graph_sweep(w, steps: list[int]) -> None:
-    from tests.gpu_gemm_check import LAYERS, chain, graph_us
+    from gemm_check import LAYERS, chain, graph_us
 
     sms = tk.num_sms(torch.device("cuda"))
     for step in steps:
         ctx = batch_at_step(w, step)
         if not ctx:
             continue
-        bucket = next(b for b in [1, 2, 4, 8] + list(range(16, 257, 16)) if b >= len(ctx))
+        bucket = next(b for b in graph_batch_sizes(256) if b >= len(ctx))  # the engine's graph buckets
         per_seq = [-(-c // BS) for c in ctx]
         nb = sum(per_seq)
         k = torch.randn(nb * LAYERS + 8, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
@@ -174,7 +179,7 @@ def main():
         nbytes = sum(ctx) * HKV * D * 2 * 2
         q = torch.randn(len(ctx), H, D, device="cuda", dtype=torch.bfloat16)
         # the split count a captured graph uses (the block-table width bounds the context)
-        graph_bucket = next(b for b in [1, 2, 4, 8] + list(range(16, 257, 16)) if b >= len(ctx))
+        graph_bucket = next(b for b in graph_batch_sizes(256) if b >= len(ctx))
         heur = tk.pick_num_splits(graph_bucket, HKV, 4096, tk.num_sms(torch.device("cuda")))
         split_opts = sorted({heur, 1, 2, 4, 8}) if len(ctx) * HKV < 4 * 132 else [heur]
         for layout in ("NHD", "HND"):

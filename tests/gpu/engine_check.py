@@ -1,13 +1,16 @@
 """Engine checks and timings on a CUDA GPU, in one go (not collected by pytest; run by hand on a GPU machine):
 
-    PYTHONPATH=. python3 tests/gpu_engine_check.py [--out DIR] [--skip-bench] [--skip-hf]
+    PYTHONPATH=. python3 tests/gpu/engine_check.py [--out DIR] [--skip-bench] [--skip-hf] [--skip-profile]
+    PYTHONPATH=. python3 tests/gpu/engine_check.py --only checks,bench,profile,modes,prefill
 
-1. float32 greedy tokens on the GPU (Triton backend, CUDA graphs, torch.compile) equal the reference path
-   (PyTorch backend, eager) on a tiny Qwen3 and on the Qwen3-0.6B shape with random weights; also with
+1. float32 greedy tokens on the GPU (Triton backend, CUDA graphs, torch.compile, the overlapped loop) equal the
+   reference path (PyTorch backend, eager) on a tiny Qwen3 and on the Qwen3-0.6B shape with random weights; also with
    prefix caching, chunked prefill and preemption;
 2. bf16 logits of one forward within bf16 tolerance of HF transformers (Qwen3-0.6B shape, random weights);
 3. the seed benchmark, nanovllm and HF transformers in one run;
-4. a profile of one decode step at batch 256: attention vs GEMMs vs sampling vs the rest.
+4. a profile of one decode step at batch 256: attention vs GEMMs vs sampling vs the rest;
+and on request (``--only``) a prefill-step profile and decode-step latency eager vs graphs vs graphs +
+torch.compile.  The profiles and timings step the engine synchronously (``llm.step()``), not overlapped.
 Prints PASS/FAIL lines; never stops at the first failure.
 """
 
@@ -23,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: conftest's make_tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.bench import QWEN3_0_6B_CONFIG  # noqa: E402
@@ -85,15 +88,16 @@ def compare_engines(path, vocab, max_tokens=24, **kw):
     close(ref)
     fast = LLM(path, device="cuda", dtype="float32", attention_backend="triton", **kw)
     try:
-        assert fast.runner.graphs, "CUDA graphs were not captured"
+        assert fast.runner.graphs is not None, "CUDA graphs were not captured"
+        assert fast.overlapped is not None, "generate() does not take the overlapped loop"
         _compare_rounds(fast, prompts, params, want)
     finally:
         close(fast)
 
 
 def close(llm):
-    (llm.shutdown if hasattr(llm, "shutdown") else llm.runner.close)()
-    if llm.runner.model is not None:
+    llm.shutdown()  # tensor-parallel workers, if any
+    if llm.runner.model is not None:  # the GPU memory, even while something still holds the engine
         llm.runner.close()
 
 
@@ -157,8 +161,7 @@ def run_checks(tmp):
     @check("qwen3-0.6b shape bf16 logits within bf16 tolerance of HF transformers")
     def _logits():
         """Our bf16 logits must be as close to the float32 truth as HF's own bf16 logits are."""
-        from nanovllm.engine.scheduler import ScheduledBatch
-        from nanovllm.engine.sequence import Sequence
+        from nanovllm.engine.sequence import ScheduledBatch, Sequence
 
         llm = LLM(tmp / "q06", device="cuda", dtype="bfloat16", num_kvcache_blocks=512)
         prompts = prompts_for(10000, n=4)
@@ -226,38 +229,40 @@ def profile_prefill(out):
 
 
 def decode_modes(out):
-    """Decode step latency: eager vs CUDA graphs vs graphs + torch.compile, by batch size."""
-    from nanovllm.engine import model_runner
+    """Decode step latency: eager vs CUDA graphs vs graphs + torch.compile, by batch size.  "graphs" is the
+    engine without the compiled elementwise functions: ``select_kernels`` is handed none for it."""
+    from nanovllm import kernels
 
     rows = []
-    original = model_runner.ModelRunner.compile_layers
-    for mode in ("eager", "graphs", "graphs+compile"):
-        if mode == "graphs":
-            model_runner.ModelRunner.compile_layers = lambda self: None
-        else:
-            model_runner.ModelRunner.compile_layers = original
-        llm = seed_engine(enforce_eager=mode == "eager", max_num_seqs=256)
-        for bsz in (1, 8, 32, 128, 256):
-            for i in range(bsz):
-                llm.add_request([(7 * i + j) % 10000 for j in range(512)],
-                                SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=200))
-            while True:
-                batch, _ = llm.step()
-                if not batch.is_prefill:
-                    break
-            for _ in range(5):
-                llm.step()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(30):
-                llm.step()
-            torch.cuda.synchronize()
-            ms = (time.perf_counter() - t) / 30 * 1e3
-            rows.append((bsz, mode, round(ms, 3)))
-            print(f"decode step, batch {bsz:>3}, {mode:>14}: {ms:.2f} ms", flush=True)
-            llm.abort_all()
-        close(llm)
-    model_runner.ModelRunner.compile_layers = original
+    original = kernels.compiled_functions
+    try:
+        for mode in ("eager", "graphs", "graphs+compile"):
+            kernels.compiled_functions = (lambda: {}) if mode == "graphs" else original
+            llm = seed_engine(enforce_eager=mode == "eager", max_num_seqs=256)
+            if mode != "eager":
+                assert llm.runner.graphs is not None, "CUDA graphs were not captured"
+            for bsz in (1, 8, 32, 128, 256):
+                for i in range(bsz):
+                    llm.add_request([(7 * i + j) % 10000 for j in range(512)],
+                                    SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=200))
+                while True:
+                    batch, _ = llm.step()
+                    if not batch.is_prefill:
+                        break
+                for _ in range(5):
+                    llm.step()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(30):
+                    llm.step()
+                torch.cuda.synchronize()
+                ms = (time.perf_counter() - t) / 30 * 1e3
+                rows.append((bsz, mode, round(ms, 3)))
+                print(f"decode step, batch {bsz:>3}, {mode:>14}: {ms:.2f} ms", flush=True)
+                llm.abort_all()
+            close(llm)
+    finally:
+        kernels.compiled_functions = original
     if out:
         gpu = torch.cuda.get_device_name()
         lines = ["batch_size,mode,ms_per_step,gpu,date"]

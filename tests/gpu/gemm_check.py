@@ -1,12 +1,14 @@
 """Time the decode GEMMs of Qwen3-0.6B (bf16, y = x @ W.T) on a GPU for the batch sizes decode meets
 (a script, not a pytest module).
 
-    python tests/gpu_gemm_check.py            # each BLAS library torch offers
-    python tests/gpu_gemm_check.py --triton   # cuBLAS vs the Triton skinny GEMM's tile settings
+    PYTHONPATH=. python3 tests/gpu/gemm_check.py            # each BLAS library torch offers
+    PYTHONPATH=. python3 tests/gpu/gemm_check.py --triton   # cuBLAS vs the Triton skinny GEMM's tile settings
 
 ``--triton`` times as decode runs them: inside a CUDA graph, 28 layers' weights in turn (so no weight
 sits in L2 from the call before), per GEMM; the down projection also with SwiGLU's activation folded in
-(``act="silu_mul"``) against the compiled activation kernel followed by cuBLAS.
+(``act="silu_mul"``) against the compiled activation kernel followed by cuBLAS.  ``decode_sweep.py --graph``
+times decode attention with this file's ``graph_us``.  (Results of past runs, and the tile table they chose:
+figures/data/kernel_measurements.md.)
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Check and time the Triton attention kernels on a GPU (not a pytest module: run it as a script).
 
-    python tests/gpu_kernel_check.py            # every check + timings (a CUDA GPU, ~1-2 min)
-    python tests/gpu_kernel_check.py --no-big   # skip the > 2**31-element cache (needs ~20 GB)
-    python tests/gpu_kernel_check.py --small    # tiny shapes; without a GPU runs on the Triton interpreter
+    PYTHONPATH=. python3 tests/gpu/kernel_check.py             # every check + timings (a CUDA GPU, ~1-2 min)
+    PYTHONPATH=. python3 tests/gpu/kernel_check.py --no-big    # skip the > 2**31-element cache (needs ~20 GB)
+    PYTHONPATH=. python3 tests/gpu/kernel_check.py --no-bench  # the checks only, no timings
+    PYTHONPATH=. python3 tests/gpu/kernel_check.py --small     # tiny shapes; without a GPU on the Triton interpreter
 
 Compares every kernel with the PyTorch reference (nanovllm/attention/torch_ref.py) in bf16 and fp32 on
 Qwen3-0.6B shapes (16 query heads, 8 KV heads, head_dim 128) and a few others, replays decode in a
@@ -24,7 +25,7 @@ import torch
 
 if __name__ == "__main__" and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # no GPU: only --small makes sense
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 
 RESULTS: list[tuple[str, bool]] = []
 

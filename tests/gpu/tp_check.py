@@ -1,8 +1,9 @@
 """Check tensor parallelism on a machine with two or more CUDA GPUs:
 
-    python -m nanovllm.distributed.gpu_check [--models tiny,0.6b] [--attention-backend triton] [--eager]
+    PYTHONPATH=. python3 tests/gpu/tp_check.py [--models tiny,0.6b] [--attention-backend triton] [--eager]
 
-(``--device cpu`` runs the same checks on the CPU with gloo, to try the script on a machine without GPUs.)
+(``--device cpu`` runs the same checks on the CPU with gloo and the torch attention backend, to try the
+script on a machine without GPUs.)
 
 For a tiny Qwen3 and for the Qwen3-0.6B shape (``nanovllm/configs/qwen3-0.6b.json``), both with random
 weights written as safetensors into a temporary folder, it runs the same prompts, greedy and in float32,
@@ -41,7 +42,9 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-CONFIG_0_6B = Path(__file__).resolve().parent.parent / "configs" / "qwen3-0.6b.json"
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root (spawned workers inherit it)
+
+CONFIG_0_6B = Path(__file__).resolve().parents[2] / "nanovllm" / "configs" / "qwen3-0.6b.json"
 TINY = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=512, hidden_size=64,
             intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
             max_position_embeddings=1024, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
@@ -141,7 +144,7 @@ def check_case(name: str, folder: Path, scale_settings: dict, args) -> None:
 
     t = time.perf_counter()
     ref = LLM(folder, tensor_parallel_size=1, **engine)
-    graphs = sorted(getattr(ref.runner, "graphs", {}))
+    graphs = sorted(ref.runner.graphs.graphs) if ref.runner.graphs is not None else []  # captured batch sizes
     report("NOTE", f"{name}: TP=1 engine up", f"{time.perf_counter() - t:.1f} s, "
            f"CUDA graphs for {len(graphs)} batch sizes (up to {graphs[-1] if graphs else '-'})")
     if ref.runner.model.layers[0].mlp.down_proj.tp_group is not None:
@@ -214,11 +217,14 @@ def near_ties(ref, prompts, want, got, err: float) -> list[bool]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,0.6b", help="comma-separated: tiny, 0.6b")
-    parser.add_argument("--attention-backend", default="triton", help="triton (default), torch or flash_attn")
+    parser.add_argument("--attention-backend", default=None,
+                        help="triton (default on CUDA), torch (default on the CPU: Triton needs a GPU) or flash_attn")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs or torch.compile")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--device", default="cuda:0", help="rank 0's device (cpu: try the script without GPUs)")
     args = parser.parse_args(argv)
+    if args.attention_backend is None:
+        args.attention_backend = "torch" if args.device == "cpu" else "triton"
 
     print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL "
           f"{'.'.join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else '-'}, "

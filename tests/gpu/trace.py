@@ -1,6 +1,6 @@
 """Where the GPU sits idle during overlapped decode (a script, not a pytest module).
 
-    python tests/gpu_trace.py [--out DIR]
+    PYTHONPATH=. python3 tests/gpu/trace.py [--out DIR]
 
 Runs a few short seed-benchmark-like decodes (Qwen3-0.6B shape, random weights) under the PyTorch
 profiler, then from the kernel timeline of the decode steps: GPU busy time, idle time, and the idle gaps
@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repo root
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.bench import QWEN3_0_6B_CONFIG  # noqa: E402
