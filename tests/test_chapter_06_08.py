@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,7 +25,10 @@ from nbimport import CHAPTERS, load_chapter  # noqa: E402
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.attention import torch_ref  # noqa: E402
+from nanovllm.engine.cuda_graphs import fill_decode_inputs  # noqa: E402
+from nanovllm.engine.overlap import OverlapScheduler  # noqa: E402
 from nanovllm.layers import sampler  # noqa: E402
+from nanovllm.utils import cdiv  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 NOTEBOOKS = ["06_sampling", "07_cuda_graphs_and_compile", "08_triton_kernels"]
@@ -125,20 +129,57 @@ def _prefilled_decode_batch(llm, n, seed):
     return llm.scheduler.schedule()
 
 
+def _graphed(ch07, llm, max_batch=4):
+    width = cdiv(llm.config.max_model_len, llm.config.kvcache_block_size)
+    return ch07.GraphedDecode(llm.runner.model, max_batch, width, llm.hf_config.hidden_size,
+                              llm.config.max_model_len, llm.dtype, llm.device)
+
+
+def _eager_hidden(llm, batch):
+    ids, positions, meta, _ = llm.runner.prepare(batch)
+    with torch.inference_mode():
+        return llm.runner.model(ids, positions, meta).clone()
+
+
 @pytest.mark.parametrize("n", [1, 3])
-def test_graphed_decode_matches_the_eager_step(ch07, tiny_llm, n):
+def test_graphed_decode_matches_the_eager_step_and_the_engines_buffers(ch07, tiny_llm, n):
     llm = tiny_llm
     batch = _prefilled_decode_batch(llm, n, seed=n)
     try:
-        ids, positions, meta, _ = llm.runner.prepare(batch)
-        with torch.inference_mode():
-            eager = llm.runner.model(ids, positions, meta).clone()
-        step = ch07.GraphedDecode(llm.runner.model, 4, 8, llm.hf_config.hidden_size, llm.config.max_model_len,
-                                  llm.dtype, llm.device)
+        eager = _eager_hidden(llm, batch)
+        step = _graphed(ch07, llm)
         ours = step(batch.seqs, llm.config.kvcache_block_size)
         torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-5)
-        assert torch.equal(step.slots[n:], torch.full((4 - n,), -1))  # padding rows store nothing
+        # the static buffers hold what the engine's DecodeGraphs puts in its own (padding rows included)
+        ints = np.zeros((3, 4), dtype=np.int64)
+        context_lens = np.zeros(4, dtype=np.int32)
+        tables = np.zeros(tuple(step.block_tables.shape), dtype=np.int32)
+        fill_decode_inputs(batch.seqs, llm.config.kvcache_block_size, ints, context_lens, tables)
+        for buf, want in [(step.input_ids, ints[0]), (step.positions, ints[1]), (step.slot_mapping, ints[2]),
+                          (step.context_lens, context_lens), (step.block_tables, tables)]:
+            assert torch.equal(buf, torch.from_numpy(want))
+        assert torch.equal(step.slot_mapping[n:], torch.full((4 - n,), -1))  # padding rows store nothing
     finally:
+        llm.abort_all()
+
+
+def test_graphed_decode_takes_pending_tokens_from_the_device(ch07, tiny_llm):
+    llm = tiny_llm
+    batch = _prefilled_decode_batch(llm, 3, seed=7)
+    last = [seq.token_ids[-1] for seq in batch.seqs]
+    try:
+        eager = _eager_hidden(llm, batch)
+        for seq in batch.seqs:  # each sequence's newest token becomes pending: counted, its value elsewhere
+            seq.token_ids.pop()
+            seq.num_pending_tokens = 1
+        prev_tokens = torch.tensor([0, *reversed(last)])  # a previous launch's tokens, in another order
+        ours = _graphed(ch07, llm)(batch.seqs, llm.config.kvcache_block_size, prev_tokens, [3, 2, 1])
+        torch.testing.assert_close(ours, eager, atol=1e-5, rtol=1e-5)
+    finally:
+        for seq, token in zip(batch.seqs, last):
+            if seq.num_pending_tokens:
+                seq.token_ids.append(token)
+                seq.num_pending_tokens = 0
         llm.abort_all()
 
 
@@ -153,14 +194,17 @@ def test_overlapped_loop_gives_the_plain_loops_tokens(ch07, tiny_llm):
               SamplingParams(temperature=1.2, top_p=0.8, max_tokens=7, seed=11)]
     plain = llm.generate(prompts, params, use_tqdm=False)
     assert plain[0].finish_reason == "stop"
-    runner = ch07.OverlapRunner(llm.runner)
-    launches = []
-    launch = runner.launch_decode
-    runner.launch_decode = lambda seqs: launches.append(len(seqs)) or launch(seqs)
-    overlapped = ch07.generate_overlapped(llm, runner, prompts, params)
+    loop = ch07.OverlappedDecode(OverlapScheduler(llm.config, llm.block_manager), llm.runner, _graphed(ch07, llm))
+    launches = []  # (sequences, of which with a pending token) per launch
+    launch = loop.launch_decode
+    loop.launch_decode = lambda seqs: launches.append((len(seqs), sum(s.num_pending_tokens for s in seqs))) \
+        or launch(seqs)
+    overlapped = ch07.generate_overlapped(llm, loop, prompts, params)
     assert overlapped == [o.token_ids for o in plain]
-    assert len(launches) >= 5 and launches[0] == 4  # the decode steps did run overlapped
-    assert not llm.has_unfinished_requests() and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+    assert len(launches) >= 5 and launches[0] == (4, 0)  # the decode steps did run ahead
+    assert all(n == pending for n, pending in launches[1:])  # each on the previous launch's pending tokens
+    assert not loop.scheduler.has_unfinished() and not llm.has_unfinished_requests()
+    assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
 
 
 # -- chapter 08: Triton kernels against the reference ------------------------------------------------
