@@ -71,7 +71,7 @@ def test_allocator_matches_block_manager(ch03, seed):
 
 
 def test_slot_mapping_matches_the_runner(ch03, tiny_llm):
-    from nanovllm.engine.scheduler import ScheduledBatch
+    from nanovllm.engine.sequence import ScheduledBatch
 
     bs = tiny_llm.config.kvcache_block_size
     a, b = Sequence(100, list(range(11))), Sequence(101, list(range(9)))
@@ -141,16 +141,26 @@ def tiny_llm(tiny_qwen3):
 def test_scratch_backend_gives_the_engine_the_same_tokens(ch03, tiny_llm):
     from nanovllm import SamplingParams
 
+    class CountingBackend(ch03.ScratchBackend):  # the chapter's backend, counting its calls
+        calls = 0
+
+        def forward(self, *args):
+            self.calls += 1
+            return super().forward(*args)
+
     prompts = [[1, 2, 3, 4, 5, 6], [7, 8, 9], [10, 11, 12, 13, 14], [15, 16, 17, 18]]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     before = tiny_llm.scheduler.num_preemptions
     expected = [o.token_ids for o in tiny_llm.generate(prompts, params, use_tqdm=False)]
     assert tiny_llm.scheduler.num_preemptions > before  # the tiny cache makes the engine preempt
-    old = ch03.use_backend(tiny_llm, ch03.ScratchBackend())
-    try:
+    engine_model, backend = tiny_llm.runner.model, CountingBackend()
+    with ch03.model_with_backend(tiny_llm, backend) as model:
+        assert tiny_llm.runner.model is model is not engine_model
+        # the engine's weights, shared rather than copied
+        assert model.embed_tokens.weight.data_ptr() == engine_model.embed_tokens.weight.data_ptr()
         got = [o.token_ids for o in tiny_llm.generate(prompts, params, use_tqdm=False)]
-    finally:
-        ch03.use_backend(tiny_llm, old)
+    assert tiny_llm.runner.model is engine_model
+    assert backend.calls >= 12 * tiny_llm.hf_config.num_hidden_layers  # every step of every layer went through it
     assert got == expected
 
 
