@@ -106,11 +106,11 @@ def test_select_kernels_on_cuda_takes_every_fast_path(tiny_qwen3):
     from nanovllm.attention.triton_kernels import qkv_rope_store
     from nanovllm.kernels import compiled_functions
 
-    llm = LLM(tiny_qwen3[0], device="cuda", dtype="bfloat16", max_num_seqs=4, max_model_len=128)
+    small = dict(device="cuda", dtype="bfloat16", max_num_seqs=4, max_model_len=128, num_kvcache_blocks=64)
+    llm = LLM(tiny_qwen3[0], **small)
     k = llm.runner.kernels
     assert k.attention.name in ("triton", "flash_attn") and k.qkv_rope_store is qkv_rope_store
     assert k.gate_up_silu is not None and k.rms_norm is compiled_functions()["rms_norm"]
     assert llm.runner.graphs is not None and llm.overlapped is not None
-    eager = LLM(tiny_qwen3[0], device="cuda", dtype="bfloat16", max_num_seqs=4, max_model_len=128,
-                enforce_eager=True)
+    eager = LLM(tiny_qwen3[0], enforce_eager=True, **small)
     assert eager.runner.kernels.rms_norm is rms_norm and eager.runner.graphs is None and eager.overlapped is None
