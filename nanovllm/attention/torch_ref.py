@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.attention.base import AttentionBackend, AttentionMetadata
+from nanovllm.utils import cdiv
 
 
 def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
@@ -21,27 +22,28 @@ def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping) -> None:
 def gather_kv(cache, block_table, length: int) -> torch.Tensor:
     """The first ``length`` tokens of one sequence from the paged cache: [length, Hkv, D]."""
     block_size = cache.shape[1]
-    num_blocks = (length + block_size - 1) // block_size
+    num_blocks = cdiv(length, block_size)
     return cache[block_table[:num_blocks].long()].flatten(0, 1)[:length]
 
 
 def paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                        query_lens=None, ctx_lens=None) -> torch.Tensor:
+                        query_lens_cpu=None, context_lens_cpu=None) -> torch.Tensor:
     """Causal attention of each sequence's new queries over its whole context read from the cache.
 
     The simplest correct loop, one sequence at a time.  ``q``: [N, H, D]; returns [N, H, D].
-    Sequence i's queries are its last ``q_len`` tokens, so query j sits at position ``ctx - q_len + j``
-    and sees keys ``0 .. ctx - q_len + j``.
+    Sequence i's queries are its last ``q_len`` tokens, so query j sits at position ``context_len - q_len + j``
+    and sees keys ``0 .. context_len - q_len + j``.  ``query_lens_cpu``/``context_lens_cpu``: the lengths as
+    host lists, if the caller has them (else read from the tensors).
     """
-    if query_lens is None:
-        query_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
-    if ctx_lens is None:
-        ctx_lens = context_lens.tolist()
+    if query_lens_cpu is None:
+        query_lens_cpu = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    if context_lens_cpu is None:
+        context_lens_cpu = context_lens.tolist()
     out = torch.empty_like(q)
     start = 0
-    for i, (q_len, ctx) in enumerate(zip(query_lens, ctx_lens)):
-        k = gather_kv(k_cache, block_tables[i], ctx)
-        v = gather_kv(v_cache, block_tables[i], ctx)
+    for i, (q_len, context_len) in enumerate(zip(query_lens_cpu, context_lens_cpu)):
+        k = gather_kv(k_cache, block_tables[i], context_len)
+        v = gather_kv(v_cache, block_tables[i], context_len)
         out[start:start + q_len] = causal_attention(q[start:start + q_len], k, v, scale)
         start += q_len
     return out

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.triton_utils import num_sms
+from nanovllm.utils import cdiv
 
 
 @triton.jit
@@ -115,12 +116,12 @@ def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
     out = torch.empty(rows, dtype=torch.int64, device=logits.device)
     if rows == 0:
         return out
-    tiles = -(-vocab // block)
+    tiles = cdiv(vocab, block)
     if num_chunks is None:
-        num_chunks = -(-whole_row_batch(logits.device) // rows)
+        num_chunks = cdiv(whole_row_batch(logits.device), rows)
     num_chunks = max(1, min(int(num_chunks), tiles, MAX_CHUNKS))
-    chunk = -(-tiles // num_chunks) * block  # whole tiles per chunk
-    num_chunks = -(-vocab // chunk)
+    chunk = cdiv(tiles, num_chunks) * block  # whole tiles per chunk
+    num_chunks = cdiv(vocab, chunk)
     single = num_chunks == 1
     if single:
         best_val = best_idx = out  # unused

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from html import escape
 
+from nanovllm.utils import cdiv
+
 #: Colours of sequences 0, 1, 2, ... (Tableau 10 without its grey, which means "free" here).
 PALETTE = ("#4e79a7", "#f28e2b", "#e15759", "#59a14f", "#b07aa1", "#edc948", "#76b7b2", "#ff9da7",
            "#9c755f", "#17becf")
@@ -47,14 +49,14 @@ def snapshot(source, seqs=None, *, step: int | None = None, batch=None, finished
     scheduler = getattr(source, "scheduler", None)
     if seqs is None:
         seqs = list(scheduler.running) + list(scheduler.waiting) if scheduler is not None else []
-    bs = bm.block_size
+    block_size = bm.block_size
     owners: dict[int, list[int]] = {}
     filled: dict[int, int] = {}
     seq_rows = []
     for index, seq in enumerate(seqs):
         for pos, bid in enumerate(seq.block_table):
             owners.setdefault(bid, []).append(index)
-            filled.setdefault(bid, max(0, min(bs, seq.num_computed_tokens - pos * bs)))
+            filled.setdefault(bid, max(0, min(block_size, seq.num_computed_tokens - pos * block_size)))
         seq_rows.append({
             "index": index, "seq_id": seq.seq_id, "status": seq.status.name.lower(),
             "num_tokens": len(seq), "num_prompt_tokens": seq.num_prompt_tokens,
@@ -78,7 +80,7 @@ def snapshot(source, seqs=None, *, step: int | None = None, batch=None, finished
              "num_free_blocks": bm.num_free_blocks,
              "num_preemptions": getattr(scheduler, "num_preemptions", 0),
              "finished": [index_of.get(id(s), -1) for s in finished]}
-    return {"step": step, "block_size": bs, "blocks": blocks, "seqs": seq_rows, "batch": batch_row,
+    return {"step": step, "block_size": block_size, "blocks": blocks, "seqs": seq_rows, "batch": batch_row,
             "stats": stats}
 
 
@@ -107,10 +109,10 @@ def block_table_svg(snap: dict, *, columns: int = 16, cell: int = 40, show_table
     how many of its slots hold computed tokens.
     """
     blocks = snap["blocks"]
-    bs = snap["block_size"]
+    block_size = snap["block_size"]
     gap, pad = 4, 8
     ncol = max(1, min(columns, len(blocks)))
-    nrow = (len(blocks) + ncol - 1) // ncol
+    nrow = cdiv(len(blocks), ncol)
     grid_w = ncol * (cell + gap) - gap
     top = pad + (18 if title else 0)
     live = snap["seqs"][:max_rows] if show_tables else []
@@ -141,7 +143,7 @@ def block_table_svg(snap: dict, *, columns: int = 16, cell: int = 40, show_table
         stroke, sw = (SHARED_STROKE, 3) if shared else (STROKE, 1)
         dash = ' stroke-dasharray="3,2"' if b["free"] else ""
         tip = (f'block {b["id"]}: ref_count={b["ref_count"]}, owners={owners}, cached={b["cached"]}, '
-               f'free={b["free"]}, filled={b["filled"]}/{bs}')
+               f'free={b["free"]}, filled={b["filled"]}/{block_size}')
         out.append(f'<rect class="block {kind}" data-block="{b["id"]}" x="{x}" y="{y}" width="{cell}" '
                    f'height="{cell}" fill="{fill}" stroke="{stroke}" stroke-width="{sw}"{dash}>'
                    f'<title>{escape(tip)}</title></rect>')
@@ -159,7 +161,7 @@ def block_table_svg(snap: dict, *, columns: int = 16, cell: int = 40, show_table
                        f'font-weight="bold" fill="white" stroke="black" stroke-width="0.6">'
                        f'x{b["ref_count"]}</text>')
         if dark and b["filled"]:
-            w = (cell - 6) * b["filled"] / bs
+            w = (cell - 6) * b["filled"] / block_size
             out.append(f'<line class="fill" x1="{x + 3}" y1="{y + cell - 4}" x2="{x + 3 + w:.1f}" '
                        f'y2="{y + cell - 4}" stroke="black" stroke-width="3"/>')
     y = tables_top
