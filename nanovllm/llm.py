@@ -1,13 +1,16 @@
 """The public entry point: ``LLM(model).generate(prompts, sampling_params)``, vLLM-compatible.
 
 Everything the user passes is validated before any work starts; if a step fails anyway, every request
-is dropped and its KV blocks released, so the engine stays usable.
+is dropped and its KV blocks released, so the engine stays usable.  One caller drives the engine at a time
+(``_exclusive``): concurrent calls from other threads wait, a re-entrant call is refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -65,6 +68,7 @@ class LLM:
         else:
             self.scheduler = Scheduler(config, self.block_manager)
         self._ids = itertools.count()
+        self._lock, self._driver = threading.Lock(), None  # see _exclusive
         self.step_log: list[tuple[bool, int, int, float]] = []
 
     # -- validation ----------------------------------------------------------------------------------
@@ -130,8 +134,28 @@ class LLM:
                                  "(num_kvcache_blocks): raise it or lower max_tokens")
 
     # -- generation ----------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _exclusive(self, what: str):
+        """One caller drives the engine at a time: calls from other threads wait their turn (their requests
+        then run after the current ones); a call from inside a running call of the same thread (a callback,
+        say) is refused, since it would interleave with the outer call's steps."""
+        if self._driver == threading.get_ident():
+            raise RuntimeError(f"{what} called while this thread is already inside generate()/step() of the same "
+                               "engine (re-entrant use); call it after that returns")
+        with self._lock:
+            self._driver = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._driver = None
+
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete each prompt; returns one ``RequestOutput`` per prompt, in order."""
+        """Complete each prompt; returns one ``RequestOutput`` per prompt, in order.  Safe to call from several
+        threads: the calls run one after another."""
+        with self._exclusive("generate()"):
+            return self._generate(prompts, sampling_params, use_tqdm)
+
+    def _generate(self, prompts, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
         ids, texts = self._prompt_ids(prompts)
         params = self._params_list(sampling_params, len(ids))
         self._check_fits(ids, params)
@@ -145,7 +169,7 @@ class LLM:
         try:
             self._run(seqs, use_tqdm)
         except BaseException:
-            self.abort_all()
+            self._abort_all()
             raise
         finally:
             if ours:
@@ -170,16 +194,24 @@ class LLM:
     # -- step by step (what generate() does; the book drives the engine this way) ---------------------
     def add_request(self, prompt, sampling_params: SamplingParams | None = None) -> Sequence:
         """Validate one prompt and queue it; ``step()`` then advances it.  Returns its Sequence."""
-        ids, _ = self._prompt_ids([prompt])
-        params = self._params_list(sampling_params, 1)[0]
-        self._check_fits(ids, [params])
-        seq = self._make_seq(ids[0], params)
-        self.scheduler.add(seq)
-        return seq
+        with self._exclusive("add_request()"):
+            ids, _ = self._prompt_ids([prompt])
+            params = self._params_list(sampling_params, 1)[0]
+            self._check_fits(ids, [params])
+            seq = self._make_seq(ids[0], params)
+            self.scheduler.add(seq)
+            return seq
 
     def step(self):
         """One engine step: schedule a batch, run the model, record the tokens.  Returns (batch, finished
-        sequences)."""
+        sequences); (None, []) when no request is left."""
+        with self._exclusive("step()"):
+            if not self.scheduler.has_unfinished():
+                return None, []
+            return self._step()
+
+    def _step(self):
+        """The plain step of the engine loop (nano-vllm's): schedule, run, postprocess."""
         batch = self.scheduler.schedule()
         tokens = self.runner.run(batch)
         return batch, self.scheduler.postprocess(batch, tokens)
@@ -189,6 +221,10 @@ class LLM:
 
     def abort_all(self) -> None:
         """Drop every queued and running request, releasing its KV blocks."""
+        with self._exclusive("abort_all()"):
+            self._abort_all()
+
+    def _abort_all(self) -> None:
         if self.overlapped is not None:
             self.overlapped.reset()
         self.scheduler.abort_all()
@@ -205,7 +241,7 @@ class LLM:
         prefill_tok = decode_tok = 0
         prefill_s = decode_s = 0.0
         self.step_log = []  # (is_prefill, tokens, sequences, seconds) per step of the last generate()
-        step = self.overlapped.step if self.overlapped is not None else self.step
+        step = self.overlapped.step if self.overlapped is not None else self._step
         while self.scheduler.has_unfinished():
             t = time.perf_counter()
             batch, finished = step()
@@ -244,7 +280,8 @@ class LLM:
 
     # -- odds and ends -------------------------------------------------------------------------------
     def reset_prefix_cache(self) -> None:
-        self.block_manager.reset_prefix_cache()
+        with self._exclusive("reset_prefix_cache()"):
+            self.block_manager.reset_prefix_cache()
 
     def shutdown(self) -> None:
         """Stop the tensor-parallel worker processes (idempotent; also done when the LLM is garbage-

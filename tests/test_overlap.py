@@ -150,13 +150,13 @@ def test_generate_freezes_the_garbage_collector_only_while_it_runs(tiny_qwen3):
     path, _ = tiny_qwen3
     llm = LLM(path, device="cpu", dtype="float32")
     seen = []
-    step = llm.step
+    step = llm._step
 
     def spy():
         seen.append(gc.get_freeze_count())
         return step()
 
-    llm.step = spy
+    llm._step = spy
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     # start unfrozen: something earlier in this process (on the GPU machine: yes) may have frozen objects
     frozen_before = gc.get_freeze_count()
