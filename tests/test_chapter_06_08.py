@@ -90,6 +90,23 @@ def test_sample_draws_the_package_tokens_from_the_same_noise(ch06, t, k, p):
     assert torch.equal(ours, theirs)
 
 
+def test_engine_sampler_draws_the_chapter_tokens_for_seeded_requests(ch06):
+    from nanovllm.engine.sequence import Sequence
+
+    logits = _logits(rows=6, seed=8)
+    t, k, p = 0.9, 40, 0.85
+    seqs = []
+    for i in range(6):  # as LLM._make_seq: a seeded request carries its own generator
+        seq = Sequence(i, [1, 2, 3], SamplingParams(temperature=t, top_k=k, top_p=p, seed=100 + i))
+        seq.generator = torch.Generator().manual_seed(100 + i)
+        seqs.append(seq)
+    engine = sampler.Sampler(torch.device("cpu"), seed=0)(logits, seqs)
+    ours = [int(ch06.sample(logits[i:i + 1], t, k, p, generator=torch.Generator().manual_seed(100 + i))[0])
+            for i in range(6)]
+    assert engine.tolist() == ours
+    assert len(set(ours)) > 1  # the rows did draw different tokens
+
+
 def test_temperature_and_greedy(ch06):
     logits = _logits()
     assert torch.equal(ch06.greedy(logits), logits.argmax(-1))
