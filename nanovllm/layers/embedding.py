@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import all_gather, all_reduce, current_group, tp_rank_size
-from nanovllm.layers.linear import materialize, narrow
+from nanovllm.layers.linear import check_shape, materialize, narrow
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -17,13 +17,18 @@ class VocabParallelEmbedding(nn.Module):
         self.tp_group = current_group()
         if vocab_size % self.tp_size:
             raise ValueError(f"vocab size {vocab_size} does not divide by tensor_parallel_size={self.tp_size}")
-        self.vocab_size = vocab_size
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.shard_size = vocab_size // self.tp_size
         self.vocab_start = self.tp_rank * self.shard_size
         self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.weight.weight_loader, self.weight.checkpoint_shape = self.weight_loader, self.checkpoint_shape
+
+    def checkpoint_shape(self, param, shard_id=None) -> tuple[int, int]:
+        """The whole table's shape, checked before this rank reads its rows."""
+        return self.vocab_size, self.hidden_size
 
     def weight_loader(self, param, loaded, *args):
+        check_shape(loaded, self.checkpoint_shape(param))
         param.data.copy_(materialize(narrow(loaded, 0, self.vocab_start, self.shard_size)))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

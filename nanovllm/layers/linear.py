@@ -3,7 +3,9 @@
 Column-parallel layers split the output features (each rank computes a slice, no communication);
 row-parallel layers split the input features (each rank computes a partial sum, then one all-reduce).
 Each layer's parameters carry a ``weight_loader`` that copies this rank's slice out of a checkpoint
-tensor, so a rank never reads more of the checkpoint than it keeps.
+tensor, so a rank never reads more of the checkpoint than it keeps; ``checkpoint_shape``, the whole tensor's
+shape, which is checked before slicing (a tensor one row too long would otherwise be cut to fit); and
+``shard_ids``, the pieces a merged parameter is loaded from (``("q", "k", "v")``; ``(None,)``: one tensor).
 """
 
 from __future__ import annotations
@@ -28,25 +30,54 @@ def materialize(loaded) -> torch.Tensor:
     return loaded if isinstance(loaded, torch.Tensor) else loaded[:]
 
 
+def shape_of(loaded) -> tuple[int, ...]:
+    """The whole shape of a tensor or of a lazy safetensors slice (nothing is read)."""
+    return tuple(loaded.shape) if isinstance(loaded, torch.Tensor) else tuple(loaded.get_shape())
+
+
+def checkpoint_shape(param: nn.Parameter, shard_id=None) -> tuple[int, ...]:
+    """The shape the whole checkpoint tensor for ``param`` (its piece ``shard_id``) must have."""
+    fn = getattr(param, "checkpoint_shape", None)
+    return tuple(param.shape) if fn is None else fn(param, shard_id)
+
+
+def check_shape(loaded, expected: tuple[int, ...]) -> None:
+    if shape_of(loaded) != tuple(expected):
+        raise ValueError(f"checkpoint tensor has shape {shape_of(loaded)}, the model expects {tuple(expected)}")
+
+
 def default_weight_loader(param: nn.Parameter, loaded, *args) -> None:
-    t = materialize(loaded)
-    if t.shape != param.shape:
-        raise ValueError(f"checkpoint tensor has shape {tuple(t.shape)}, the model expects {tuple(param.shape)}")
-    param.data.copy_(t)
+    check_shape(loaded, param.shape)
+    param.data.copy_(materialize(loaded))
 
 
 class LinearBase(nn.Module):
-    def __init__(self, input_size: int, output_size: int, bias: bool):
+    """``input_size``/``output_size``: this rank's; ``whole``: the unsplit layer's (output, input) sizes."""
+
+    shard_ids: tuple = (None,)
+
+    def __init__(self, input_size: int, output_size: int, bias: bool, whole: tuple[int, int]):
         super().__init__()
         self.tp_rank, self.tp_size = tp_rank_size()
         self.tp_group = current_group()
-        self.weight = nn.Parameter(torch.empty(output_size, input_size), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
+        self.whole_output_size, self.whole_input_size = whole
+        self.weight = self.loadable(nn.Parameter(torch.empty(output_size, input_size), requires_grad=False))
         if bias:
-            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
+            self.bias = self.loadable(nn.Parameter(torch.empty(output_size), requires_grad=False))
         else:
             self.register_parameter("bias", None)
+
+    def loadable(self, param: nn.Parameter) -> nn.Parameter:
+        param.weight_loader, param.checkpoint_shape = self.weight_loader, self.checkpoint_shape
+        param.shard_ids = self.shard_ids
+        return param
+
+    def checkpoint_shape(self, param, shard_id=None) -> tuple[int, ...]:
+        """The whole checkpoint tensor's shape: (output, input) for the weight, (output,) for the bias."""
+        return (self.checkpoint_rows(shard_id), self.whole_input_size)[:param.dim()]
+
+    def checkpoint_rows(self, shard_id) -> int:
+        return self.whole_output_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -57,9 +88,10 @@ class ColumnParallelLinear(LinearBase):
         tp_size = tp_rank_size()[1]
         if output_size % tp_size:
             raise ValueError(f"output size {output_size} does not divide by tensor_parallel_size={tp_size}")
-        super().__init__(input_size, output_size // tp_size, bias)
+        super().__init__(input_size, output_size // tp_size, bias, (output_size, input_size))
 
     def weight_loader(self, param, loaded, *args):
+        check_shape(loaded, self.checkpoint_shape(param))
         size = param.shape[0]
         param.data.copy_(materialize(narrow(loaded, 0, self.tp_rank * size, size)))
 
@@ -69,9 +101,14 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
         self.output_sizes = output_sizes
+        self.shard_ids = tuple(range(len(output_sizes)))
         super().__init__(input_size, sum(output_sizes), bias)
 
+    def checkpoint_rows(self, shard_id: int) -> int:
+        return self.output_sizes[shard_id]
+
     def weight_loader(self, param, loaded, shard_id: int):
+        check_shape(loaded, self.checkpoint_shape(param, shard_id))
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         part = narrow(loaded, 0, self.tp_rank * size, size)
@@ -82,17 +119,25 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Q, K and V projections in one matrix.  Each rank keeps its query heads and their KV heads; when
     there are fewer KV heads than ranks, each KV head is replicated on the ranks that need it."""
 
+    shard_ids = ("q", "k", "v")
+
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
         tp_rank, tp_size = tp_rank_size()
         check_head_split(num_heads, num_kv_heads, tp_size)
         self.head_dim = head_dim
+        self.whole_num_heads, self.whole_num_kv_heads = num_heads, num_kv_heads
         self.num_heads = num_heads // tp_size
         self.num_kv_heads = max(1, num_kv_heads // tp_size)
         self.kv_replicas = max(1, tp_size // num_kv_heads)  # ranks sharing one KV head
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim
-        LinearBase.__init__(self, hidden_size, out, bias)
+        whole = (num_heads + 2 * num_kv_heads) * head_dim, hidden_size
+        LinearBase.__init__(self, hidden_size, out, bias, whole)
+
+    def checkpoint_rows(self, shard_id: str) -> int:
+        return (self.whole_num_heads if shard_id == "q" else self.whole_num_kv_heads) * self.head_dim
 
     def weight_loader(self, param, loaded, shard_id: str):
+        check_shape(loaded, self.checkpoint_shape(param, shard_id))
         hd, nh, nkv = self.head_dim, self.num_heads, self.num_kv_heads
         if shard_id == "q":
             offset, size, start = 0, nh * hd, self.tp_rank * nh * hd
@@ -117,9 +162,10 @@ class RowParallelLinear(LinearBase):
         tp_size = tp_rank_size()[1]
         if input_size % tp_size:
             raise ValueError(f"input size {input_size} does not divide by tensor_parallel_size={tp_size}")
-        super().__init__(input_size // tp_size, output_size, bias)
+        super().__init__(input_size // tp_size, output_size, bias, (output_size, input_size))
 
     def weight_loader(self, param, loaded, *args):
+        check_shape(loaded, self.checkpoint_shape(param))
         if param.dim() == 1:  # the bias is added once, on rank 0
             param.data.copy_(materialize(loaded) if self.tp_rank == 0 else torch.zeros_like(param))
             return

@@ -159,6 +159,13 @@ class LlamaForCausalLM(nn.Module):
                 return name.replace(ckpt, ours), shard
         return name, None
 
+    def param_to_checkpoint_name(self, pname: str, shard) -> str:
+        """The inverse, in the HF checkpoints' naming: the tensor that fills ``pname`` (its piece ``shard``)."""
+        for ckpt, (ours, piece) in self.packed_modules.items():
+            if piece == shard and f".{ours}." in pname:
+                return f"model.{pname.replace(ours, ckpt)}"
+        return pname if pname.startswith("lm_head") else f"model.{pname}"
+
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     qkv_bias = True
