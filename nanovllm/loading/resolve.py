@@ -13,6 +13,14 @@ from nanovllm.models import MODEL_REGISTRY, model_class
 
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
+_DTYPE_HINT = "use 'auto', 'float32', 'bfloat16' or 'float16' (or one of those torch dtypes)"
+
+# The sizes the model is built from.  transformers fills a missing one with a default of its own (hidden_size
+# 4096 ...), and loading then fails on a tensor's size, so a config.json must state them
+_REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+_TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json")
 
 
 @dataclass(frozen=True)
@@ -52,6 +60,8 @@ def resolve_device(device) -> torch.device:
 
 def resolve_dtype(dtype, device: torch.device, hf_config) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ValueError(f"unsupported dtype={dtype}: {_DTYPE_HINT}")
         return dtype
     if dtype == "auto":
         if device.type == "cpu":
@@ -59,8 +69,8 @@ def resolve_dtype(dtype, device: torch.device, hf_config) -> torch.dtype:
         cfg = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
         cfg = _DTYPES.get(str(cfg).removeprefix("torch."), torch.bfloat16)
         return torch.bfloat16 if cfg == torch.float32 else cfg
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: use 'auto', 'float32', 'bfloat16' or 'float16'")
+    if not isinstance(dtype, str) or dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype={dtype!r}: {_DTYPE_HINT}")
     return _DTYPES[dtype]
 
 
@@ -97,29 +107,68 @@ def resolve_model(model: str | Path) -> Path:
     raise FileNotFoundError(f"model {str(model)!r}: no such file or folder")
 
 
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path``; a ValueError naming the file if it is not valid JSON or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r})") from e
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object ({{...}}), found a {type(data).__name__}")
+    return data
+
+
 def read_config(model_dir: Path):
-    """The model's transformers config, after checking that we support its architecture."""
-    raw = json.loads((model_dir / "config.json").read_text())
-    archs = raw.get("architectures") or []
-    if not any(a in MODEL_REGISTRY for a in archs):
-        raise ValueError(f"unsupported architecture {archs or raw.get('model_type')!r} in {model_dir.name}; "
-                         f"supported: {sorted(MODEL_REGISTRY)}")
+    """The model's transformers config, after checking that we support its architecture and that it states
+    every size the model is built from."""
+    path = model_dir / "config.json"
+    raw = read_json(path)
+    check_architectures(raw, path)
+    check_sizes(raw, path)
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_dir)
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # transformers' own checks name no file
+        raise ValueError(f"{path}: transformers cannot read it: {type(e).__name__}: {e}") from e
+
+
+def check_architectures(raw: dict, path: Path) -> None:
+    archs = raw.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ValueError(f"{path}: 'architectures' must be a list of names such as ['Qwen3ForCausalLM'], "
+                         f"found {archs!r}")
+    if not any(a in MODEL_REGISTRY for a in archs):
+        raise ValueError(f"{path}: unsupported architecture {archs or raw.get('model_type')!r}; "
+                         f"supported: {sorted(MODEL_REGISTRY)}")
+
+
+def check_sizes(raw: dict, path: Path) -> None:
+    for key in _REQUIRED_SIZES + _OPTIONAL_SIZES:
+        value = raw.get(key)
+        if value is None and key in _OPTIONAL_SIZES:
+            continue
+        if key not in raw:
+            raise ValueError(f"{path}: {key!r} is missing (a positive integer that the model is built from)")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{path}: {key!r} must be a positive integer, found {value!r}")
 
 
 def read_eos_token_ids(model_dir: Path, hf_config) -> tuple[int, ...]:
     """End-of-sequence ids as HF's generate sees them: generation_config.json first, else config.json."""
-    eos = None
-    gen = model_dir / "generation_config.json"
-    if gen.is_file():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
+    eos, source = None, model_dir / "generation_config.json"
+    if source.is_file():
+        eos = read_json(source).get("eos_token_id")
     if eos is None:
-        eos = getattr(hf_config, "eos_token_id", None)
+        eos, source = getattr(hf_config, "eos_token_id", None), model_dir / "config.json"
     if eos is None:
         return ()
-    return tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    ids = list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"{source}: 'eos_token_id' must be a token id or a list of them, found {eos!r}")
+    return tuple(ids)
 
 
 def load_tokenizer(model_dir: Path):
@@ -129,4 +178,12 @@ def load_tokenizer(model_dir: Path):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # transformers names no file: find the broken one, else name them all
+        present = [n for n in (*_TOKENIZER_JSON, "tokenizer.model") if (model_dir / n).is_file()]
+        for name in present:
+            if name.endswith(".json"):
+                read_json(model_dir / name)
+        raise OSError(f"cannot load the tokenizer in {model_dir} ({', '.join(present)}): "
+                      f"{type(e).__name__}: {e}") from e

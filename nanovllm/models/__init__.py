@@ -10,7 +10,9 @@ MODEL_REGISTRY = {
 
 
 def model_class(hf_config):
-    archs = list(getattr(hf_config, "architectures", None) or [])
+    archs = getattr(hf_config, "architectures", None) or []
+    if isinstance(archs, str):  # list("Qwen3ForCausalLM") would be its letters
+        raise ValueError(f"'architectures' must be a list of names, found the string {archs!r}: write [{archs!r}]")
     for arch in archs:
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
