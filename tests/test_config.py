@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from nanovllm.config import EngineConfig, add_engine_args, engine_kwargs
-from nanovllm.utils import cdiv, check_int
+from nanovllm.utils import cdiv, check_bool, check_int
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -102,3 +102,26 @@ def test_numpy_integers_are_taken_where_ints_are():
     p = SamplingParams(max_tokens=np.int64(8), top_k=np.int32(5))
     assert (p.max_tokens, p.top_k) == (8, 5) and type(p.max_tokens) is int
     assert EngineConfig(max_num_seqs=np.int64(4)).max_num_seqs == 4
+
+
+def test_check_bool_names_the_argument():
+    assert check_bool("b", True) is True and check_bool("b", np.bool_(False)) is False
+    for value, kind in (("no", "str"), (1, "int"), (0, "int"), (None, "NoneType"), (np.array([True]), "ndarray")):
+        with pytest.raises(TypeError, match=f"b must be a bool, got {kind}"):
+            check_bool("b", value)
+
+
+@pytest.mark.parametrize("name", [f.name for f in fields(EngineConfig) if isinstance(f.default, bool)])
+@pytest.mark.parametrize("value", ["no", "yes", 0, None])
+def test_switches_must_be_bools(name, value):
+    """"no" is not taken as True, nor 0 as False: a switch is a bool (numpy's too)."""
+    with pytest.raises(TypeError, match=f"{name} must be a bool, got {type(value).__name__}"):
+        EngineConfig(**{name: value})
+    assert getattr(EngineConfig(**{name: np.bool_(False)}), name) is False
+
+
+def test_max_model_len_leaves_room_for_a_prompt_and_a_token():
+    """A prompt of one token and one generated token need max_model_len >= 2: with 1, no prompt could run."""
+    with pytest.raises(ValueError, match="max_model_len must be >= 2, got 1"):
+        EngineConfig(max_model_len=1)
+    assert EngineConfig(max_model_len=2).max_model_len == 2
