@@ -62,7 +62,10 @@ def test_my_scheduler_in_the_engine(ch05, tiny_llm):
     prompts = [[rng.randint(0, 500) for _ in range(rng.randint(3, 40))] for _ in range(8)]
     params = [SamplingParams(temperature=0, max_tokens=rng.randint(2, 20), ignore_eos=True) for _ in prompts]
     tight = dict(max_num_seqs=3, max_num_batched_tokens=16, num_blocks=6)
+    tiny_llm.overlapped = object()  # stands for a GPU engine's overlapped loop, tied to the old scheduler
     ch05.configure(tiny_llm, ch05.MyScheduler, **tight)
+    assert tiny_llm.overlapped is None and isinstance(tiny_llm.scheduler, ch05.MyScheduler)
+    assert tiny_llm.scheduler.block_manager is tiny_llm.block_manager and tiny_llm.block_manager.num_blocks == 6
     my_tokens, my_steps = ch05.drive(tiny_llm, prompts, params)
     my_preemptions = tiny_llm.scheduler.num_preemptions
     ch05.configure(tiny_llm, Scheduler, **tight)
