@@ -289,6 +289,25 @@ def test_measure_counts_output_tokens(ch10, tiny_qwen3):
     assert len(llm.step_log) > 1 and sum(not p for p, *_ in llm.step_log) == 6  # decode steps: 7 - 1
 
 
+def test_bench_flags_the_chapter_names_exist(capsys):
+    import json
+    import re
+
+    from nanovllm import bench
+    from nanovllm.config import EngineConfig
+
+    nb = json.loads((ROOT / "chapters" / "10_benchmark.ipynb").read_text())
+    prose = "".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "markdown")
+    flags = set(re.findall(r"`(--[a-z][a-z-]*)`", prose))
+    assert {"--kvcache-block-size", "--block-size", "--tp"} <= flags
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert all(re.search(rf"{flag}(?![\w-])", help_text) for flag in flags), flags
+    # "the benchmark's prefill steps hold up to 16,384 tokens ... LLM's default is 8,192"
+    assert bench.BENCH_PREFILL_TOKENS == 16_384 and EngineConfig().max_num_batched_tokens == 8_192
+
+
 # -- the results figure -------------------------------------------------------------------------------------
 def run_figure(csv_path, png_path):
     return subprocess.run([sys.executable, str(FIGURE_SCRIPT), str(csv_path), str(png_path)], cwd=ROOT,
