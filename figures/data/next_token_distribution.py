@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 
 from nanovllm import LLM
-from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import ScheduledBatch, Sequence
 from nanovllm.layers.sampler import apply_top_k_top_p
 
 PROMPT = "My favourite fruit is"
