@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import numbers
 import threading
 import time
 from dataclasses import replace
@@ -24,6 +25,7 @@ from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils import check_bool
 
 
 class LLM:
@@ -37,7 +39,7 @@ class LLM:
     def __init__(self, model: str | Path = DEFAULT_MODEL, **engine_args):
         """``model``: the embedded default's name, a HF-style folder, a .gguf file or a hub id.
         ``engine_args``: any field of ``nanovllm.config.EngineConfig`` (its defaults are the engine's)."""
-        from nanovllm.attention import backend_class, resolve_backend_name
+        from nanovllm.attention import backend_class, check_runs_here, resolve_backend_name
         from nanovllm.engine.model_runner import ModelRunner
         from nanovllm.loading.resolve import ResolvedModel, load_tokenizer, read_eos_token_ids
 
@@ -48,6 +50,7 @@ class LLM:
         self.tokenizer = load_tokenizer(self.model_dir)
         # what the settings become for this model and machine: a concrete backend, the block size it needs
         backend = resolve_backend_name(config.attention_backend, self.device, self.dtype)
+        check_runs_here(backend, self.device)
         self.config = config = replace(
             config, attention_backend=backend,
             kvcache_block_size=backend_class(backend).block_size(config.kvcache_block_size),
@@ -89,12 +92,15 @@ class LLM:
                 if self.tokenizer is None:
                     raise ValueError(f"prompt {i} is text, but the model at {self.model_dir.name} has no "
                                      "tokenizer: pass token-id lists instead")
+                check_text(f"prompt {i}", p)
                 toks = self.tokenizer(p).input_ids
                 texts.append(p)
             elif isinstance(p, (list, tuple)):
-                if not all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                    raise TypeError(f"prompt {i}: a token-id prompt must be a list of ints")
-                toks = list(p)
+                wrong = [t for t in p if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+                if wrong:
+                    raise TypeError(f"prompt {i}: a token-id prompt must be a list of ints, got a "
+                                    f"{type(wrong[0]).__name__} in it")
+                toks = [int(t) for t in p]  # numpy's integers too
                 texts.append(None)
             else:
                 raise TypeError(f"prompt {i} must be a str or a list of token ids, got {type(p).__name__}")
@@ -262,21 +268,24 @@ class LLM:
             bar.close()
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True):
-        """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them.
+        ``content`` is a str, or a list of ``{"type": "text", "text": str}`` parts (joined by newlines, as vLLM
+        does for chat templates that take a string)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no tokenizer with a chat template; use generate()")
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise TypeError("messages must be a list of {'role', 'content'} dicts, or a list of such lists")
-        conversations = [messages] if isinstance(messages[0], dict) else messages
+        from jinja2 import TemplateError
+
+        conversations = chat_conversations(messages)
+        add_generation_prompt = check_bool("add_generation_prompt", add_generation_prompt)
         prompts = []
         for i, conv in enumerate(conversations):
-            if not isinstance(conv, (list, tuple)) or not all(isinstance(m, dict) for m in conv):
-                raise TypeError(f"conversation {i} must be a list of {{'role', 'content'}} dicts")
-            text = self.tokenizer.apply_chat_template(list(conv), tokenize=False,
-                                                      add_generation_prompt=add_generation_prompt)
+            try:
+                text = self.tokenizer.apply_chat_template(conv, tokenize=False,
+                                                          add_generation_prompt=add_generation_prompt)
+            except TemplateError as e:  # the template's own checks (roles that must alternate, say)
+                raise ValueError(f"conversation {i}: the chat template refused it: {e}") from e
             prompts.append(self.tokenizer(text, add_special_tokens=False).input_ids)
-        outputs = self.generate(prompts, sampling_params, use_tqdm)
-        return outputs
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     # -- odds and ends -------------------------------------------------------------------------------
     def reset_prefix_cache(self) -> None:
@@ -300,3 +309,66 @@ class LLM:
         return (f"LLM(model={self.model_dir.name!r}, device={str(self.device)!r}, dtype={self.dtype}, "
                 f"kv_blocks={self.block_manager.num_blocks}x{self.config.kvcache_block_size})")
 
+
+
+def check_text(what: str, text: str) -> None:
+    """Text must be valid Unicode to be tokenized: a lone surrogate (left by decoding bytes with
+    ``errors="surrogateescape"``, say) is not, and the tokenizer would fail with an internal TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{what} is not valid Unicode: it holds a lone surrogate {text[e.start]!r} at character "
+                         f"{e.start}, which cannot be tokenized") from None
+
+
+def chat_conversations(messages) -> list[list[dict]]:
+    """``messages`` (one conversation, or a list of them) as a list of conversations whose messages each have
+    a str ``role`` and a str ``content`` (text parts joined); a clear error naming the message otherwise."""
+    if not isinstance(messages, (list, tuple)):
+        raise TypeError("messages must be a list of {'role', 'content'} dicts (one conversation) or a list of "
+                        f"such lists, got {type(messages).__name__}")
+    if not messages:
+        raise ValueError("messages is empty: a conversation needs one message at least")
+    single = isinstance(messages[0], dict)
+    conversations = []
+    for i, conv in enumerate([messages] if single else messages):
+        name = "" if single else f"conversation {i}, "
+        if not isinstance(conv, (list, tuple)):
+            raise TypeError(f"conversation {i} must be a list of {{'role', 'content'}} dicts, "
+                            f"got {type(conv).__name__}")
+        if not conv:
+            raise ValueError(f"conversation {i} is empty: a conversation needs one message at least")
+        conversations.append([_chat_message(f"{name}message {j}", m) for j, m in enumerate(conv)])
+    return conversations
+
+
+def _chat_message(where: str, m) -> dict:
+    if not isinstance(m, dict):
+        raise TypeError(f"{where} must be a {{'role', 'content'}} dict, got {type(m).__name__}")
+    for key in ("role", "content"):
+        if key not in m:
+            raise ValueError(f"{where} has no {key!r}: every message needs a 'role' and a 'content'")
+    role, content = m["role"], m["content"]
+    if not isinstance(role, str):
+        raise TypeError(f"{where}: role must be a str ('system', 'user', 'assistant'), got {type(role).__name__}")
+    check_text(f"{where}'s role", role)
+    if isinstance(content, (list, tuple)):
+        content = "\n".join(_text_part(f"{where}, content part {k}", part) for k, part in enumerate(content))
+    elif not isinstance(content, str):
+        raise TypeError(f"{where}: content must be a str or a list of {{'type': 'text', 'text': str}} parts, "
+                        f"got {type(content).__name__}")
+    check_text(f"{where}'s content", content)
+    return {**m, "content": content}
+
+
+def _text_part(where: str, part) -> str:
+    if not isinstance(part, dict):
+        raise TypeError(f"{where} must be a {{'type': 'text', 'text': str}} dict, got {type(part).__name__}")
+    if part.get("type") != "text":
+        raise ValueError(f"{where} has type {part.get('type')!r}: only text parts ({{'type': 'text', 'text': "
+                         "str}) are supported")
+    if "text" not in part:
+        raise ValueError(f"{where} has no 'text'")
+    if not isinstance(part["text"], str):
+        raise TypeError(f"{where}: text must be a str, got {type(part['text']).__name__}")
+    return part["text"]

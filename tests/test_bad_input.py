@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
-from conftest import hf_greedy
+from conftest import hf_greedy, make_tiny_model
 
 from nanovllm import LLM, SamplingParams
 
@@ -82,9 +87,25 @@ def rejects(engine, prompts, params, exc, *words):
     ("hello", ValueError, ["tokenizer"]),
     ([GOOD, "hello"], ValueError, ["prompt 1", "tokenizer"]),
     ([GOOD, [600]], ValueError, ["prompt 1", "600"]),  # one bad prompt: nothing runs, not even the good one
+    ([list(np.array([5, 600]))], ValueError, ["600", "vocab"]),  # numpy ints are checked like ints
+    ([[np.float32(1.0)]], TypeError, ["int", "float32"]),
+    ([[np.bool_(True)]], TypeError, ["int", "bool"]),
 ], ids=lambda v: repr(v)[:30] if not isinstance(v, type) else v.__name__)
 def test_bad_prompts(engine, prompts, exc, words):
     rejects(engine, prompts, GREEDY, exc, *words)
+
+
+def test_numpy_integer_token_ids_are_taken(engine):
+    """Token ids straight from numpy (an array's elements, any integer type) are ids like any other."""
+    llm, _, expected = engine
+    [out] = llm.generate([list(np.array(GOOD, dtype=np.int64))], GREEDY, use_tqdm=False)
+    assert out.token_ids == expected and out.prompt_token_ids == GOOD
+    assert all(type(t) is int for t in out.prompt_token_ids)
+    seq = llm.add_request(list(np.array(GOOD, dtype=np.int32)), GREEDY)
+    while llm.step()[0] is not None:
+        pass
+    assert llm.output(seq).token_ids == expected
+    assert_clean_and_working(llm, expected)
 
 
 def test_bad_prompt_through_add_request(engine):
@@ -108,6 +129,10 @@ def test_bad_prompt_through_add_request(engine):
     (dict(top_p=1.5), ValueError, ["top_p", "1.5"]),
     (dict(top_p=-0.1), ValueError, ["top_p"]),
     (dict(top_k=-2), ValueError, ["top_k", "-2"]),
+    (dict(top_k=2 ** 63), ValueError, ["top_k", str(2 ** 63)]),  # the sampler's int64 cannot hold it
+    (dict(temperature=math.inf), ValueError, ["temperature", "inf"]),
+    (dict(stop_token_ids=5), TypeError, ["stop_token_ids", "int"]),
+    (dict(ignore_eos="no"), TypeError, ["ignore_eos", "str"]),  # not taken as True
 ])
 def test_bad_sampling_params_fail_when_made(engine, kwargs, exc, words):
     with pytest.raises(exc) as info:
@@ -116,6 +141,25 @@ def test_bad_sampling_params_fail_when_made(engine, kwargs, exc, words):
         assert w in str(info.value)
     _, _, expected = engine
     assert_clean_and_working(engine[0], expected)
+
+
+def test_what_sampling_params_accept_runs(engine):
+    """The extremes validation lets through run to the end: the largest top_k, a huge temperature."""
+    llm, _, expected = engine
+    for params in (SamplingParams(top_k=2 ** 63 - 1, seed=1, max_tokens=3),
+                   SamplingParams(temperature=1e300, top_k=5, seed=2, max_tokens=3)):
+        [out] = llm.generate([GOOD], params, use_tqdm=False)
+        assert len(out.token_ids) == 3
+    assert_clean_and_working(llm, expected)
+
+
+def test_stop_token_ids_from_a_generator_stop_the_request(engine):
+    llm, _, expected = engine
+    stop = expected[3]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop_token_ids=(t for t in [stop]))
+    [out] = llm.generate([GOOD], params, use_tqdm=False)
+    assert out.token_ids == expected[:expected.index(stop) + 1] and out.finish_reason == "stop"
+    assert_clean_and_working(llm, expected)
 
 
 @pytest.mark.parametrize("prompts, params, exc, words", [
@@ -142,6 +186,105 @@ def test_request_that_can_never_fit_in_the_kv_cache(tiny_qwen3):
     assert "prompt 1" in str(info.value) and "num_kvcache_blocks" in str(info.value)
     assert calls == []
     assert_clean_and_working(llm, hf_greedy(hf, GOOD, 10))
+
+
+# -- text and chat ----------------------------------------------------------------------------------
+
+HELLO = [{"role": "user", "content": "Hello there"}]
+
+
+@pytest.fixture(scope="module")
+def chat_engine(tmp_path_factory):
+    """A tiny random-weight Llama with a real tokenizer and chat template (the embedded SmolLM2's)."""
+    from nanovllm.loading.embedded import embedded_model_dir
+
+    src = embedded_model_dir(progress=False)
+    path = tmp_path_factory.mktemp("tiny-chat")
+    make_tiny_model("llama", path, vocab_size=49152)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copy(src / name, path / name)
+    llm = LLM(str(path), max_model_len=128, num_kvcache_blocks=32)
+    calls = []
+    run = llm.runner.run
+    llm.runner.run = lambda batch, *a, **kw: calls.append(1) or run(batch, *a, **kw)
+    [out] = llm.chat(HELLO, GREEDY, use_tqdm=False)
+    return llm, calls, out.token_ids
+
+
+def chat_still_works(llm, expected):
+    bm = llm.block_manager
+    assert not llm.scheduler.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+    [out] = llm.chat(HELLO, GREEDY, use_tqdm=False)
+    assert out.token_ids == expected and bm.num_free_blocks == bm.num_blocks
+
+
+PART = {"type": "text", "text": "Hello"}
+
+
+@pytest.mark.parametrize("messages, exc, words", [
+    ([{"role": "user"}], ValueError, ["message 0", "'content'"]),
+    ([{"content": "hi"}], ValueError, ["message 0", "'role'"]),
+    ([{"role": "user", "content": 5}], TypeError, ["message 0", "content", "int"]),
+    ([{"role": "user", "content": None}], TypeError, ["content", "NoneType"]),
+    ([{"role": 5, "content": "hi"}], TypeError, ["role", "int"]),
+    ([{"role": "user", "content": [5]}], TypeError, ["part 0", "int"]),
+    ([{"role": "user", "content": [PART, {"type": "text"}]}], ValueError, ["part 1", "'text'"]),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}], ValueError,
+     ["image_url", "text"]),
+    ([{"role": "user", "content": "hi"}, "oops"], TypeError, ["message 1", "str"]),
+    ([HELLO, [{"role": "user"}]], ValueError, ["conversation 1", "message 0", "'content'"]),
+    ([{"role": "user", "content": "a\ud800b"}], ValueError, ["message 0", "surrogate", "1"]),
+    ([{"role": "user\udfff", "content": "hi"}], ValueError, ["message 0", "role", "surrogate"]),
+    ([], ValueError, ["empty"]),
+    ([[]], ValueError, ["conversation 0", "empty"]),
+    ({"role": "user", "content": "hi"}, TypeError, ["dict"]),
+    ("hello", TypeError, ["str"]),
+], ids=lambda v: repr(v)[:40] if not isinstance(v, type) else v.__name__)
+def test_bad_chat_messages(chat_engine, messages, exc, words):
+    llm, calls, expected = chat_engine
+    before = len(calls)
+    with pytest.raises(exc) as info:
+        llm.chat(messages, GREEDY, use_tqdm=False)
+    assert len(calls) == before, "the engine ran a step before rejecting the input"
+    for w in words:
+        assert w in str(info.value), f"{info.value!r} does not mention {w!r}"
+    chat_still_works(llm, expected)
+
+
+def test_chat_content_as_text_parts(chat_engine):
+    """OpenAI-style content parts, as vLLM takes them: the texts joined by newlines."""
+    llm, _, expected = chat_engine
+    parts = [{"role": "user", "content": [PART, {"type": "text", "text": "there"}]}]
+    [a] = llm.chat(parts, GREEDY, use_tqdm=False)
+    [b] = llm.chat([{"role": "user", "content": "Hello\nthere"}], GREEDY, use_tqdm=False)
+    assert a.prompt_token_ids == b.prompt_token_ids and a.token_ids == b.token_ids
+    chat_still_works(llm, expected)
+
+
+def test_chat_template_refusal_is_a_value_error(chat_engine, monkeypatch):
+    llm, calls, expected = chat_engine
+    monkeypatch.setattr(llm.tokenizer, "chat_template", "{{ raise_exception('roles must alternate') }}")
+    with pytest.raises(ValueError, match="conversation 0.*roles must alternate"):
+        llm.chat(HELLO, GREEDY, use_tqdm=False)
+    monkeypatch.undo()
+    chat_still_works(llm, expected)
+
+
+@pytest.mark.parametrize("prompts, words", [
+    ("abc\ud800", ["prompt 0", "surrogate", "3"]),
+    (["fine", "\udc80x"], ["prompt 1", "surrogate", "0"]),
+])
+def test_lone_surrogate_in_text(chat_engine, prompts, words):
+    """Text that is not valid Unicode (a lone surrogate, as from a bad decode) cannot be tokenized."""
+    llm, calls, expected = chat_engine
+    before = len(calls)
+    with pytest.raises(ValueError) as info:
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert len(calls) == before
+    for w in words:
+        assert w in str(info.value), f"{info.value!r} does not mention {w!r}"
+    chat_still_works(llm, expected)
 
 
 # -- the engine's own arguments ---------------------------------------------------------------------
@@ -186,6 +329,9 @@ def test_unsupported_architecture(tmp_path):
     (dict(max_num_seqs="4"), TypeError, ["max_num_seqs"]),
     (dict(max_num_batched_tokens=0), ValueError, ["max_num_batched_tokens"]),
     (dict(max_model_len=0), ValueError, ["max_model_len"]),
+    (dict(max_model_len=1), ValueError, ["max_model_len", "2"]),  # no prompt could run
+    (dict(enable_prefix_caching="no"), TypeError, ["enable_prefix_caching", "bool", "str"]),
+    (dict(enforce_eager="yes"), TypeError, ["enforce_eager", "bool", "str"]),
     (dict(kvcache_block_size=12), ValueError, ["kvcache_block_size", "12"]),
     (dict(kvcache_block_size=0), ValueError, ["kvcache_block_size"]),
     (dict(gpu_memory_utilization=1.5), ValueError, ["gpu_memory_utilization"]),
@@ -209,6 +355,22 @@ def test_cuda_without_a_gpu(tiny_qwen3, device):
     path, _ = tiny_qwen3
     with pytest.raises(ValueError, match="CUDA|GPU"):
         LLM(str(path), device=device)
+
+
+def test_triton_backend_on_a_cpu_needs_the_interpreter(tiny_qwen3):
+    """Without a GPU, Triton kernels run only under its interpreter (TRITON_INTERPRET=1 before triton is
+    imported, as the tests do): otherwise the engine is refused when made, not at every generate."""
+    pytest.importorskip("triton")
+    path, _ = tiny_qwen3
+    code = ("import sys\nfrom nanovllm import LLM\n"
+            "try:\n    LLM(sys.argv[1], device='cpu', attention_backend='triton')\n"
+            "except ValueError as e:\n    print('ValueError:', e)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    for w in ("ValueError", "attention_backend='triton'", "TRITON_INTERPRET=1", "'torch'"):
+        assert w in out.stdout, f"{out.stdout!r} does not mention {w!r}"
 
 
 # -- failures inside a step -------------------------------------------------------------------------

@@ -42,6 +42,24 @@ def resolve_backend_name(name: str, device: torch.device, dtype: torch.dtype) ->
     raise AssertionError("the torch backend is always usable")
 
 
+def check_runs_here(name: str, device: torch.device) -> None:
+    """Refuse, with a ValueError, a concrete backend that could be built on ``device`` but would fail at its
+    first step.  ``LLM`` asks before loading the model.  (The registry itself builds any backend anywhere:
+    tests take them apart on a CPU.)"""
+    if name == "triton" and device.type != "cuda" and not triton_interpreted():
+        raise ValueError(
+            f"attention_backend='triton' on device {str(device)!r}: its kernels need a CUDA GPU, or on a CPU "
+            "Triton's interpreter (slow; the tests use it), which is off: set TRITON_INTERPRET=1 in the "
+            "environment before the kernels are first imported, or use attention_backend='torch' (or 'auto')")
+
+
+def triton_interpreted() -> bool:
+    """Whether our Triton kernels were defined under Triton's interpreter (``TRITON_INTERPRET=1`` when their
+    module was imported): the only way they run on a CPU."""
+    module = importlib.import_module(BACKENDS["triton"][0])
+    return type(module._store_kvcache_kernel).__name__ == "InterpretedFunction"
+
+
 def create_backend(name: str, device: torch.device, dtype: torch.dtype):
     """The attention backend ``name`` ("auto": see ``resolve_backend_name``)."""
     return backend_class(resolve_backend_name(name, device, dtype))()

@@ -20,12 +20,15 @@ already converted folder costs milliseconds.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
 import shutil
+import struct
 import sys
 import tempfile
 import time
@@ -113,7 +116,8 @@ def gguf_model_dir(gguf_path: str | os.PathLike, progress: bool = True, name: st
 
     The cache subfolder is named after ``name`` (default: the file's stem) and a short hash of the file's
     name, size and ``source_version`` (or its mtime when no version is given), so a new file converts again.
-    Concurrent callers are serialized by a lock file; the folder appears by an atomic rename, complete."""
+    Concurrent callers are serialized by a lock file, removed afterwards; the folder appears by an atomic
+    rename, complete. The file's header is checked first: a corrupt file fails at once, naming itself."""
     gguf_path = Path(gguf_path)
     st = gguf_path.stat()
     stamp = source_version or str(st.st_mtime_ns)
@@ -124,6 +128,7 @@ def gguf_model_dir(gguf_path: str | os.PathLike, progress: bool = True, name: st
     if _is_complete(out_dir):
         return out_dir
 
+    read_gguf_metadata(gguf_path)
     root.mkdir(parents=True, exist_ok=True)
     with _file_lock(root / f".{out_dir.name}.lock"):
         if _is_complete(out_dir):  # another process converted it while we waited
@@ -145,71 +150,139 @@ def _is_complete(folder: Path) -> bool:
 
 @contextmanager
 def _file_lock(path: Path):
+    """An exclusive lock on ``path``, which is removed on the way out (success or failure), so the cache
+    keeps no lock files.  A lock file left behind (a killed process) is simply taken over."""
     try:
         import fcntl
     except ImportError:  # not POSIX: rely on the atomic rename in convert_gguf
         yield
         return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    fd = _lock_fd(path, fcntl)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # while still held: a process waiting on this file sees it gone and retries
+        os.close(fd)
+
+
+def _lock_fd(path: Path, fcntl) -> int:
+    """Lock the file at ``path``, retrying when its holder removed it while we waited for it."""
+    while True:
         try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except PermissionError:  # not a lock of ours (we make them readable): a leftover, taken over
+            path.unlink()
+            continue
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_HEADER_BYTES = 24  # magic, version, tensor count, key/value count
 
 
 def read_gguf_metadata(gguf_path: str | os.PathLike) -> dict:
     """The scalar and string key/values of a GGUF file's header; arrays (vocabulary, merges ...) are skipped.
+    Also checks that the tensor data the header describes is all in the file.
 
-    A few lines of struct instead of gguf.GGUFReader, which parses every array and takes seconds."""
+    A few lines of struct instead of gguf.GGUFReader, which parses every array and takes seconds.  A file
+    that is too short, truncated or corrupt gives a ValueError naming it."""
     import mmap
-    import struct
 
-    def scalar(buf, pos, vtype):
-        fmt = _GGUF_SCALARS[vtype]
-        return struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
-
-    def string(buf, pos):
-        (n,) = struct.unpack_from("<Q", buf, pos)
-        return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
-
-    def skip_array(buf, pos):
-        etype, count = struct.unpack_from("<IQ", buf, pos)
-        pos += 12
-        if etype in _GGUF_SCALARS:
-            return pos + count * struct.calcsize(_GGUF_SCALARS[etype])
-        for _ in range(count):
-            if etype == _GGUF_STRING:
-                pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
-            elif etype == _GGUF_ARRAY:
-                pos = skip_array(buf, pos)
-            else:
-                raise ValueError(f"unknown GGUF value type {etype}")
-        return pos
-
+    name = repr(os.fspath(gguf_path))
+    size = os.path.getsize(gguf_path)
+    if size < _GGUF_HEADER_BYTES:
+        raise ValueError(f"{name} is not a GGUF file: {size} bytes, too short for a GGUF header")
     with open(gguf_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        magic, version = struct.unpack_from("<4sI", buf, 0)
+        magic, version, tensor_count, kv_count = struct.unpack_from("<4sIQQ", buf, 0)
         if magic != b"GGUF" or version < 2:
-            raise ValueError(f"{os.fspath(gguf_path)!r} is not a GGUF (v2+) file")
-        tensor_count, kv_count = struct.unpack_from("<QQ", buf, 8)
-        meta, pos = {"GGUF.version": version, "GGUF.tensor_count": tensor_count}, 24
-        for _ in range(kv_count):
-            key, pos = string(buf, pos)
-            (vtype,) = struct.unpack_from("<I", buf, pos)
-            pos += 4
-            if vtype == _GGUF_STRING:
-                meta[key], pos = string(buf, pos)
-            elif vtype == _GGUF_ARRAY:
-                pos = skip_array(buf, pos)
-            elif vtype in _GGUF_SCALARS:
-                meta[key], pos = scalar(buf, pos, vtype)
-            else:
-                raise ValueError(f"unknown GGUF value type {vtype} for key {key!r}")
+            raise ValueError(f"{name} is not a GGUF (v2+) file")
+        meta = {"GGUF.version": version, "GGUF.tensor_count": tensor_count}
+        try:
+            pos = _read_key_values(buf, _GGUF_HEADER_BYTES, kv_count, meta, name)
+        except struct.error:
+            raise ValueError(f"{name}: truncated or corrupt GGUF metadata: it runs past the end of the file "
+                             f"({size} bytes); keys read: {len(meta) - 2} of {kv_count}") from None
+        _check_tensor_data(buf, pos, meta, name)
     return meta
+
+
+def _string(buf, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", buf, pos)
+    if pos + 8 + n > len(buf):
+        raise struct.error(f"a string of {n} bytes at byte {pos}")
+    return bytes(buf[pos + 8:pos + 8 + n]).decode("utf-8", errors="replace"), pos + 8 + n
+
+
+def _skip_array(buf, pos: int, name: str) -> int:
+    etype, count = struct.unpack_from("<IQ", buf, pos)
+    pos += 12
+    if etype in _GGUF_SCALARS:
+        return pos + count * struct.calcsize(_GGUF_SCALARS[etype])
+    if etype not in (_GGUF_STRING, _GGUF_ARRAY):
+        raise ValueError(f"{name}: unknown GGUF value type {etype} in an array")
+    for _ in range(count):
+        if etype == _GGUF_STRING:
+            pos += 8 + struct.unpack_from("<Q", buf, pos)[0]
+        else:
+            pos = _skip_array(buf, pos, name)
+    return pos
+
+
+def _read_key_values(buf, pos: int, count: int, meta: dict, name: str) -> int:
+    """Read ``count`` key/values into ``meta``; returns where the tensor infos start."""
+    for _ in range(count):
+        key, pos = _string(buf, pos)
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        if vtype == _GGUF_STRING:
+            meta[key], pos = _string(buf, pos)
+        elif vtype == _GGUF_ARRAY:
+            pos = _skip_array(buf, pos, name)
+        elif vtype in _GGUF_SCALARS:
+            fmt = _GGUF_SCALARS[vtype]
+            meta[key], pos = struct.unpack_from(fmt, buf, pos)[0], pos + struct.calcsize(fmt)
+        else:
+            raise ValueError(f"{name}: unknown GGUF value type {vtype} for key {key!r}")
+    return pos
+
+
+def _check_tensor_data(buf, pos: int, meta: dict, name: str) -> None:
+    """Each tensor the header lists (name, shape, type, offset) lies inside the file: a truncated file fails
+    here, naming the first tensor cut off, instead of deep inside the dequantization."""
+    from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT
+
+    tensors = []
+    try:
+        for _ in range(meta["GGUF.tensor_count"]):
+            tname, pos = _string(buf, pos)
+            (n_dims,) = struct.unpack_from("<I", buf, pos)
+            if n_dims > 8:
+                raise struct.error(f"{n_dims} dimensions")
+            dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+            ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+            pos += 16 + 8 * n_dims
+            tensors.append((tname, dims, ttype, offset))
+    except struct.error:
+        raise ValueError(f"{name}: truncated or corrupt GGUF tensor list (tensor {len(tensors) + 1} of "
+                         f"{meta['GGUF.tensor_count']}); the file has {len(buf)} bytes") from None
+    align = meta.get("general.alignment", GGUF_DEFAULT_ALIGNMENT)
+    start = -(-pos // align) * align
+    for tname, dims, ttype, offset in sorted(tensors, key=lambda t: t[3]):
+        if ttype not in GGML_QUANT_SIZES:
+            raise ValueError(f"{name}: tensor {tname!r} has unknown GGML type {ttype}")
+        block, block_bytes = GGML_QUANT_SIZES[ttype]
+        end = start + offset + math.prod(dims) // block * block_bytes
+        if end > len(buf):
+            raise ValueError(f"{name} is truncated: tensor {tname!r} {list(dims)} needs bytes up to {end}, "
+                             f"the file has {len(buf)} bytes")
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, progress: bool = True) -> Path:
