@@ -1,5 +1,6 @@
-"""Tensor parallelism on the CPU (gloo): TP=2 gives the same greedy tokens as TP=1, and engines start and
-stop without leaving anything behind.
+"""Tensor parallelism on the CPU (gloo): TP=2 gives the same greedy tokens as TP=1, engines start and
+stop without leaving anything behind, and a worker that dies, stops or hangs is found within seconds
+(while one that computes for long is left alone), and Ctrl-C always stops the engine.
 
 Starting a TP=2 engine spawns a worker that imports torch (seconds), so the engines that compare outputs
 are shared by the whole module: one tiny Qwen3 (4 query, 2 KV heads: both split over the ranks) and one
@@ -10,10 +11,15 @@ batch budget low, so the runs go through chunked prefill, preemption and prefix-
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import gc
 import multiprocessing as mp
 import os
 import pickle
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -55,6 +61,65 @@ def shm() -> set[str]:
 
 def gone(pids) -> bool:
     return not any(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def threads_and_fds() -> tuple[int, int]:
+    """This process's threads (every OS thread: gloo's and the store's too, not only Python's) and fds."""
+    return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+
+
+class InWorker:
+    """Unpickled by a worker in its step loop: runs ``code`` there, then is the message ``msg`` that rank 0
+    meant to send, so the step goes on as usual afterwards (when ``code`` returns).  The code's lines are
+    put in the worker's ``linecache`` under a file name, as a module's are, so that a stack printed in the
+    worker shows them (code run from a bare string has no lines to show)."""
+
+    FILE = "<injected by test_tensor_parallel>"
+
+    def __init__(self, code: str, msg: tuple):
+        self.code, self.msg = code, msg
+
+    def __reduce__(self):
+        lines = (len(self.code), None, self.code.splitlines(True), self.FILE)
+        return eval, (f"(__import__('linecache').cache.__setitem__({self.FILE!r}, {lines!r}), "
+                      f"exec(compile({self.code!r}, {self.FILE!r}, 'exec')), {self.msg!r})[2]",)
+
+
+def inject(monkeypatch, llm, code: str, at_step: int = 3, then=None) -> None:
+    """Have worker 1 run ``code`` before step ``at_step`` of rank 0 (and call ``then()`` when it is sent)."""
+    workers, sent = llm.runner.workers, []
+
+    def send(payload):
+        sent.append(1)
+        if len(sent) == at_step:
+            payload = pickle.dumps(InWorker(code, pickle.loads(payload)))
+            if then is not None:
+                then()
+        type(workers).send(workers, payload)
+
+    monkeypatch.setattr(workers, "send", send)
+
+
+def busy(seconds: float) -> str:
+    return f"import time\nt = time.monotonic() + {seconds}\nwhile time.monotonic() < t: pass"
+
+
+@contextlib.contextmanager
+def deadline(pids, seconds: float):
+    """Kill ``pids`` if the block still runs after ``seconds``: a regression (rank 0 stuck in a collective
+    that only a dead peer ends) then fails the test instead of hanging it."""
+
+    def kill():
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    timer = threading.Timer(seconds, kill)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -182,6 +247,95 @@ def test_keyboard_interrupt_stops_workers(model_dirs, monkeypatch):
         llm.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
     assert gone(pids) and not llm.has_unfinished_requests() and child_processes() == before
     llm.shutdown()  # idempotent
+
+
+LONG = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)  # ~80 steps
+
+
+@pytest.mark.parametrize("how,expect", [
+    ("os.kill(os.getpid(), signal.SIGKILL)", r"worker \(rank 1\) exited unexpectedly \(exit code -9"),
+    ("os.kill(os.getpid(), signal.SIGSTOP)", r"worker \(rank 1\) stopped responding: no heartbeat for .* s "
+                                              r"\(its process is stopped"),
+    ("time.sleep(60)", r"(?s)worker \(rank 1\) is stuck: .* s in a step.*time.sleep\(60\)"),
+])
+def test_dead_or_stuck_worker_fails_within_seconds(model_dirs, monkeypatch, how, expect):
+    """A worker killed, stopped or asleep mid-run: a clear error naming it within seconds, not a hang;
+    then the engine refuses further calls with the reason, and no process is left."""
+    before = child_processes()
+    llm = LLM(model_dirs["qwen3"], tensor_parallel_size=2, **ENGINE)
+    pids = llm.runner.worker_pids
+    llm.runner.workers.stall_timeout_s = 1.5
+    inject(monkeypatch, llm, f"import os, signal, time\n{how}", at_step=4)
+    t = time.monotonic()
+    with deadline(pids, 20), pytest.raises(RuntimeError, match=expect):
+        llm.generate(PROMPTS, LONG, use_tqdm=False)
+    took = time.monotonic() - t
+    assert took < 6, f"found after {took:.1f} s"
+    assert gone(pids) and child_processes() == before
+    assert not llm.has_unfinished_requests()
+    with pytest.raises(RuntimeError, match=f"(?s)shut down, after this failure.*{expect.removeprefix('(?s)')}"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+    llm.shutdown()
+
+
+def test_worker_computing_for_long_is_not_hung(engines, reference, monkeypatch):
+    """A worker that computes for longer than the stall timeout (a big prefill on a slow CPU) is alive:
+    the step waits for it, and the tokens are right."""
+    llm = engines["qwen3"]
+    monkeypatch.setattr(llm.runner.workers, "stall_timeout_s", 1.0)
+    inject(monkeypatch, llm, busy(3.0))
+    t = time.monotonic()
+    out = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert time.monotonic() - t > 3.0
+    assert [o.token_ids for o in out] == reference["qwen3"][0][0]
+
+
+def test_ctrl_c_while_a_worker_computes(model_dirs, monkeypatch):
+    """Ctrl-C in rank 0 while it waits in a collective for a worker busy for a minute (alive, so no stall
+    is found): KeyboardInterrupt at once, the workers are gone, the engine refuses further calls."""
+    before = child_processes()
+    llm = LLM(model_dirs["llama"], tensor_parallel_size=2, **ENGINE)
+    pids = llm.runner.worker_pids
+    llm.runner.workers.stall_timeout_s = 1.0
+    interrupted = []
+
+    def ctrl_c_soon():
+        def ctrl_c():
+            interrupted.append(time.monotonic())
+            _thread.interrupt_main()
+
+        threading.Timer(1.0, ctrl_c).start()
+
+    inject(monkeypatch, llm, busy(60.0), then=ctrl_c_soon)
+    with deadline(pids, 15), pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, LONG, use_tqdm=False)
+    took = time.monotonic() - interrupted[0]
+    assert took < 1.0, f"KeyboardInterrupt {took:.1f} s after Ctrl-C"
+    assert gone(pids) and child_processes() == before and not llm.has_unfinished_requests()
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)
+
+
+def test_start_and_shutdown_release_threads_and_fds(model_dirs):
+    """Five engines made and shut down in turn: threads (gloo's, the store's, ours) and file descriptors
+    (pipes, sockets) are back where they were, without a garbage collection."""
+    def cycle():
+        llm = LLM(model_dirs["qwen3"], tensor_parallel_size=2, **ENGINE)
+        llm.generate(PROMPTS[:1], SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)
+        llm.shutdown()
+
+    cycle()  # the first spawn starts multiprocessing's resource tracker (one per process, for good)
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = threads_and_fds()
+        for _ in range(5):
+            cycle()
+        assert threads_and_fds() == start
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def test_shutdown_and_garbage_collection_leave_nothing(engines, baseline):

@@ -13,6 +13,17 @@ torch.distributed.  The block sets a ``ContextVar`` and restores it on exit, so 
 after construction: two engines in one process (a notebook, say) each keep their own group, and neither
 uses torch.distributed's process-wide default group.
 
+How a rank waits for a collective: ``TPGroup.wait``, when set, receives the collective's ``Work`` and
+returns once it is done.  torch's own wait blocks in C++, where Python cannot run: no Ctrl-C, no look at
+the other ranks.  On the CPU (gloo) rank 0 of an engine waits in short slices instead and checks its
+workers in between (``Workers.wait`` in ``tp_runner.py``); a worker notes that it is inside a collective
+(so that waiting for a slower peer is not mistaken for being stuck).  On CUDA a collective only queues
+work on the GPU's stream, so there is nothing to wait for here and ``wait`` stays None.
+
+When its engine shuts down, the group is closed (``close()``): the ``ProcessGroup`` is dropped at once,
+and with it gloo's threads and sockets and the rendezvous store's, even while the model that refers to
+this ``TPGroup`` waits for a garbage collection.
+
 This package holds the process groups (``group.py``) and the collectives only; the tensor-parallel engine
 (processes, rendezvous, per-step messages) is ``nanovllm/engine/tp_runner.py``.
 """
@@ -21,17 +32,23 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TPGroup:
     rank: int
     size: int
-    group: object  # a torch.distributed.ProcessGroup of exactly these ``size`` processes
+    group: object  # a torch.distributed.ProcessGroup of exactly these ``size`` processes; None once closed
+    wait: Callable | None = None  # waits for a collective's Work (None: torch's blocking wait)
+
+    def close(self) -> None:
+        """Drop the process group (its threads and sockets go with it); collectives then raise."""
+        self.group = self.wait = None
 
 
 _building: contextvars.ContextVar[TPGroup | None] = contextvars.ContextVar("nanovllm_tp_group", default=None)
@@ -61,7 +78,7 @@ def tp_rank_size() -> tuple[int, int]:
 def all_reduce(x: torch.Tensor, tp: TPGroup | None = None) -> torch.Tensor:
     """Sum ``x`` over the ranks of ``tp``, in place; a no-op without a group."""
     if tp is not None and tp.size > 1:
-        dist.all_reduce(x, group=tp.group)
+        _finish(tp, dist.all_reduce(x, group=_group(tp), async_op=tp.wait is not None))
     return x
 
 
@@ -70,5 +87,16 @@ def all_gather(x: torch.Tensor, tp: TPGroup | None = None) -> torch.Tensor:
     if tp is None or tp.size == 1:
         return x
     parts = [torch.empty_like(x) for _ in range(tp.size)]
-    dist.all_gather(parts, x.contiguous(), group=tp.group)
+    _finish(tp, dist.all_gather(parts, x.contiguous(), group=_group(tp), async_op=tp.wait is not None))
     return torch.cat(parts, -1)
+
+
+def _group(tp: TPGroup):
+    if tp.group is None:
+        raise RuntimeError("this tensor-parallel group has been closed (its engine was shut down)")
+    return tp.group
+
+
+def _finish(tp: TPGroup, work) -> None:
+    if tp.wait is not None:
+        tp.wait(work)

@@ -21,14 +21,34 @@ the same ``ModelRunner.run`` on it (with greedy sampling, whose result it throws
 256 sequences is a few kB and well under a millisecond to send and apply.  The collectives inside
 the forward pass keep the ranks in step; there is no reply per step.
 
-Failure and shutdown.  A thread in rank 0 watches the workers' pipes and process handles.  A worker that
-raises sends its traceback and exits; rank 0's next (or current) collective then fails, and rank 0 raises
-``RuntimeError`` with that traceback.  Any exception in a step, a ``KeyboardInterrupt`` included, leaves
-the ranks out of step, so the engine shuts down: workers are stopped (terminated if they do not answer),
-the group is aborted, and later calls raise.  Workers ignore SIGINT (Ctrl-C is rank 0's to handle) and
-exit by themselves when rank 0's process disappears.  ``shutdown()`` is idempotent, and a
-``weakref.finalize`` calls it when the engine is garbage-collected or the interpreter exits.  Nothing is
-written to /dev/shm or to disk, and no port or name is fixed, so engines never collide.
+Failure.  Rank 0 never blocks inside a gloo collective, where Python cannot run: it waits in slices of
+``POLL_S`` (``Workers.wait``), so Ctrl-C is handled within one, and between slices it looks at its
+workers.  A thread in rank 0 (the watcher) reads the workers' pipes and watches their processes; a thread
+in each worker (its ``Heartbeat``) tells rank 0 every ``HEARTBEAT_S`` that the worker is alive and what
+its main thread does: in a step or not, inside a collective or not, how long it has gone without using
+the CPU, and where it is (its stack).  So rank 0 finds, within seconds:
+
+- a worker that raised: it sends its traceback, then exits;
+- a worker that died (killed, say): its process handle says so, with the exit code;
+- while rank 0 has waited longer than ``stall_timeout_s`` in a collective: a worker whose heartbeat has
+  been silent that long while its process does not run (it is stopped, say): it "stopped responding";
+  and a worker in a step, outside any collective, that has not used the CPU for that long (asleep,
+  blocked on a lock or a file): it "is stuck", and its stack says where.
+
+A worker that computes is waited for, however long it takes: a big prefill on a slow CPU looks exactly
+like a computation that never ends (even one holding Python's GIL, which silences the heartbeat while
+the process runs).  Telling them apart is not possible from outside; Ctrl-C is the answer to that.
+
+Any exception in a step, a ``KeyboardInterrupt`` included, leaves the ranks out of step, so the engine
+shuts down (the workers are killed) and later calls raise, naming the failure.
+
+Shutdown.  Workers are asked to stop, and killed if they do not; workers ignore SIGINT (Ctrl-C is rank
+0's to handle) and exit by themselves when rank 0's process disappears.  Everything the engine holds is
+released at once, not at the next garbage collection: the processes are reaped and closed, the pipes
+closed, and the group (``TPGroup.close``), with gloo's threads and sockets and the rendezvous store's.
+``shutdown()`` is idempotent, and a ``weakref.finalize`` calls it when the engine is garbage-collected
+or the interpreter exits.  Nothing is written to /dev/shm or to disk, and no port or name is fixed, so
+engines never collide.
 
 Scripts (not notebooks) that start a tensor-parallel engine need the usual ``if __name__ == "__main__":``
 guard: ``spawn`` imports the main module in each worker.
@@ -36,11 +56,13 @@ guard: ``spawn`` imports the main module in each worker.
 
 from __future__ import annotations
 
+import datetime
 import multiprocessing as mp
 import os
 import pickle
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -58,7 +80,11 @@ from nanovllm.sampling_params import SamplingParams
 
 RENDEZVOUS_TIMEOUT_S = 300.0  # for the workers to connect, once they have said hello
 REPORT_GRACE_S = 2.0  # after an error in rank 0, how long to wait for a worker's traceback
-STOP_TIMEOUT_S = 10.0  # for workers to exit when asked, before they are terminated
+STOP_TIMEOUT_S = 10.0  # for workers to exit when asked, before they are killed
+POLL_S = 0.1  # rank 0 waits for a collective in slices this long (so Ctrl-C waits no longer)
+HEARTBEAT_S = 0.25  # how often a worker tells rank 0 what it does
+STALL_TIMEOUT_S = 10.0  # Workers.stall_timeout_s: how long a worker may go silent, or idle in a step
+BUSY_CPU_SHARE = 0.05  # a worker that used less of a core than this between two heartbeats was idle
 GREEDY = SamplingParams(temperature=0.0)
 
 
@@ -114,7 +140,7 @@ class TensorParallelRunner:
         self._live: dict[int, tuple] = {}  # seq_id -> (sequence, block table, its length) as last sent
         try:
             self.workers.start(config, model, devices)
-            with tensor_parallel(TPGroup(0, size, self.workers.group)):
+            with tensor_parallel(self.workers.tp):
                 self.runner = ModelRunner(config, replace(model, device=devices[0]))
             blocks = self.workers.wait_for("ready")
             self.num_kvcache_blocks = min(self.runner.num_kvcache_blocks, *blocks)
@@ -182,7 +208,7 @@ class TensorParallelRunner:
 
     @property
     def worker_pids(self) -> list[int]:
-        return [p.pid for p in self.workers.procs]
+        return list(self.workers.pids)
 
     def __getattr__(self, name):
         runner = self.__dict__.get("runner")
@@ -198,12 +224,16 @@ class Workers:
     def __init__(self, size: int, device: torch.device):
         self.size, self.device = size, device
         self.procs: list = []
+        self.pids: list[int] = []
         self.conns: list = []
-        self.store = self.group = self.watcher = None
+        self.store = self.group = self.tp = self.watcher = None
         self.messages: queue.SimpleQueue = queue.SimpleQueue()
+        self.beats: dict[int, tuple] = {}  # rank -> its last heartbeat: (received at, *what Heartbeat sends)
+        self.stall_timeout_s = STALL_TIMEOUT_S
         self.failure: str | None = None
         self.failed = threading.Event()
         self.closed = False
+        self.reaping = threading.Lock()  # one thread at a time waits for a process's exit (see watch)
 
     def start(self, config, model: ResolvedModel, devices) -> None:
         ctx = mp.get_context("spawn")
@@ -217,11 +247,14 @@ class Workers:
             proc.start()
             child.close()
             self.procs.append(proc)
+            self.pids.append(proc.pid)
             self.conns.append(parent)
+            self.beats[rank] = (time.monotonic(), False, 0.0, False, "")
         self.watcher = threading.Thread(target=self.watch, name="nanovllm-tp-watcher", daemon=True)
         self.watcher.start()
         self.wait_for("hello")
         self.group = make_group(self.store, 0, self.size, self.device, name)
+        self.tp = TPGroup(0, self.size, self.group, self.wait if self.device.type == "cpu" else None)
 
     def wait_for(self, kind: str) -> list:
         """One ``kind`` message from every worker (their payloads, in rank order)."""
@@ -241,8 +274,45 @@ class Workers:
         for conn in self.conns:
             conn.send_bytes(payload)
 
+    # -- rank 0 waits for a collective (gloo) -------------------------------------------------------
+    def wait(self, work) -> None:
+        """Wait for a collective in slices of ``POLL_S``: between them Python runs (so Ctrl-C raises
+        ``KeyboardInterrupt`` here), a failure the watcher found is raised, and once the wait has lasted
+        ``stall_timeout_s`` the workers are checked for stalls.  A slice that runs out raises torch's
+        "timed out" error, which leaves the collective pending; a collective that failed has completed."""
+        start = time.monotonic()
+        while True:
+            try:
+                work.wait(datetime.timedelta(seconds=POLL_S))
+                return
+            except RuntimeError:
+                if work.is_completed():  # the collective itself failed (a peer is gone, say)
+                    raise
+            if not self.failed.is_set() and time.monotonic() - start > self.stall_timeout_s:
+                self.check_stalls()
+            if self.failed.is_set():
+                raise RuntimeError(self.failure)
+
+    def check_stalls(self) -> None:
+        """While rank 0 has waited ``stall_timeout_s`` in a collective: report a worker that stopped
+        responding or is stuck (see the module's docstring).  A worker inside a collective waits for
+        another rank, so it is not blamed; one that computes is left alone."""
+        now, limit = time.monotonic(), self.stall_timeout_s
+        for rank, pid in enumerate(self.pids, 1):
+            at, in_step, idle_s, in_collective, stack = self.beats[rank]
+            if now - at > limit:
+                state = process_state(pid)
+                if state != "running":  # a running process that cannot beat: a long call holding the GIL
+                    self._report(f"worker (rank {rank}) stopped responding: no heartbeat for {now - at:.1f} s "
+                                 f"(its process is {state})")
+            elif in_step and not in_collective and idle_s > limit:
+                self._report(f"worker (rank {rank}) is stuck: {idle_s:.1f} s in a step without using the CPU, "
+                             f"while rank 0 waits for it in a collective; its stack:\n{stack}")
+
+    # -- the watcher thread ---------------------------------------------------------------------------
     def watch(self) -> None:
-        """Runs in a thread until every worker has exited: queues their messages, notes failures."""
+        """Runs in a thread until every worker has exited: queues their messages, keeps their heartbeats,
+        notes failures."""
         conns = {conn: rank for rank, conn in enumerate(self.conns, 1)}
         alive = {proc.sentinel: (rank, proc) for rank, proc in enumerate(self.procs, 1)}
         while alive:
@@ -254,8 +324,10 @@ class Workers:
                 conn = self.conns[rank - 1]
                 while conn in conns and conn.poll():  # a last message (its traceback) comes before the exit
                     self._receive(conn, conns)
-                if not self.closed:  # (reading the exit code reaps the process: not while shutdown joins it)
-                    self._report(f"worker (rank {rank}) exited unexpectedly (exit code {proc.exitcode})")
+                with self.reaping:  # the process has closed its end: it is exiting, this returns soon
+                    proc.join()
+                if not self.closed:
+                    self._report(f"worker (rank {rank}) exited unexpectedly ({exit_status(proc.exitcode)})")
 
     def _receive(self, conn, conns) -> None:
         try:
@@ -263,7 +335,9 @@ class Workers:
         except (EOFError, OSError):
             del conns[conn]
             return
-        if msg[0] == "error":
+        if msg[0] == "beat":
+            self.beats[msg[1]] = (time.monotonic(), *msg[2:])
+        elif msg[0] == "error":
             self._report(f"worker (rank {msg[1]}) failed:\n{msg[2]}")
         else:
             self.messages.put(msg)
@@ -277,8 +351,9 @@ class Workers:
             destroy_group(self.group)  # NCCL: make rank 0's pending collectives give up
 
     def shutdown(self, abort: bool = False) -> None:
-        """Stop every worker: ask them to exit (unless ``abort``), terminate those that don't, kill those
-        that still don't; then release the pipes and the process group.  Idempotent."""
+        """Stop every worker: ask them to exit (unless ``abort``: their state is lost anyway), kill those
+        that don't (SIGKILL also ends a stopped process, which SIGTERM would not); then release the
+        processes, the pipes and the process group at once.  Idempotent."""
         if self.closed:
             return
         self.closed = True  # from here on, workers exiting is expected
@@ -289,24 +364,48 @@ class Workers:
                     conn.send_bytes(stop)
                 except OSError:
                     pass
-            deadline = time.monotonic() + STOP_TIMEOUT_S
+        with self.reaping:
+            if not abort:
+                deadline = time.monotonic() + STOP_TIMEOUT_S
+                for proc in self.procs:
+                    proc.join(max(0.0, deadline - time.monotonic()))
             for proc in self.procs:
-                proc.join(max(0.0, deadline - time.monotonic()))
-        for proc in self.procs:
-            if proc.is_alive():
-                proc.terminate()
-        for proc in self.procs:
-            proc.join(5.0)
-            if proc.is_alive():
-                proc.kill()
+                if proc.exitcode is None:
+                    proc.kill()
+            for proc in self.procs:
                 proc.join()
         if self.watcher is not None and self.watcher is not threading.current_thread():
-            self.watcher.join(5.0)
+            self.watcher.join(5.0)  # it ends once every worker has exited
+        for proc in self.procs:
+            proc.close()  # its sentinel, now, rather than at a garbage collection
         for conn in self.conns:
             conn.close()
         if self.group is not None:
             destroy_group(self.group)
-        self.group = self.store = None
+        if self.tp is not None:
+            self.tp.close()  # rank 0's layers refer to it: drop the group from it
+        self.group = self.store = self.tp = None
+
+
+def exit_status(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"exit code {code}: killed by {signal.Signals(-code).name}"
+        except ValueError:
+            pass
+    return f"exit code {code}"
+
+
+def process_state(pid: int) -> str:
+    """What the OS says process ``pid`` does, in words ("running", "stopped: ..."), from /proc (Linux)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "in a state this system does not tell"
+    return {"R": "running", "S": "asleep", "D": "waiting in the kernel (disk or memory)",
+            "T": "stopped: SIGSTOP, Ctrl-Z or a debugger", "t": "stopped by a debugger",
+            "Z": "a zombie: it has exited"}.get(state, f"in state {state}")
 
 
 # -- the worker process ------------------------------------------------------------------------------
@@ -340,10 +439,78 @@ def exit_when_orphaned(parent_pid: int) -> None:
     os._exit(1)
 
 
+class Heartbeat:
+    """A worker's pulse: a thread that tells rank 0, every ``HEARTBEAT_S``, that this process is alive and
+    what its main thread does, so that rank 0 can tell a worker that computes from one that is stuck
+    (``Workers.check_stalls``).  A beat is ("beat", rank, in a step?, seconds the step has gone without
+    using the CPU, inside a collective?, the main thread's stack when in a step).
+
+    The thread runs whenever the main thread computes: torch's operations and gloo's waits release Python's
+    GIL, and a pure-Python loop hands it over every few milliseconds.  Its CPU measure is the process's,
+    so computing on torch's own threads counts as computing."""
+
+    def __init__(self, rank: int, send):
+        self.rank, self.send = rank, send
+        self.step_started: float | None = None  # set by the main thread: when its current step began
+        self.in_collective = False
+        self.main = threading.get_ident()  # made by the main thread, whose stack it reports
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="nanovllm-tp-heartbeat", daemon=True)
+        self.thread.start()
+
+    def wait(self, work) -> None:
+        """This worker's wait for a collective (gloo): torch's blocking wait, noted, since waiting for a
+        slower rank is not being stuck."""
+        self.in_collective = True
+        try:
+            work.wait()
+        finally:
+            self.in_collective = False
+
+    def run(self) -> None:
+        t0, cpu0 = time.monotonic(), time.process_time()
+        busy_at = t0  # the end of the last interval between beats in which the process computed
+        while not self.done.wait(HEARTBEAT_S):
+            t, cpu = time.monotonic(), time.process_time()
+            if cpu - cpu0 > BUSY_CPU_SHARE * (t - t0):
+                busy_at = t
+            t0, cpu0 = t, cpu
+            started = self.step_started
+            if started is None:
+                beat = ("beat", self.rank, False, 0.0, False, "")
+            else:
+                stack = main_stack(self.main)
+                beat = ("beat", self.rank, True, t - max(busy_at, started), self.in_collective, stack)
+            try:
+                self.send(beat)
+            except (OSError, ValueError):  # the pipe is closed: the worker is exiting
+                return
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def main_stack(ident: int) -> str:
+    """Thread ``ident``'s stack, as a traceback prints it, from ``worker_main`` on."""
+    frame = sys._current_frames().get(ident)
+    entries = traceback.extract_stack(frame) if frame is not None else []
+    del frame
+    first = next((i for i, e in enumerate(entries) if e.name == "worker_main"), 0)
+    return "".join(traceback.format_list(entries[first:]))
+
+
 def worker_main(rank, size, port, group_name, conn, parent_pid, config, model: ResolvedModel):
     """Rank ``rank``: join the group, build the model slice, then run what rank 0 sends until "stop"."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal; rank 0 decides
     threading.Thread(target=exit_when_orphaned, args=(parent_pid,), daemon=True).start()
+    lock = threading.Lock()  # the main thread and the heartbeat both send
+
+    def send(msg) -> None:
+        with lock:
+            conn.send(msg)
+
+    beat = Heartbeat(rank, send)
     group = None
     try:
         from nanovllm.engine.model_runner import ModelRunner
@@ -353,25 +520,30 @@ def worker_main(rank, size, port, group_name, conn, parent_pid, config, model: R
             torch.cuda.set_device(device)
         else:  # the ranks share the CPU's cores
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
-        conn.send(("hello", rank))
+        send(("hello", rank))
         group = make_group(connect_store(port, RENDEZVOUS_TIMEOUT_S), rank, size, device, group_name)
-        with tensor_parallel(TPGroup(rank, size, group)):
+        tp = TPGroup(rank, size, group, beat.wait if device.type == "cpu" else None)
+        with tensor_parallel(tp):
             runner = ModelRunner(config, model)
-        conn.send(("ready", rank, runner.num_kvcache_blocks))
+        send(("ready", rank, runner.num_kvcache_blocks))
         shadows: dict[int, Sequence] = {}
         while True:
-            method, *args = pickle.loads(conn.recv_bytes())
+            payload = conn.recv_bytes()
+            beat.step_started = time.monotonic()
+            method, *args = pickle.loads(payload)
             if method == "stop":
                 break
             getattr(runner, method)(apply(shadows, args[0]), *args[1:])
+            beat.step_started = None
     except EOFError:  # rank 0 closed the pipe: it is gone
         pass
     except BaseException:
         try:
-            conn.send(("error", rank, traceback.format_exc()))
+            send(("error", rank, traceback.format_exc()))
         except OSError:
             pass
     finally:
+        beat.stop()
         if group is not None:
             destroy_group(group)
         conn.close()
