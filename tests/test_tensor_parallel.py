@@ -249,6 +249,27 @@ def test_keyboard_interrupt_stops_workers(model_dirs, monkeypatch):
     llm.shutdown()  # idempotent
 
 
+def test_worker_dying_while_connecting_fails_within_seconds(model_dirs, monkeypatch):
+    """A worker killed after its hello, before it joins the group: rank 0, waiting for it in the rendezvous,
+    fails within seconds naming it (not when the rendezvous times out, minutes later)."""
+    from nanovllm.engine import tp_runner
+
+    before = child_processes()
+
+    def kill_then_connect(*args, **kwargs):
+        for pid in child_processes() - before:
+            os.kill(pid, signal.SIGKILL)
+        return make_group(*args, **kwargs)
+
+    make_group = tp_runner.make_group
+    monkeypatch.setattr(tp_runner, "make_group", kill_then_connect)
+    t = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"worker \(rank 1\) exited unexpectedly \(exit code -9"):
+        LLM(model_dirs["qwen3"], tensor_parallel_size=2, **ENGINE)
+    assert time.monotonic() - t < 15  # most of it: the worker's start (importing torch)
+    assert child_processes() == before
+
+
 LONG = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)  # ~80 steps
 
 

@@ -253,8 +253,31 @@ class Workers:
         self.watcher = threading.Thread(target=self.watch, name="nanovllm-tp-watcher", daemon=True)
         self.watcher.start()
         self.wait_for("hello")
-        self.group = make_group(self.store, 0, self.size, self.device, name)
+        self.group = self.connect(name)
         self.tp = TPGroup(0, self.size, self.group, self.wait if self.device.type == "cpu" else None)
+
+    def connect(self, name: str):
+        """Rank 0's side of the rendezvous (``make_group``), in a helper thread: it blocks in C++ until every
+        worker has joined, so rank 0 waits for the thread in slices instead, handling Ctrl-C and a worker
+        that dies meanwhile.  (The helper then stays blocked, holding the store, until the store's
+        rendezvous timeout ends it.)"""
+        done = []
+
+        def connect():
+            try:
+                done.append(make_group(self.store, 0, self.size, self.device, name))
+            except Exception as e:
+                done.append(e)
+
+        thread = threading.Thread(target=connect, name="nanovllm-tp-connect", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(POLL_S)
+            if self.failed.is_set():
+                raise RuntimeError("a tensor-parallel worker failed while starting")
+        if isinstance(done[0], Exception):
+            raise done[0]
+        return done[0]
 
     def wait_for(self, kind: str) -> list:
         """One ``kind`` message from every worker (their payloads, in rank order)."""
