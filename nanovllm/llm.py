@@ -34,6 +34,9 @@ class LLM:
     >>> llm = LLM()                                   # the embedded SmolLM2-135M-Instruct
     >>> out = llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))
     >>> out[0].text
+
+    ``llm.startup_seconds``: how long the engine took to start (loading, KV cache, compilation, CUDA graphs).
+    ``llm.shutdown()`` (or leaving ``with LLM(...) as llm:``) gives its memory back at once.
     """
 
     def __init__(self, model: str | Path = DEFAULT_MODEL, **engine_args):
@@ -43,6 +46,7 @@ class LLM:
         from nanovllm.engine.model_runner import ModelRunner
         from nanovllm.loading.resolve import ResolvedModel, load_tokenizer, read_eos_token_ids
 
+        started = time.perf_counter()
         config = EngineConfig.from_kwargs("LLM()", engine_args)
         resolved = ResolvedModel.resolve(model, config.device, config.dtype)
         self.model_dir, self.hf_config = resolved.folder, resolved.hf_config
@@ -73,6 +77,8 @@ class LLM:
         self._ids = itertools.count()
         self._lock, self._driver = threading.Lock(), None  # see _exclusive
         self.step_log: list[tuple[bool, int, int, float]] = []
+        self._closed = False  # see shutdown()
+        self.startup_seconds = time.perf_counter() - started
 
     # -- validation ----------------------------------------------------------------------------------
     def _prompt_ids(self, prompts) -> tuple[list[list[int]], list[str | None]]:
@@ -141,14 +147,18 @@ class LLM:
 
     # -- generation ----------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def _exclusive(self, what: str):
+    def _exclusive(self, what: str, closed_ok: bool = False):
         """One caller drives the engine at a time: calls from other threads wait their turn (their requests
         then run after the current ones); a call from inside a running call of the same thread (a callback,
-        say) is refused, since it would interleave with the outer call's steps."""
+        say) is refused, since it would interleave with the outer call's steps.  After ``shutdown()`` every
+        call is refused."""
         if self._driver == threading.get_ident():
             raise RuntimeError(f"{what} called while this thread is already inside generate()/step() of the same "
                                "engine (re-entrant use); call it after that returns")
         with self._lock:
+            if self._closed and not closed_ok:
+                kind = "tensor-parallel " if self.config.tensor_parallel_size > 1 else ""
+                raise RuntimeError(f"this {kind}engine has been shut down")
             self._driver = threading.get_ident()
             try:
                 yield
@@ -293,11 +303,16 @@ class LLM:
             self.block_manager.reset_prefix_cache()
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel worker processes (idempotent; also done when the LLM is garbage-
-        collected or the interpreter exits).  A single-process engine holds none: for it this does nothing."""
-        shutdown = getattr(self.runner, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        """Give back the engine's memory (weights, KV cache, CUDA graphs) at once and stop its tensor-parallel
+        workers, if any; queued requests are dropped and later calls refused.  Idempotent.  Leaving a
+        ``with LLM(...) as llm:`` block does this; so does dropping the last reference to the engine."""
+        with self._exclusive("shutdown()", closed_ok=True):
+            if self._closed:
+                return
+            self._closed = True
+            self._abort_all()
+            stop = getattr(self.runner, "shutdown", None)  # tensor-parallel: the workers, then rank 0's memory
+            (stop or self.runner.close)()
 
     def __enter__(self) -> LLM:
         return self

@@ -56,6 +56,34 @@ def available_host_memory() -> int:
         return 8 << 30
 
 
+def kv_blocks_usable(config: EngineConfig, block_size: int) -> int:
+    """The most KV blocks the configuration can ever fill: ``max_num_seqs`` sequences of ``max_model_len``
+    tokens each (so never fewer than one full sequence needs).  More would be memory no request can use."""
+    return config.max_num_seqs * cdiv(config.max_model_len, block_size)
+
+
+def kv_cache_blocks(budget: int, bytes_per_block: int, config: EngineConfig, block_size: int) -> int:
+    """How many KV blocks to allocate when ``num_kvcache_blocks`` is not given: as many as ``budget`` bytes
+    hold, but no more than the configuration can use (``kv_blocks_usable``).  An engine configured for a few
+    short sequences then takes a few megabytes, not most of the GPU, and several fit on one card."""
+    return max(0, min(budget // bytes_per_block, kv_blocks_usable(config, block_size)))
+
+
+def cpu_kv_budget(available: int) -> int:
+    """Bytes the KV cache may take on a CPU: a quarter of the free host memory, at most ``CPU_KV_CACHE_CAP``
+    (the host also holds the weights, the activations and everything else the user runs)."""
+    return min(CPU_KV_CACHE_CAP, available // 4)
+
+
+def gpu_kv_budget(total: int, free: int, reserved: int, peak: int, utilization: float) -> int:
+    """Bytes the KV cache may take on a GPU of ``total`` bytes with ``free`` bytes free, where this process's
+    allocator holds ``reserved`` bytes and peaked at ``peak`` bytes allocated (the weights plus the largest
+    prefill's activations): the engine's share (``utilization`` of the card), less what other processes use
+    and less that peak."""
+    used_by_others = total - free - reserved
+    return int(total * utilization - used_by_others - peak)
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: ResolvedModel):
         self.config, self.hf_config = config, model.hf_config
@@ -82,7 +110,9 @@ class ModelRunner:
         if self.device.type == "cuda":
             self.warmup_prefill()
             if not config.enforce_eager and self.backend.cuda_graph_safe:
-                self.graphs = DecodeGraphs(self.model, config.max_num_seqs, config.max_model_len, self.block_size,
+                # a decode step holds at most this many sequences (one token each): no larger graph is captured
+                max_decode = min(config.max_num_seqs, config.max_num_batched_tokens)
+                self.graphs = DecodeGraphs(self.model, max_decode, config.max_model_len, self.block_size,
                                            self.hf_config.hidden_size, self.dtype, self.device)
                 self.graphs.capture()
             self.sampler.warmup(self.hf_config.vocab_size, self.dtype)
@@ -93,15 +123,28 @@ class ModelRunner:
         return self.graphs is not None
 
     def close(self) -> None:
-        """Release the GPU memory (graphs, KV cache, weights) even if something still holds this runner."""
+        """Release the memory (graphs, KV cache, weights) now, even if something still holds this runner
+        (idempotent).  Nothing else in the engine holds the weights (a parameter reaches its layer's loader
+        through a weak reference, see ``layers/linear.py``), so dropping them here frees them at once; on a
+        GPU the allocator's cache then goes back to the driver, so that other processes (and ``nvidia-smi``)
+        see it free."""
+        if getattr(self, "model", None) is None:  # closed already, or __init__ failed before the model
+            return
         self.graphs = None
-        for layer in self.attn_layers:
+        for layer in getattr(self, "attn_layers", []):
             layer.k_cache = layer.v_cache = torch.tensor([])
         self.kv_cache = None
         self.model = None
         self.attn_layers = []
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def __del__(self):
+        # a dropped engine frees its memory at once, and on a GPU gives it back to the driver (``close``)
+        try:
+            self.close()
+        except Exception:  # at interpreter exit torch may already be half torn down: nothing left to free
+            pass
 
     # -- KV cache ------------------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -111,14 +154,11 @@ class ModelRunner:
 
     def allocate_kv_cache(self) -> int:
         per_block = self.kv_bytes_per_block()
-        needed = self.config.max_num_seqs * cdiv(self.config.max_model_len, self.block_size)
         if self.config.num_kvcache_blocks is not None:
             num_blocks = self.config.num_kvcache_blocks
-        elif self.device.type == "cuda":
-            num_blocks = self._blocks_from_gpu_memory(per_block)
         else:
-            budget = min(CPU_KV_CACHE_CAP, available_host_memory() // 4)
-            num_blocks = min(budget // per_block, needed)
+            budget = self._gpu_kv_budget() if self.device.type == "cuda" else cpu_kv_budget(available_host_memory())
+            num_blocks = kv_cache_blocks(budget, per_block, self.config, self.block_size)
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache ({per_block} bytes per block); lower "
                                "max_num_batched_tokens or raise gpu_memory_utilization")
@@ -129,8 +169,8 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks
 
-    def _blocks_from_gpu_memory(self, per_block: int) -> int:
-        """Run the largest prefill once, then give the cache what is left of the allowed share."""
+    def _gpu_kv_budget(self) -> int:
+        """Run the largest prefill once, then measure what is left of the allowed share of the GPU."""
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
@@ -144,10 +184,8 @@ class ModelRunner:
         self.run(ScheduledBatch(seqs, lengths, is_prefill=True), warmup=True)
         torch.cuda.synchronize(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device)
-        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
-        budget = total * self.config.gpu_memory_utilization - used_by_others - peak
-        return int(budget // per_block)
+        return gpu_kv_budget(total, free, torch.cuda.memory_reserved(self.device),
+                             torch.cuda.max_memory_allocated(self.device), self.config.gpu_memory_utilization)
 
     # -- one step ------------------------------------------------------------------------------------
     def to_device(self, array, dtype) -> torch.Tensor:

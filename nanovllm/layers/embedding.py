@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import all_gather, all_reduce, current_group, tp_rank_size
-from nanovllm.layers.linear import check_shape, materialize, narrow
+from nanovllm.layers.linear import check_shape, make_loadable, materialize, narrow
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -20,8 +20,7 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.shard_size = vocab_size // self.tp_size
         self.vocab_start = self.tp_rank * self.shard_size
-        self.weight = nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False)
-        self.weight.weight_loader, self.weight.checkpoint_shape = self.weight_loader, self.checkpoint_shape
+        self.weight = make_loadable(self, nn.Parameter(torch.empty(self.shard_size, hidden_size), requires_grad=False))
 
     def checkpoint_shape(self, param, shard_id=None) -> tuple[int, int]:
         """The whole table's shape, checked before this rank reads its rows."""

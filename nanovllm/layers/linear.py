@@ -6,9 +6,13 @@ Each layer's parameters carry a ``weight_loader`` that copies this rank's slice 
 tensor, so a rank never reads more of the checkpoint than it keeps; ``checkpoint_shape``, the whole tensor's
 shape, which is checked before slicing (a tensor one row too long would otherwise be cut to fit); and
 ``shard_ids``, the pieces a merged parameter is loaded from (``("q", "k", "v")``; ``(None,)``: one tensor).
+The first two reach their layer through a weak reference (``LayerMethod``), so that a model's weights are
+freed as soon as the engine lets go of it.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +55,32 @@ def default_weight_loader(param: nn.Parameter, loaded, *args) -> None:
     param.data.copy_(materialize(loaded))
 
 
+class LayerMethod:
+    """A layer's method, called through a weak reference to the layer: what a parameter carries as its
+    ``weight_loader`` and ``checkpoint_shape``.  The bound method itself would hold the layer, which holds the
+    parameter: a reference cycle, so every weight would outlive the engine until Python's cycle collector
+    next ran (on a GPU, gigabytes held for an unknown while).  Without the cycle, reference counting frees
+    the weights the moment the model is dropped."""
+
+    __slots__ = ("method",)
+
+    def __init__(self, bound_method):
+        self.method = weakref.WeakMethod(bound_method)
+
+    def __call__(self, *args):
+        fn = self.method()
+        if fn is None:
+            raise RuntimeError("the layer this parameter belonged to no longer exists")
+        return fn(*args)
+
+
+def make_loadable(layer: nn.Module, param: nn.Parameter) -> nn.Parameter:
+    """Give ``param`` its layer's ``weight_loader``, ``checkpoint_shape`` and ``shard_ids``."""
+    param.weight_loader, param.checkpoint_shape = LayerMethod(layer.weight_loader), LayerMethod(layer.checkpoint_shape)
+    param.shard_ids = getattr(layer, "shard_ids", (None,))
+    return param
+
+
 class LinearBase(nn.Module):
     """``input_size``/``output_size``: this rank's; ``whole``: the unsplit layer's (output, input) sizes."""
 
@@ -68,9 +98,7 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def loadable(self, param: nn.Parameter) -> nn.Parameter:
-        param.weight_loader, param.checkpoint_shape = self.weight_loader, self.checkpoint_shape
-        param.shard_ids = self.shard_ids
-        return param
+        return make_loadable(self, param)
 
     def checkpoint_shape(self, param, shard_id=None) -> tuple[int, ...]:
         """The whole checkpoint tensor's shape: (output, input) for the weight, (output,) for the bias."""

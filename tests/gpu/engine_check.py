@@ -7,6 +7,9 @@
    reference path (PyTorch backend, eager) on a tiny Qwen3 and on the Qwen3-0.6B shape with random weights; also with
    prefix caching, chunked prefill and preemption;
 2. bf16 logits of one forward within bf16 tolerance of HF transformers (Qwen3-0.6B shape, random weights);
+   memory: an engine's CUDA memory returns at ``del`` (cycle collector off), ``shutdown()`` and the end of a
+   ``with`` block; the KV cache is no larger than ``max_num_seqs x max_model_len`` needs, and decode graphs are
+   captured only up to ``max_num_seqs``;
 3. the seed benchmark, nanovllm and HF transformers in one run;
 4. a profile of one decode step at batch 256: attention vs GEMMs vs sampling vs the rest;
 and on request (``--only``) a prefill-step profile and decode-step latency eager vs graphs vs graphs +
@@ -17,6 +20,7 @@ Prints PASS/FAIL lines; never stops at the first failure.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -96,9 +100,7 @@ def compare_engines(path, vocab, max_tokens=24, **kw):
 
 
 def close(llm):
-    llm.shutdown()  # tensor-parallel workers, if any
-    if llm.runner.model is not None:  # the GPU memory, even while something still holds the engine
-        llm.runner.close()
+    llm.shutdown()  # the GPU memory (and tensor-parallel workers), even while something still holds the engine
 
 
 def _compare_rounds(fast, prompts, params, want):
@@ -193,6 +195,75 @@ def run_checks(tmp):
     _logits()
     hf = None  # noqa: F841  (frees the HF model)
     torch.cuda.empty_cache()
+
+    @check("KV cache sized by the configuration; decode graphs only up to max_num_seqs")
+    def _kv_sizing():
+        from nanovllm.utils import cdiv
+
+        with LLM(tmp / "q06", device="cuda", max_num_seqs=4, max_model_len=512) as llm:
+            need = 4 * cdiv(512, llm.config.kvcache_block_size)
+            blocks = llm.runner.num_kvcache_blocks
+            print(f"  {blocks} KV blocks of {llm.config.kvcache_block_size} tokens (the configuration needs {need}); "
+                  f"graphs for batch sizes {llm.runner.graphs.batch_sizes}; started in {llm.startup_seconds:.1f} s")
+            assert blocks <= need, f"{blocks} KV blocks, but max_num_seqs x max_model_len needs only {need}"
+            assert llm.block_manager.num_blocks == blocks == llm.runner.kv_cache.shape[2]
+            assert llm.runner.graphs.batch_sizes == [1, 2, 4], llm.runner.graphs.batch_sizes
+    _kv_sizing()
+
+    @check("memory release: del (gc off), shutdown() and leaving `with` give the CUDA memory back")
+    def _release():
+        memory_release(tmp / "q06")
+    _release()
+
+
+def memory_release(path, tolerance=4 << 20, reserved_tolerance=32 << 20):
+    """``torch.cuda.memory_allocated()`` returns to its baseline (within ``tolerance``) when an engine that has
+    generated is dropped with the cycle collector off, shut down, or left; ``memory_reserved()`` nearly so, since
+    the runner empties the allocator's cache when it lets go (a few small tensors of the engine, freed after the
+    runner, may keep their 2 MiB segments cached: ``reserved_tolerance``).  The baseline is taken after a first
+    engine was made and dropped: what stays once per process (cuBLAS workspaces, compiled kernels) is not the
+    engine's."""
+    kw = dict(device="cuda", max_num_seqs=8, max_model_len=1024, num_kvcache_blocks=256)
+    params = SamplingParams(temperature=0.6, max_tokens=16, ignore_eos=True, seed=1)
+    prompts = prompts_for(10000, n=8)
+
+    def used_engine():
+        llm = LLM(path, **kw)
+        assert llm.runner.graphs is not None, "CUDA graphs were not captured"
+        llm.generate(prompts, params, use_tqdm=False)
+        llm.add_request(prompts[0], params)  # left unfinished
+        llm.step()
+        return llm
+
+    def measure():
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+    close(used_engine())
+    gc.collect()
+    torch.cuda.empty_cache()
+    gc.disable()
+    try:
+        for how in ("del", "shutdown()", "with"):
+            base = measure()
+            llm = used_engine()
+            held = measure()
+            if how == "del":
+                del llm
+            elif how == "shutdown()":
+                llm.shutdown()
+            else:
+                with llm:
+                    pass
+            after = measure()
+            mib = lambda b: f"{b / 2**20:.1f} MiB"  # noqa: E731
+            print(f"  {how}: allocated {mib(base[0])} -> {mib(held[0])} -> {mib(after[0])}, reserved {mib(base[1])} "
+                  f"-> {mib(held[1])} -> {mib(after[1])}")
+            assert after[0] - base[0] <= tolerance, f"{how}: {mib(after[0] - base[0])} still allocated"
+            assert after[1] - base[1] <= reserved_tolerance, f"{how}: {mib(after[1] - base[1])} still reserved"
+            llm = None  # (after shutdown() and with: an empty shell)
+    finally:
+        gc.enable()
 
 
 def seed_engine(**kw):
