@@ -21,6 +21,7 @@ DEMO_PROMPTS = [
     "Suggest a name for a small, fast inference engine.",
 ]
 
+PROG = "python -m nanovllm"
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130  # argparse's code for a user error; 128 + SIGINT, as shells report it
 
 
@@ -91,7 +92,7 @@ def exit_interrupted(prog: str):
 def parser() -> Parser:
     from nanovllm.config import DEFAULT_MODEL, add_engine_args
 
-    p = Parser(prog="python -m nanovllm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("prompt", nargs="*", help="prompt(s); none: a demo batch")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"model folder, .gguf file or hub id (default: {DEFAULT_MODEL})")
@@ -107,12 +108,11 @@ def parser() -> Parser:
 
 
 def main(argv=None) -> None:
-    p = parser()
-    args = p.parse_args(argv)
     try:
-        run(p, args)
+        p = parser()
+        run(p, p.parse_args(argv))
     except KeyboardInterrupt:
-        exit_interrupted(p.prog)
+        exit_interrupted(PROG)
 
 
 def run(p: Parser, args) -> None:
