@@ -1,6 +1,6 @@
-"""Throughput benchmarks: ``python -m nanovllm.bench``.
+"""Throughput and latency benchmarks: ``python -m nanovllm.bench``.
 
-Two workloads:
+Three workloads:
 
 * ``seed`` (the default on a GPU): nano-vllm's benchmark.  Qwen3-0.6B shape (random weights unless a
   checkpoint is given), 256 requests; ``random.seed(0)``; for each request a prompt length
@@ -9,10 +9,19 @@ Two workloads:
   / wall seconds (133,966 output tokens).
 * ``chat`` (the default on a CPU): the embedded SmolLM2-135M-Instruct, 32 chat prompts, 64 greedy
   tokens each, nanovllm next to HF transformers' batched ``generate`` (left-padded).
+* ``latency``: one request at a time (batch 1), greedy, EOS ignored: a few warm-up requests, then N measured
+  ones; time to first token (TTFT: from handing the request over to holding its first token, so the whole
+  prefill and the first sampling) and inter-token latency (ITL: the gap between one output token and the
+  next, i.e. time per output token), each as median, p99 and mean in ms.  Each prompt is fresh random token
+  ids and the prefix cache is emptied before each request, so every TTFT counts its whole prefill.  Model:
+  as ``seed`` on a GPU, the embedded SmolLM2 on a CPU (with few, short requests there).
 
 ``--engine`` picks what runs: ``nanovllm``, ``hf`` (transformers; continuous batching with
-``paged|sdpa`` attention and CUDA graphs on a GPU, batched ``generate`` on a CPU), ``vllm`` (when
-installed), or several separated by commas, all on the identical workload.
+``paged|sdpa`` attention and CUDA graphs on a GPU, batched ``generate`` on a CPU; one ``generate`` per
+request for ``latency``), ``vllm`` (when installed; not for ``latency``), or several separated by commas,
+all on the identical workload.  Engines run one after another, each freed before the next starts (a GPU
+cannot hold two); one that fails is reported as FAILED, the others still run, and the exit status is 1.
+A user error (a bad flag, a missing model) is one line and exit 2, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -20,7 +29,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -48,12 +59,13 @@ CHAT_QUESTIONS = [
 @dataclass
 class Workload:
     name: str
-    prompts: list  # token-id lists (seed) or chat prompts as token ids (chat)
+    prompts: list  # token-id lists (seed, latency); the chat workload's come from texts through the chat template
     max_tokens: list[int]
     temperature: float
     model: str | None
     random_weights: bool
     texts: list[str] = field(default_factory=list)
+    warmup: list = field(default_factory=list)  # latency: the warm-up requests' prompts (as many output tokens)
 
     @property
     def output_tokens(self) -> int:
@@ -75,6 +87,17 @@ def chat_workload(num_requests=32, max_tokens=64, model=None) -> Workload:
     return Workload("chat", [], [max_tokens] * num_requests, 0.0, model, False, questions)
 
 
+def latency_workload(num_requests=32, prompt_len=(256, 256), output_len=(128, 128), warmup=3, model=None,
+                     random_weights=False) -> Workload:
+    """Requests for one-at-a-time timing: random token ids (no two prompts share a prefix), greedy, EOS
+    ignored; the warm-up requests are drawn after the measured ones, so ``warmup`` leaves those unchanged."""
+    random.seed(0)
+    lens = [(random.randint(*prompt_len), random.randint(*output_len)) for _ in range(num_requests + warmup)]
+    prompts = [[random.randint(0, 10000) for _ in range(n)] for n, _ in lens]
+    return Workload("latency", prompts[:num_requests], [m for _, m in lens[:num_requests]], 0.0, model,
+                    random_weights, warmup=list(zip(prompts[num_requests:], [m for _, m in lens[num_requests:]])))
+
+
 @dataclass
 class Result:
     engine: str
@@ -84,28 +107,66 @@ class Result:
     seconds: float
     device: str
     note: str = ""
+    # the latency workload's, in milliseconds (None for the throughput workloads)
+    ttft_ms_median: float | None = None
+    ttft_ms_p99: float | None = None
+    ttft_ms_mean: float | None = None
+    itl_ms_median: float | None = None
+    itl_ms_p99: float | None = None
+    itl_ms_mean: float | None = None
 
     @property
     def tok_per_s(self) -> float:
         return self.output_tokens / self.seconds
 
     def line(self) -> str:
+        end = f"  [{self.device}]{' ' + self.note if self.note else ''}"
+        if self.ttft_ms_median is not None:
+            itl = ("n/a (one output token)" if self.itl_ms_median is None else
+                   f"median {self.itl_ms_median:.2f} ms, p99 {self.itl_ms_p99:.2f} ms, mean {self.itl_ms_mean:.2f} ms")
+            return (f"{self.engine:>9}  {self.workload}: {self.requests} requests, "
+                    f"TTFT median {self.ttft_ms_median:.2f} ms, p99 {self.ttft_ms_p99:.2f} ms, "
+                    f"mean {self.ttft_ms_mean:.2f} ms; ITL {itl}{end}")
         return (f"{self.engine:>9}  {self.workload}: {self.requests} requests, "
-                f"{self.output_tokens:,} output tokens in {self.seconds:.2f} s = {self.tok_per_s:,.0f} tok/s  "
-                f"[{self.device}]{' ' + self.note if self.note else ''}")
+                f"{self.output_tokens:,} output tokens in {self.seconds:.2f} s = {self.tok_per_s:,.0f} tok/s{end}")
+
+    def record(self) -> dict:
+        """The JSON-lines row: the fields that apply (no latency fields for a throughput run)."""
+        return {k: v for k, v in asdict(self).items() if v is not None} | {"tok_per_s": round(self.tok_per_s, 1)}
 
 
-def model_folder(w: Workload, tmp: Path) -> Path | str:
-    """The folder to load: the given model, the embedded default, or a config-only folder (random weights)."""
-    if w.model is not None and not w.random_weights:
-        return w.model
-    if w.name == "chat" and w.model is None:
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank percentile: a value that was measured (with few samples, p99 is the largest)."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def latency_result(engine: str, timings: list[tuple[float, list[float]]], device: str, note: str) -> Result:
+    """A Result from each measured request's (start, [time each output token arrived])."""
+    ttft = [(times[0] - start) * 1e3 for start, times in timings]
+    itl = [(b - a) * 1e3 for _, times in timings for a, b in zip(times, times[1:])]
+    stats = {}
+    for name, ms in (("ttft", ttft), ("itl", itl)):
+        if ms:
+            stats |= {f"{name}_ms_median": statistics.median(ms), f"{name}_ms_p99": percentile(ms, 99),
+                      f"{name}_ms_mean": statistics.fmean(ms)}
+    produced = sum(len(times) for _, times in timings)
+    seconds = sum(times[-1] - start for start, times in timings)
+    return Result(engine, "latency", len(timings), produced, seconds, device, note, **stats)
+
+
+def model_folder(w: Workload, tmp: Path, resolved=None) -> Path | str:
+    """The folder to load: the given model (``resolved``: its local folder), the embedded default, or a
+    config-only folder (random weights)."""
+    if w.random_weights:
+        src = Path(resolved or w.model) / "config.json" if w.model else QWEN3_0_6B_CONFIG
+        (tmp / "config.json").write_text(src.read_text())
+        return tmp
+    if w.model is None:
         from nanovllm.loading.embedded import embedded_model_dir
 
         return embedded_model_dir()
-    src = Path(w.model) / "config.json" if w.model else QWEN3_0_6B_CONFIG
-    (tmp / "config.json").write_text(src.read_text())
-    return tmp
+    return resolved or w.model
 
 
 def chat_prompt_ids(w: Workload, tokenizer) -> list[list[int]]:
@@ -125,13 +186,23 @@ def sync(device: str) -> None:
 
 
 def run_nanovllm(w: Workload, folder, device: str, args) -> Result:
-    from nanovllm import LLM, SamplingParams
+    from nanovllm import LLM
     from nanovllm.config import engine_kwargs
 
     t = time.perf_counter()
     engine_args = {**engine_kwargs(args), "device": device, "load_format": "dummy" if w.random_weights else "auto"}
     llm = LLM(folder, **engine_args)
     print(f"nanovllm: engine ready in {time.perf_counter() - t:.1f} s ({llm!r})", file=sys.stderr)
+    try:
+        return (nanovllm_latency if w.name == "latency" else nanovllm_throughput)(llm, w, args)
+    finally:  # whatever happened (Ctrl-C included): stop its workers, give back its KV cache and weights
+        llm.shutdown()
+        llm.runner.close()
+
+
+def nanovllm_throughput(llm, w: Workload, args) -> Result:
+    from nanovllm import SamplingParams
+
     prompts = chat_prompt_ids(w, llm.tokenizer) if w.name == "chat" else w.prompts
     params = [SamplingParams(temperature=w.temperature, ignore_eos=True, max_tokens=n) for n in w.max_tokens]
     llm.generate(prompts[:2], SamplingParams(temperature=w.temperature, max_tokens=8), use_tqdm=False)  # warm-up
@@ -142,13 +213,36 @@ def run_nanovllm(w: Workload, folder, device: str, args) -> Result:
     sync(str(llm.device))
     seconds = time.perf_counter() - t
     produced = sum(len(o.token_ids) for o in outs)
-    assert produced == w.output_tokens, f"nanovllm produced {produced} tokens, expected {w.output_tokens}"
-    res = Result("nanovllm", w.name, len(prompts), produced, seconds, device_name(llm.device),
-                 f"backend={llm.runner.backend.name}")
+    if produced != w.output_tokens:
+        raise RuntimeError(f"nanovllm produced {produced} tokens, expected {w.output_tokens}")
     print_step_summary(llm.step_log)
-    llm.shutdown()
-    llm.runner.close()
-    return res
+    return Result("nanovllm", w.name, len(prompts), produced, seconds, device_name(llm.device),
+                  f"backend={llm.runner.backend.name}")
+
+
+def nanovllm_latency(llm, w: Workload, args) -> Result:
+    """Each request alone, driven by ``add_request`` and ``step`` (the plain step loop: with one request
+    there is nothing for the overlapped loop to hide).  The clock starts before ``add_request`` (which
+    checks the prompt) and reads after each step; a step returns its token ids on the host, so a token
+    counts once the GPU has produced it."""
+    from nanovllm import SamplingParams
+
+    def one(prompt, n):
+        llm.reset_prefix_cache()  # no earlier request's blocks: the prefill is computed in full
+        params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n)
+        sync(str(llm.device))
+        start, times = time.perf_counter(), []
+        seq = llm.add_request(prompt, params)
+        while not seq.is_finished:
+            llm.step()
+            if seq.num_completion_tokens > len(times):  # (a chunk of a long prompt's prefill adds no token)
+                times.append(time.perf_counter())
+        return start, times
+
+    for prompt, n in w.warmup:
+        one(prompt, n)
+    timings = [one(p, n) for p, n in zip(w.prompts, w.max_tokens)]
+    return latency_result("nanovllm", timings, device_name(llm.device), f"backend={llm.runner.backend.name}")
 
 
 def print_step_summary(log) -> None:
@@ -185,17 +279,19 @@ def run_hf(w: Workload, folder, device: str, args) -> Result:
     import torch
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    if w.name == "latency":
+        return run_hf_latency(w, folder, device, dtype)
     if device.startswith("cuda"):
         return run_hf_continuous(w, folder, device, dtype)
     from transformers import AutoTokenizer
 
+    if len(set(w.max_tokens)) != 1:
+        raise ValueError("HF batched generate needs one max_tokens for all requests; on a GPU it uses "
+                         "continuous batching instead")
     model = load_hf_model(folder, w.random_weights, device, dtype)
     tok = AutoTokenizer.from_pretrained(folder) if w.name == "chat" else None
     prompts = chat_prompt_ids(w, tok) if w.name == "chat" else w.prompts
     n_new = max(w.max_tokens)
-    if len(set(w.max_tokens)) != 1:
-        raise ValueError("HF batched generate needs one max_tokens for all requests; on a GPU it uses "
-                         "continuous batching instead")
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)  # left padding
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
@@ -210,6 +306,50 @@ def run_hf(w: Workload, folder, device: str, args) -> Result:
         seconds = time.perf_counter() - t
     produced = (out.shape[1] - width) * len(prompts)
     return Result("hf", w.name, len(prompts), produced, seconds, device_name(device), "generate, left-padded")
+
+
+def run_hf_latency(w: Workload, folder, device: str, dtype) -> Result:
+    """One ``generate`` per request (greedy, ``min_new_tokens`` = ``max_new_tokens``: EOS ignored), timed by
+    a streamer: ``generate`` hands it the prompt before its prefill, then each token as it is chosen; the
+    streamer waits for the GPU and reads the clock at each token.  TTFT is therefore ``generate``'s set-up,
+    the prefill and the first token, measured in the same call that then decodes the rest (not a separate
+    ``max_new_tokens=1`` call), and ITL the gaps between the tokens after it.  HF's default (dynamic) KV
+    cache and attention."""
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    class Clock(BaseStreamer):
+        def __init__(self):
+            self.prompt_seen, self.times = False, []
+
+        def put(self, value):
+            if not self.prompt_seen:  # the first call is the prompt, before any work on it
+                self.prompt_seen = True
+                return
+            sync(device)
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    model = load_hf_model(folder, w.random_weights, device, dtype)
+
+    def one(prompt, n):
+        ids = torch.tensor([prompt], device=device)
+        clock = Clock()
+        sync(device)
+        start = time.perf_counter()
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False, pad_token_id=0, streamer=clock)
+        if len(clock.times) != n:
+            raise RuntimeError(f"HF generate streamed {len(clock.times)} tokens, expected {n}")
+        return start, clock.times
+
+    with torch.inference_mode():
+        for prompt, n in w.warmup:
+            one(prompt, n)
+        timings = [one(p, n) for p, n in zip(w.prompts, w.max_tokens)]
+    return latency_result("hf", timings, device_name(device), "generate, batch 1, timed by a streamer")
 
 
 def workload_prompts(w: Workload, folder) -> list[list[int]]:
@@ -242,21 +382,27 @@ def run_hf_continuous(w: Workload, folder, device: str, dtype) -> Result:
         model.generate_batch([prompts[0][:16]], generation_config=gen, max_new_tokens=8, **kw)  # warm-up
         manager = model.init_continuous_batching(generation_config=gen, **kw)
         manager.start()
-        sync(device)
-        t = time.perf_counter()
-        for i, (p, n) in enumerate(zip(prompts, w.max_tokens)):
-            manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
-        produced, done = 0, 0
-        while done < len(prompts):
-            out = manager.get_result(timeout=60)
-            if out is None:
-                raise RuntimeError("transformers continuous batching stalled")
-            if out.is_finished():
-                produced += len(out.generated_tokens)
-                done += 1
-        sync(device)
-        seconds = time.perf_counter() - t
-        manager.stop(block=True)
+        try:
+            sync(device)
+            t = time.perf_counter()
+            for i, (p, n) in enumerate(zip(prompts, w.max_tokens)):
+                manager.add_request(p, request_id=f"r{i}", max_new_tokens=n)
+            produced, done = 0, 0
+            while done < len(prompts):
+                out = manager.get_result(timeout=60)
+                if out is None:
+                    raise RuntimeError("transformers continuous batching stalled")
+                if out.is_finished():
+                    produced += len(out.generated_tokens)
+                    done += 1
+            sync(device)
+            seconds = time.perf_counter() - t
+        finally:
+            manager.stop(block=True)
+    # a request that failed inside its generation thread (out of memory, say) comes back finished but short
+    if produced != w.output_tokens:
+        raise RuntimeError(f"transformers continuous batching produced {produced} tokens, expected "
+                           f"{w.output_tokens} (a request failed in its generation thread)")
     return Result("hf", w.name, len(prompts), produced, seconds, device_name(device),
                   "continuous batching, paged|sdpa, CUDA graphs")
 
@@ -290,76 +436,176 @@ def device_name(device) -> str:
 ENGINES = {"nanovllm": run_nanovllm, "hf": run_hf, "vllm": run_vllm}
 
 
+PROG = "python -m nanovllm.bench"
 BENCH_PREFILL_TOKENS = 16384  # tokens per prefill step in the benchmark (nano-vllm's), not the LLM default
 
+# per workload, (on a GPU, on a CPU): what a flag left out means.  The latency workload is kept short on a CPU,
+# where a 135M model's prefill takes tens of milliseconds and a decode step several.
+DEFAULTS = {
+    "seed": {"num_requests": (256, 256), "prompt_len": ((100, 1024),) * 2, "output_len": ((100, 1024),) * 2},
+    "chat": {"num_requests": (32, 32)},
+    "latency": {"num_requests": (32, 4), "prompt_len": ((256, 256), (32, 32)), "output_len": ((128, 128), (8, 8)),
+                "warmup_requests": (3, 1)},
+}
 
-def main(argv=None) -> list[Result]:
-    import torch
 
+def parser():
+    from nanovllm.__main__ import Parser, positive_int
     from nanovllm.config import add_engine_args
 
-    p = argparse.ArgumentParser(prog="python -m nanovllm.bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=["seed", "chat"], help="default: seed on a GPU, chat on a CPU")
+    def count(text: str) -> int:  # --warmup-requests 0 is allowed: none
+        try:
+            return positive_int(text) if text.strip() != "0" else 0
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(f"must be 0 or a positive integer, got {text!r}") from None
+
+    p = Parser(prog=PROG, description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=["seed", "chat", "latency"], help="default: seed on a GPU, chat on a CPU")
     p.add_argument("--engine", default=None, help="nanovllm, hf, vllm, or several comma-separated "
-                   "(default: nanovllm on a GPU, nanovllm,hf on a CPU)")
+                   "(default: nanovllm on a GPU and for latency, nanovllm,hf for chat on a CPU)")
     p.add_argument("--model", default=None, help="a model folder, .gguf file or hub id (default: the workload's)")
     p.add_argument("--random-weights", action="store_true", help="random weights from the model's config")
-    p.add_argument("--num-requests", type=int, default=None)
-    p.add_argument("--prompt-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
-    p.add_argument("--output-len", type=int, nargs=2, default=(100, 1024), metavar=("MIN", "MAX"))
-    p.add_argument("--max-tokens", type=int, default=64, help="chat workload: tokens per request")
+    p.add_argument("--num-requests", type=positive_int, default=None,
+                   help="requests (latency: measured ones); default: seed 256, chat 32, latency 32 (4 on a CPU)")
+    p.add_argument("--prompt-len", type=positive_int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="prompt tokens; default: seed 100 1024, latency 256 256 (32 32 on a CPU)")
+    p.add_argument("--output-len", type=positive_int, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="output tokens; default: seed 100 1024, latency 128 128 (8 8 on a CPU)")
+    p.add_argument("--max-tokens", type=positive_int, default=64, help="chat workload: tokens per request")
+    p.add_argument("--warmup-requests", type=count, default=None,
+                   help="latency workload: requests run before the measured ones (default: 3, 1 on a CPU)")
     p.add_argument("--progress", action="store_true", help="show nanovllm's progress bar")
     # the engine's flags, from EngineConfig; the benchmark takes 16,384-token prefill steps (nano-vllm's)
     add_engine_args(p, exclude=("load_format",), defaults={"max_num_batched_tokens": BENCH_PREFILL_TOKENS},
                     aliases={"tensor_parallel_size": ["--tp"], "kvcache_block_size": ["--block-size"]})
     p.add_argument("--json", default=None, help="append results to this JSON-lines file")
-    args = p.parse_args(argv)
+    return p
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    workload = args.workload or ("seed" if device.startswith("cuda") else "chat")
-    engines = (args.engine or ("nanovllm" if workload == "seed" else "nanovllm,hf")).split(",")
+
+def main(argv=None) -> list[Result]:
+    """Run the benchmark; returns the results.  Exits 2 on a user error (before loading anything), 130 on
+    Ctrl-C, 1 after every engine has run when one of them failed."""
+    from nanovllm.__main__ import exit_interrupted
+
+    try:
+        p = parser()
+        args = p.parse_args(argv)
+        return bench(p, args, check_args(p, args))
+    except KeyboardInterrupt:
+        exit_interrupted(PROG)
+
+
+def check_args(p, args) -> list[str] | None:
+    """What argparse cannot check by itself; returns the engines asked for (None: the workload's default)."""
+    for flag in ("prompt_len", "output_len"):
+        lo_hi = getattr(args, flag)
+        if lo_hi is not None and lo_hi[0] > lo_hi[1]:
+            p.error(f"--{flag.replace('_', '-')} MIN MAX: MIN {lo_hi[0]} is above MAX {lo_hi[1]}")
+    if args.engine is None:
+        return None
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    if not engines:
+        p.error(f"--engine names no engine: {args.engine!r}")
     for e in engines:
         if e not in ENGINES:
             p.error(f"unknown engine {e!r}; choose from {sorted(ENGINES)}")
+    if len(set(engines)) != len(engines):
+        p.error(f"--engine names an engine twice: {args.engine!r}")
+    if args.workload == "latency" and "vllm" in engines:
+        p.error("the latency workload runs nanovllm and hf, not vllm")
+    return engines
+
+
+def bench(p, args, engines: list[str] | None) -> list[Result]:
+    import torch
+
+    from nanovllm.__main__ import check_engine_args, resolve_model_or_exit
+
+    check_engine_args(p, args)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    gpu = device.startswith("cuda")
+    workload = args.workload or ("seed" if gpu else "chat")
+    default = {k: v[0 if gpu else 1] for k, v in DEFAULTS[workload].items()}
+    given = {k: getattr(args, k) for k in default if getattr(args, k) is not None}
+    opts = {**default, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}}
+    engines = engines or (["nanovllm", "hf"] if workload == "chat" and not gpu else ["nanovllm"])
+    resolved = resolve_model_or_exit(p, args.model) if args.model is not None else None
     if workload == "seed":
-        w = seed_workload(args.num_requests or 256, tuple(args.prompt_len), tuple(args.output_len), args.model,
+        w = seed_workload(opts["num_requests"], opts["prompt_len"], opts["output_len"], args.model,
                           args.random_weights or None)
-    else:
-        w = chat_workload(args.num_requests or 32, args.max_tokens, args.model)
+    elif workload == "chat":
+        w = chat_workload(opts["num_requests"], args.max_tokens, args.model)
+    else:  # random weights as the seed's on a GPU, the embedded model's real ones on a CPU
+        w = latency_workload(opts["num_requests"], opts["prompt_len"], opts["output_len"], opts["warmup_requests"],
+                             args.model, args.random_weights or (args.model is None and gpu))
     print(f"workload {w.name}: {len(w.max_tokens)} requests, {w.output_tokens:,} output tokens, "
           f"{'random' if w.random_weights else 'real'} weights, device {device}", file=sys.stderr)
-    results = []
+    results, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        folder = model_folder(w, Path(tmp))
+        folder = model_folder(w, Path(tmp), resolved)
         for engine in engines:
             try:
                 res = ENGINES[engine](w, folder, device, args)
             except Exception as e:  # one engine failing must not hide the others' results
-                print(f"{engine:>9}  FAILED: {type(e).__name__}: {e}", flush=True)
-                continue
-            results.append(res)
-            print(res.line(), flush=True)
-            gc.collect()
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-    if len(results) > 1:
-        base = results[0]
-        for r in results[1:]:
-            print(f"{base.engine} / {r.engine}: {base.tok_per_s / r.tok_per_s:.2f}x")
+                first, *rest = str(e).strip().splitlines() or [""]
+                print(f"{engine:>9}  FAILED: {type(e).__name__}: {first}", flush=True)
+                if rest:
+                    print("\n".join(rest), file=sys.stderr, flush=True)
+                failed.append(engine)
+            else:
+                results.append(res)
+                print(res.line(), flush=True)
+            free(device)  # before the next engine: a GPU holds one engine's weights and KV cache, not two
+    print_ratios(results)
     if args.json:
-        versions = {"torch": torch.__version__}
-        try:
-            import triton
-
-            versions["triton"] = triton.__version__
-        except ImportError:
-            pass
-        with open(args.json, "a") as f:
-            for r in results:
-                f.write(json.dumps({**asdict(r), "tok_per_s": round(r.tok_per_s, 1), **versions,
-                                    "date": time.strftime("%Y-%m-%d")}) + "\n")
+        write_json(args.json, results)
+    if failed:
+        print(f"{p.prog}: {len(failed)} of {len(engines)} engine(s) failed: {', '.join(failed)}", file=sys.stderr)
+        raise SystemExit(1)
     return results
+
+
+def free(device: str) -> None:
+    """Give back what the last engine held.  Its run function has dropped it (and shut a nanovllm engine
+    down); what is left are reference cycles, a failure's traceback among them, and on a GPU the blocks
+    PyTorch's allocator keeps cached."""
+    import torch
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def print_ratios(results: list[Result]) -> None:
+    """The first engine that ran against each other one: throughput (how many times faster), or for the
+    latency workload each median latency as a share of the other engine's (below 1: faster)."""
+    if len(results) < 2:
+        return
+    base = results[0]
+    for r in results[1:]:
+        if base.ttft_ms_median is not None:
+            parts = [f"{base.ttft_ms_median / r.ttft_ms_median:.2f}x the median TTFT"]
+            if base.itl_ms_median is not None and r.itl_ms_median:
+                parts.append(f"{base.itl_ms_median / r.itl_ms_median:.2f}x the median ITL")
+            print(f"{base.engine} / {r.engine}: {', '.join(parts)}")
+        else:
+            print(f"{base.engine} / {r.engine}: {base.tok_per_s / r.tok_per_s:.2f}x")
+
+
+def write_json(path: str, results: list[Result]) -> None:
+    import torch
+
+    versions = {"torch": torch.__version__}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        pass
+    with open(path, "a") as f:
+        for r in results:
+            f.write(json.dumps({**r.record(), **versions, "date": time.strftime("%Y-%m-%d")}) + "\n")
 
 
 if __name__ == "__main__":

@@ -258,24 +258,26 @@ class LLM:
         prefill_s = decode_s = 0.0
         self.step_log = []  # (is_prefill, tokens, sequences, seconds) per step of the last generate()
         step = self.overlapped.step if self.overlapped is not None else self._step
-        while self.scheduler.has_unfinished():
-            t = time.perf_counter()
-            batch, finished = step()
-            dt = time.perf_counter() - t
-            if batch is not None:
-                self.step_log.append((batch.is_prefill, sum(batch.num_new_tokens), len(batch.seqs), dt))
-                if batch.is_prefill:
-                    prefill_tok, prefill_s = prefill_tok + sum(batch.num_new_tokens), prefill_s + dt
-                else:
-                    decode_tok, decode_s = decode_tok + len(batch.seqs), decode_s + dt
+        try:
+            while self.scheduler.has_unfinished():
+                t = time.perf_counter()
+                batch, finished = step()
+                dt = time.perf_counter() - t
+                if batch is not None:
+                    self.step_log.append((batch.is_prefill, sum(batch.num_new_tokens), len(batch.seqs), dt))
+                    if batch.is_prefill:
+                        prefill_tok, prefill_s = prefill_tok + sum(batch.num_new_tokens), prefill_s + dt
+                    else:
+                        decode_tok, decode_s = decode_tok + len(batch.seqs), decode_s + dt
+                if bar is not None:
+                    bar.set_postfix_str(f"prefill {prefill_tok / max(prefill_s, 1e-9):,.0f} tok/s, "
+                                        f"decode {decode_tok / max(decode_s, 1e-9):,.0f} tok/s", refresh=False)
+                    bar.update(len(finished))
+            if self.overlapped is not None:  # every sequence of the last launched step had already stopped
+                self.overlapped.collect()
+        finally:  # also on an error or Ctrl-C: the bar ends its line before anything else is printed
             if bar is not None:
-                bar.set_postfix_str(f"prefill {prefill_tok / max(prefill_s, 1e-9):,.0f} tok/s, "
-                                    f"decode {decode_tok / max(decode_s, 1e-9):,.0f} tok/s", refresh=False)
-                bar.update(len(finished))
-        if self.overlapped is not None:  # every sequence of the last launched step had already stopped
-            self.overlapped.collect()
-        if bar is not None:
-            bar.close()
+                bar.close()
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True):
         """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them.
