@@ -1,0 +1,115 @@
+"""Where a lone request's time to first token goes, on the GPU machine:
+
+    PYTHONPATH=. python3 tests/gpu/ttft_profile.py [--eager] [--max-num-seqs N]
+
+Qwen3-0.6B's shape with random weights in bf16, as ``nanovllm.bench --workload latency``. Prints the TTFT
+(median of 10, ``add_request`` to the first token on the host) by prompt length, the first step cut into
+schedule / prepare / forward / logits+sample+copy (each followed by a synchronize, so the pieces add up to a
+slower whole), and a profile of one 256-token prefill step: the top kernels by GPU time and the step's GPU
+busy time against its wall time (the gap is the host's launch overhead)."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.bench import QWEN3_0_6B_CONFIG  # noqa: E402
+
+
+def ttft(llm, n: int, reps: int = 10) -> float:
+    times = []
+    for r in range(reps + 2):
+        llm.reset_prefix_cache()
+        prompt = [(7 * r + 13 * i) % 10000 for i in range(n)]
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        seq = llm.add_request(prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        while not seq.is_finished:
+            llm.step()
+        if r >= 2:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def pieces(llm, n: int) -> dict:
+    out = {}
+    for r in range(5):
+        llm.reset_prefix_cache()
+        seq = llm.add_request([(3 * r + i) % 10000 for i in range(n)],
+                              SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+        sync = torch.cuda.synchronize
+        sync(); t0 = time.perf_counter()
+        batch = llm.scheduler.schedule()
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            input_ids, positions, meta, rows = llm.runner.prepare(batch)
+            sync(); t2 = time.perf_counter()
+            hidden = llm.runner.model(input_ids, positions, meta)
+            sync(); t3 = time.perf_counter()
+            logits = llm.runner.model.compute_logits(hidden[rows])
+            sync(); t4 = time.perf_counter()
+            tokens = llm.runner.sampler(logits, [s for i, s in enumerate(batch.seqs) if batch.samples(i)]).tolist()
+            t5 = time.perf_counter()
+        llm.scheduler.postprocess(batch, tokens)
+        assert seq.is_finished
+        out = {"schedule": t1 - t0, "prepare": t2 - t1, "forward": t3 - t2, "logits": t4 - t3,
+               "sample+copy": t5 - t4}
+    return {k: v * 1e3 for k, v in out.items()}
+
+
+def profile(llm, n: int) -> None:
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    llm.reset_prefix_cache()
+    ttft(llm, n, reps=1)
+    seq = llm.add_request(list(range(1, n + 1)), SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        t = time.perf_counter()
+        while not seq.is_finished:
+            llm.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    events = p.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"profiled {n}-token prefill step: wall {wall * 1e3:.2f} ms (with the profiler), "
+          f"GPU busy {gpu:.2f} ms, kernels launched "
+          f"{sum(e.count for e in events if e.self_device_time_total > 0)}")
+    print(events.table(sort_by="self_device_time_total", row_limit=18, max_name_column_width=60))
+    print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--max-num-seqs", type=int, default=None)
+    ap.add_argument("--no-profile", action="store_true")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(Path(QWEN3_0_6B_CONFIG).read_text())
+        kw = dict(load_format="dummy", enforce_eager=args.eager)
+        if args.max_num_seqs:
+            kw["max_num_seqs"] = args.max_num_seqs
+        t = time.perf_counter()
+        llm = LLM(tmp, **kw)
+        print(f"{llm!r} eager={args.eager} ready in {time.perf_counter() - t:.1f} s")
+        for n in (1, 16, 64, 256, 1024):
+            print(f"  TTFT {n:5d} prompt tokens: {ttft(llm, n):7.2f} ms")
+        print("  first step of a 256-token prompt, in pieces (ms):",
+              {k: round(v, 2) for k, v in pieces(llm, 256).items()})
+        if not args.no_profile:
+            profile(llm, 256)
+        llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
