@@ -197,7 +197,6 @@ def run_nanovllm(w: Workload, folder, device: str, args) -> Result:
         return (nanovllm_latency if w.name == "latency" else nanovllm_throughput)(llm, w, args)
     finally:  # whatever happened (Ctrl-C included): stop its workers, give back its KV cache and weights
         llm.shutdown()
-        llm.runner.close()
 
 
 def nanovllm_throughput(llm, w: Workload, args) -> Result:
