@@ -51,6 +51,9 @@ class AttentionBackend:
     block_size_multiple: int = 1
     #: whether a decode step can be captured in a CUDA graph (no host syncs, shapes fixed by the caller)
     cuda_graph_safe: bool = False
+    #: whether a prefill step can be captured too: no host syncs, the grid fixed by ``max_seqlen_q`` as an
+    #: upper bound, and sequences with no new tokens (padding) skipped
+    prefill_graph_safe: bool = False
 
     @classmethod
     def usable(cls, device, dtype) -> bool:

@@ -605,6 +605,7 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     block_size_multiple = 1  # the kernels address the cache per token: any block size works
     cuda_graph_safe = True  # decode reads only shapes on the host: no syncs, grid fixed by the buffers
+    prefill_graph_safe = True  # prefill programs past a sequence's new tokens return at once
 
     def __init__(self, num_splits: int | None = None):
         self.num_splits = num_splits  # decode split count; None: heuristic

@@ -1,4 +1,4 @@
-"""CUDA graphs for decode: capture one decode step per batch-size bucket, replay it each step.
+"""CUDA graphs: capture a step per size bucket, replay it each step.  Decode steps and short prefills.
 
 A decode step of a small model is hundreds of small kernels; launched one by one from Python, the host
 cannot keep up with the GPU.  A captured graph launches them all at once.  A graph replays fixed memory:
@@ -10,6 +10,17 @@ before its capture, so that compiled kernels are built outside the capture.
 
 The inputs of a step travel in three host-to-device copies from pinned buffers: the four int64 vectors
 sit in the rows of one buffer (``ints``), of which the named buffers are views.
+
+Prefill (``PrefillGraphs``): a lone request's prefill is the same few hundred launches, over more tokens.
+Up to a couple of thousand tokens the GPU finishes each kernel faster than Python launches the next, so
+the time to the first token is set by the host, not by the prompt.  So prefill steps of up to
+``PREFILL_GRAPH_MAX_SEQS`` sequences and ``PREFILL_GRAPH_MAX_TOKENS`` tokens are captured too, one graph
+per bucket of token counts.  A step runs in the smallest bucket that holds its tokens; padding tokens
+(token 0 at position 0, slot -1) belong to no sequence, and padding sequences have no new tokens and no
+context, so the attention kernel skips them and nothing is stored for them.  The grid of the prefill
+kernel is sized by ``max_seqlen_q``, which a graph fixes at its bucket: programs past a sequence's
+tokens return at once.  Both kinds of graph share one memory pool (they never run at the same time, and
+their outputs are copied into static buffers allocated outside it).
 """
 
 from __future__ import annotations
@@ -20,8 +31,12 @@ import numpy as np
 import torch
 
 from nanovllm.attention.base import AttentionMetadata
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import ScheduledBatch, Sequence
 from nanovllm.utils import cdiv
+
+
+PREFILL_GRAPH_MAX_TOKENS = 2048  # longer prefills are launched eagerly: there the GPU work dominates
+PREFILL_GRAPH_MAX_SEQS = 16  # every graph's attention grid covers this many sequences, most of them empty
 
 
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
@@ -29,6 +44,40 @@ def graph_batch_sizes(max_num_seqs: int) -> list[int]:
     top = min(max_num_seqs, 512)
     sizes = [b for b in (1, 2, 4, 8) if b < top] + list(range(16, top, 16)) + [top]
     return sorted(set(sizes))
+
+
+def graph_token_sizes(max_tokens: int) -> list[int]:
+    """The prefill buckets: 16, 32, ..., 256, then 384, 512, 768, 1024, 1536, 2048 (each step wastes at most
+    a third of its tokens on padding past 256), up to ``max_tokens`` (which is itself the top bucket)."""
+    top = min(max_tokens, PREFILL_GRAPH_MAX_TOKENS)
+    sizes = [16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048]
+    return [t for t in sizes if t < top] + [top]
+
+
+def fill_prefill_inputs(seqs: list[Sequence], num_new_tokens: list[int], block_size: int, ints: np.ndarray,
+                        lens: np.ndarray, block_tables: np.ndarray) -> None:
+    """The host side of a padded prefill step: ``ints`` [3, t] gets the new tokens' ids, positions and cache
+    slots, then padding (token 0, position 0, slot -1); ``lens`` [2S + 1] the query offsets ``cu_seqlens_q``
+    [S + 1] (padding sequences: no new tokens) followed by the context lengths [S] (padding: 0);
+    ``block_tables`` [S, width] each sequence's block table (other entries are never read)."""
+    n, num_seqs = len(seqs), block_tables.shape[0]
+    cu_q, context_lens = lens[:num_seqs + 1], lens[num_seqs + 1:]
+    q_lens = np.asarray(num_new_tokens, dtype=np.int64)
+    starts = np.fromiter((s.num_computed_tokens for s in seqs), dtype=np.int64, count=n)
+    cu_q[0] = 0
+    np.cumsum(q_lens, out=cu_q[1:n + 1])
+    total = int(cu_q[n])
+    cu_q[n + 1:] = total
+    context_lens[:n] = starts + q_lens
+    context_lens[n:] = 0
+    for i, seq in enumerate(seqs):
+        block_tables[i, :len(seq.block_table)] = seq.block_table
+        ints[0, cu_q[i]:cu_q[i + 1]] = seq.token_ids[starts[i]:starts[i] + q_lens[i]]
+    positions = np.arange(total) - np.repeat(cu_q[:n] - starts, q_lens)
+    owner = np.repeat(np.arange(n), q_lens)
+    ints[1, :total] = positions
+    ints[2, :total] = block_tables[owner, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    ints[:2, total:], ints[2, total:] = 0, -1
 
 
 def fill_decode_inputs(seqs: list[Sequence], block_size: int, ints: np.ndarray, context_lens: np.ndarray,
@@ -103,8 +152,8 @@ class DecodeGraphs:
             max_seqlen_k=self.max_model_len)
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        pool = None
+    def capture(self, pool=None):
+        """Capture every bucket, largest first, into ``pool`` (None: a new one); returns the pool."""
         for b in reversed(self.batch_sizes):
             meta = self.metadata(b)
             ids, pos = self.input_ids[:b], self.positions[:b]
@@ -116,6 +165,7 @@ class DecodeGraphs:
             pool = graph.pool()
             self.graphs[b] = graph
         torch.cuda.synchronize(self.device)
+        return pool
 
     def replay(self, seqs: list[Sequence], prev_tokens: torch.Tensor | None = None,
                prev_rows: np.ndarray | None = None) -> torch.Tensor:
@@ -144,4 +194,79 @@ class DecodeGraphs:
         self.block_tables[:b].copy_(h_tables, non_blocking=True)
         event.record()
         self.graphs[b].replay()
+        return self.hidden[:n]
+
+
+class PrefillGraphs:
+    """The captured prefill steps of one model (see the module's docstring), with their static buffers.
+
+    On a CPU (tests) nothing is captured: ``run`` computes the same padded step eagerly."""
+
+    def __init__(self, model, max_tokens: int, max_num_seqs: int, max_model_len: int, block_size: int,
+                 hidden_size: int, dtype: torch.dtype, device: torch.device):
+        self.model, self.block_size, self.max_model_len, self.device = model, block_size, max_model_len, device
+        self.token_sizes = graph_token_sizes(max_tokens)
+        self.max_seqs = min(max_num_seqs, PREFILL_GRAPH_MAX_SEQS)
+        top, seqs, width = self.token_sizes[-1], self.max_seqs, cdiv(max_model_len, block_size)
+        self.ints = torch.zeros(3, top, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping = self.ints.unbind(0)
+        self.slot_mapping.fill_(-1)
+        self.lens = torch.zeros(2 * seqs + 1, dtype=torch.int32, device=device)
+        self.cu_seqlens_q, self.context_lens = self.lens[:seqs + 1], self.lens[seqs + 1:]
+        self.block_tables = torch.zeros(seqs, width, dtype=torch.int32, device=device)
+        self.hidden = torch.zeros(top, hidden_size, dtype=dtype, device=device)
+        self.input_ring = (PinnedRing(4, (3 * top, torch.int64), (2 * seqs + 1, torch.int32), (seqs * width, torch.int32))
+                           if device.type == "cuda" else None)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def fits(self, num_seqs: int, num_tokens: int) -> bool:
+        return num_seqs <= self.max_seqs and num_tokens <= self.token_sizes[-1]
+
+    def metadata(self, t: int) -> AttentionMetadata:
+        """The attention metadata of bucket ``t``: every sequence slot, at most ``t`` new tokens each."""
+        return AttentionMetadata(
+            is_prefill=True, cu_seqlens_q=self.cu_seqlens_q, context_lens=self.context_lens,
+            slot_mapping=self.slot_mapping[:t], block_tables=self.block_tables, max_seqlen_q=t,
+            max_seqlen_k=self.max_model_len)
+
+    def forward(self, t: int) -> None:
+        self.hidden[:t] = self.model(self.input_ids[:t], self.positions[:t], self.metadata(t))
+
+    @torch.inference_mode()
+    def capture(self, pool=None):
+        """Capture every bucket, largest first, into ``pool`` (None: a new one); returns the pool.  The
+        buffers hold padding only (no tokens, no context, slots -1), so capturing stores nothing."""
+        for t in reversed(self.token_sizes):
+            self.forward(t)  # warm this shape (and compile it)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                self.forward(t)
+            pool = graph.pool()
+            self.graphs[t] = graph
+        torch.cuda.synchronize(self.device)
+        return pool
+
+    @torch.inference_mode()
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Copy the step's inputs into the static buffers, replay the smallest graph that holds them (on a
+        CPU: compute it); returns the hidden states of the step's tokens [num_tokens, hidden]."""
+        n = sum(batch.num_new_tokens)
+        t = next(size for size in self.token_sizes if size >= n)
+        if self.input_ring is None:
+            h_ints, h_lens, h_tables = self.ints[:, :t], self.lens, self.block_tables
+        else:
+            (h_ints, h_lens, h_tables), event = self.input_ring.next()
+            h_ints, h_tables = h_ints[:3 * t].view(3, t), h_tables.view(self.max_seqs, -1)
+        fill_prefill_inputs(batch.seqs, batch.num_new_tokens, self.block_size, h_ints.numpy(), h_lens.numpy(),
+                            h_tables.numpy())
+        if self.input_ring is not None:
+            self.ints[:, :t].copy_(h_ints, non_blocking=True)
+            self.lens.copy_(h_lens, non_blocking=True)
+            self.block_tables.copy_(h_tables, non_blocking=True)
+            event.record()
+        if t in self.graphs:
+            self.graphs[t].replay()
+        else:
+            self.forward(t)
         return self.hidden[:n]

@@ -2,8 +2,9 @@
 
 It builds the model with the kernels ``nanovllm/kernels.py`` selects, owns the KV cache (one
 [2, layers, blocks, block_size, kv_heads, head_dim] tensor, each layer given its slice) and, on CUDA, the
-captured decode graphs (``cuda_graphs.py``).  ``prepare`` + the forward pass + ``sampler`` is the whole
-path of a step; overlapped execution (``overlap.py``) launches the same pieces without waiting.
+captured CUDA graphs of decode steps and short prefills (``cuda_graphs.py``).  ``forward`` (a graph's
+replay, or ``prepare`` + the model) + the LM head + ``sampler`` is the whole path of a step; overlapped
+execution (``overlap.py``) launches the same pieces without waiting.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from nanovllm.attention.base import AttentionMetadata
 from nanovllm.config import EngineConfig
-from nanovllm.engine.cuda_graphs import DecodeGraphs
+from nanovllm.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from nanovllm.engine.sequence import ScheduledBatch, Sequence
 from nanovllm.kernels import select_kernels
 from nanovllm.layers.attention import PagedAttention
@@ -84,6 +85,12 @@ def gpu_kv_budget(total: int, free: int, reserved: int, peak: int, utilization: 
     return int(total * utilization - used_by_others - peak)
 
 
+def sampling_rows(batch: ScheduledBatch) -> list[int]:
+    """The rows of a step's tokens whose logits are needed: each sampling sequence's last new token."""
+    ends = np.cumsum(batch.num_new_tokens) - 1
+    return [int(ends[i]) for i in range(len(batch.seqs)) if batch.samples(i)]
+
+
 class ModelRunner:
     def __init__(self, config: EngineConfig, model: ResolvedModel):
         self.config, self.hf_config = config, model.hf_config
@@ -105,17 +112,28 @@ class ModelRunner:
         self.model.eval()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, PagedAttention)]
         self.sampler = Sampler(self.device, config.seed)
-        self.num_kvcache_blocks = self.allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
+        self.num_kvcache_blocks = self.allocate_kv_cache()
         if self.device.type == "cuda":
             self.warmup_prefill()
             if not config.enforce_eager and self.backend.cuda_graph_safe:
-                # a decode step holds at most this many sequences (one token each): no larger graph is captured
-                max_decode = min(config.max_num_seqs, config.max_num_batched_tokens)
-                self.graphs = DecodeGraphs(self.model, max_decode, config.max_model_len, self.block_size,
-                                           self.hf_config.hidden_size, self.dtype, self.device)
-                self.graphs.capture()
+                self.capture_graphs()
             self.sampler.warmup(self.hf_config.vocab_size, self.dtype)
+
+    def capture_graphs(self) -> None:
+        """Capture the short prefills (when the backend allows) and the decode steps, in one memory pool."""
+        config, hidden = self.config, self.hf_config.hidden_size
+        pool = None
+        if self.backend.prefill_graph_safe:
+            self.prefill_graphs = PrefillGraphs(self.model, config.max_num_batched_tokens, config.max_num_seqs,
+                                                config.max_model_len, self.block_size, hidden, self.dtype, self.device)
+            pool = self.prefill_graphs.capture()
+        # a decode step holds at most this many sequences (one token each): no larger graph is captured
+        max_decode = min(config.max_num_seqs, config.max_num_batched_tokens)
+        self.graphs = DecodeGraphs(self.model, max_decode, config.max_model_len, self.block_size, hidden,
+                                   self.dtype, self.device)
+        self.graphs.capture(pool)
 
     @property
     def supports_overlap(self) -> bool:
@@ -130,7 +148,7 @@ class ModelRunner:
         see it free."""
         if getattr(self, "model", None) is None:  # closed already, or __init__ failed before the model
             return
-        self.graphs = None
+        self.graphs = self.prefill_graphs = None
         for layer in getattr(self, "attn_layers", []):
             layer.k_cache = layer.v_cache = torch.tensor([])
         self.kv_cache = None
@@ -237,13 +255,22 @@ class ModelRunner:
         return input_ids, self.to_device(np.concatenate(positions), torch.int64), meta, logits_rows
 
     @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch, warmup: bool = False):
+        """The forward pass of a step: (hidden states, the rows of the tokens that sample).  A captured graph
+        when one fits (decode, or a short prefill), else the eager path (``prepare`` + the model)."""
+        if batch.is_prefill:
+            graphs = self.prefill_graphs
+            if graphs is not None and not warmup and graphs.fits(len(batch.seqs), sum(batch.num_new_tokens)):
+                return graphs.run(batch), sampling_rows(batch)
+        elif self.graphs is not None and len(batch.seqs) <= self.graphs.max_batch:
+            return self.graphs.replay(batch.seqs), slice(None)
+        input_ids, positions, meta, rows = self.prepare(batch, warmup)
+        return self.model(input_ids, positions, meta), rows
+
+    @torch.inference_mode()
     def run(self, batch: ScheduledBatch, warmup: bool = False) -> list[int]:
         """Compute the batch; return one sampled token per sequence that finished its tokens this step."""
-        if not batch.is_prefill and self.graphs is not None and len(batch.seqs) <= self.graphs.max_batch:
-            hidden, rows = self.graphs.replay(batch.seqs), slice(None)
-        else:
-            input_ids, positions, meta, rows = self.prepare(batch, warmup)
-            hidden = self.model(input_ids, positions, meta)
+        hidden, rows = self.forward(batch, warmup)
         if not rows:
             return []
         logits = self.model.compute_logits(hidden[rows])

@@ -170,8 +170,7 @@ class OverlappedLoop:
         """Launch a prefill step without waiting for it: the forward pass, then one token sampled for each
         sequence that finishes its prompt, left on the GPU for the next launch."""
         runner = self.runner
-        input_ids, positions, meta, rows = runner.prepare(batch)
-        hidden = runner.model(input_ids, positions, meta)
+        hidden, rows = runner.forward(batch)
         seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if not seqs:
             self.prev_rows = {}

@@ -93,6 +93,7 @@ def compare_engines(path, vocab, max_tokens=24, **kw):
     fast = LLM(path, device="cuda", dtype="float32", attention_backend="triton", **kw)
     try:
         assert fast.runner.graphs is not None, "CUDA graphs were not captured"
+        assert fast.runner.prefill_graphs is not None, "prefill graphs were not captured"
         assert fast.overlapped is not None, "generate() does not take the overlapped loop"
         _compare_rounds(fast, prompts, params, want)
     finally:
