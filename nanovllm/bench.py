@@ -9,19 +9,22 @@ Three workloads:
   / wall seconds (133,966 output tokens).
 * ``chat`` (the default on a CPU): the embedded SmolLM2-135M-Instruct, 32 chat prompts, 64 greedy
   tokens each, nanovllm next to HF transformers' batched ``generate`` (left-padded).
-* ``latency``: one request at a time (batch 1), greedy, EOS ignored: a few warm-up requests, then N measured
-  ones; time to first token (TTFT: from handing the request over to holding its first token, so the whole
-  prefill and the first sampling) and inter-token latency (ITL: the gap between one output token and the
-  next, i.e. time per output token), each as median, p99 and mean in ms.  Each prompt is fresh random token
-  ids and the prefix cache is emptied before each request, so every TTFT counts its whole prefill.  Model:
-  as ``seed`` on a GPU, the embedded SmolLM2 on a CPU (with few, short requests there).
+* ``latency``: requests in groups of ``--batch-size`` B (1 and 16 on a GPU, 1 on a CPU), each group submitted
+  at once and run until all its requests finish, greedy, EOS ignored: a few warm-up groups, then N measured
+  requests (rounded up to whole groups); time to first token (TTFT: from the group's start to the request's
+  first token, so the whole prefill and the first sampling) and inter-token latency (ITL: the gap between one
+  output token of a request and its next, i.e. time per output token), each as median, p99 and mean in ms,
+  one result per engine and batch size.  Each prompt is fresh random token ids and the prefix cache is
+  emptied before each group, so every TTFT counts its whole prefill.  At batch 1 nanovllm also times
+  ``LLM.generate([prompt], max_tokens=1)`` whole (``generate()`` TTFT).  Model: as ``seed`` on a GPU (1,000-token
+  prompts, 128 output tokens), the embedded SmolLM2 on a CPU (with few, short requests there).
 
 ``--engine`` picks what runs: ``nanovllm``, ``hf`` (transformers; continuous batching with
 ``paged|sdpa`` attention and CUDA graphs on a GPU, batched ``generate`` on a CPU; one ``generate`` per
-request for ``latency``), ``vllm`` (when installed; not for ``latency``), or several separated by commas,
-all on the identical workload.  Engines run one after another, each freed before the next starts (a GPU
-cannot hold two); one that fails is reported as FAILED, the others still run, and the exit status is 1.
-A user error (a bad flag, a missing model) is one line and exit 2, before anything is loaded.
+group of left-padded prompts for ``latency``), ``vllm`` (when installed; not for ``latency``), or several
+separated by commas, all on the identical workload.  Engines run one after another, each freed before the
+next starts (a GPU cannot hold two); one that fails is reported as FAILED, the others still run, and the exit
+status is 1.  A user error (a bad flag, a missing model) is one line and exit 2, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ class Workload:
     model: str | None
     random_weights: bool
     texts: list[str] = field(default_factory=list)
-    warmup: list = field(default_factory=list)  # latency: the warm-up requests' prompts (as many output tokens)
+    warmup: list = field(default_factory=list)  # latency: the warm-up requests, (prompt, output tokens)
+    # latency: per batch size B, (warm-up groups, measured groups), each group B (prompt, output tokens) pairs
+    groups: dict = field(default_factory=dict)
 
     @property
     def output_tokens(self) -> int:
@@ -87,15 +92,30 @@ def chat_workload(num_requests=32, max_tokens=64, model=None) -> Workload:
     return Workload("chat", [], [max_tokens] * num_requests, 0.0, model, False, questions)
 
 
-def latency_workload(num_requests=32, prompt_len=(256, 256), output_len=(128, 128), warmup=3, model=None,
-                     random_weights=False) -> Workload:
-    """Requests for one-at-a-time timing: random token ids (no two prompts share a prefix), greedy, EOS
-    ignored; the warm-up requests are drawn after the measured ones, so ``warmup`` leaves those unchanged."""
-    random.seed(0)
-    lens = [(random.randint(*prompt_len), random.randint(*output_len)) for _ in range(num_requests + warmup)]
-    prompts = [[random.randint(0, 10000) for _ in range(n)] for n, _ in lens]
-    return Workload("latency", prompts[:num_requests], [m for _, m in lens[:num_requests]], 0.0, model,
-                    random_weights, warmup=list(zip(prompts[num_requests:], [m for _, m in lens[num_requests:]])))
+def latency_workload(num_requests=32, prompt_len=(1000, 1000), output_len=(128, 128), warmup=3, model=None,
+                     random_weights=False, batch_sizes=(1,)) -> Workload:
+    """Requests for latency timing, in groups of each batch size B: random token ids (no two prompts share a
+    prefix), greedy, EOS ignored.  At batch B the measured requests are the first ``num_requests`` rounded up
+    to a multiple of B, and ``warmup`` groups of B warm-up requests run first.  Each request is drawn whole
+    before the next, and the warm-up ones from their own seed, so the first requests are the same whatever
+    the batch sizes and ``warmup``."""
+    def draw(rng, n):
+        reqs = []
+        for _ in range(n):
+            length, out = rng.randint(*prompt_len), rng.randint(*output_len)
+            reqs.append(([rng.randint(0, 10000) for _ in range(length)], out))
+        return reqs
+
+    measured = draw(random.Random(0), max(math.ceil(num_requests / b) * b for b in batch_sizes))
+    spare = draw(random.Random(1), warmup * max(batch_sizes))
+
+    def chunks(reqs, b):
+        return [reqs[i:i + b] for i in range(0, len(reqs), b)]
+
+    groups = {b: (chunks(spare[:warmup * b], b), chunks(measured[:math.ceil(num_requests / b) * b], b))
+              for b in batch_sizes}
+    return Workload("latency", [p for p, _ in measured], [n for _, n in measured], 0.0, model, random_weights,
+                    warmup=spare, groups=groups)
 
 
 @dataclass
@@ -114,6 +134,9 @@ class Result:
     itl_ms_median: float | None = None
     itl_ms_p99: float | None = None
     itl_ms_mean: float | None = None
+    batch_size: int | None = None  # latency: requests submitted at once
+    generate_ttft_ms_median: float | None = None  # latency, nanovllm at batch 1: LLM.generate(max_tokens=1), whole
+    generate_ttft_ms_p99: float | None = None
 
     @property
     def tok_per_s(self) -> float:
@@ -124,9 +147,12 @@ class Result:
         if self.ttft_ms_median is not None:
             itl = ("n/a (one output token)" if self.itl_ms_median is None else
                    f"median {self.itl_ms_median:.2f} ms, p99 {self.itl_ms_p99:.2f} ms, mean {self.itl_ms_mean:.2f} ms")
-            return (f"{self.engine:>9}  {self.workload}: {self.requests} requests, "
+            gen = ("" if self.generate_ttft_ms_median is None else
+                   f"; generate() TTFT median {self.generate_ttft_ms_median:.2f} ms, "
+                   f"p99 {self.generate_ttft_ms_p99:.2f} ms")
+            return (f"{self.engine:>9}  {self.workload}, batch {self.batch_size}: {self.requests} requests, "
                     f"TTFT median {self.ttft_ms_median:.2f} ms, p99 {self.ttft_ms_p99:.2f} ms, "
-                    f"mean {self.ttft_ms_mean:.2f} ms; ITL {itl}{end}")
+                    f"mean {self.ttft_ms_mean:.2f} ms; ITL {itl}{gen}{end}")
         return (f"{self.engine:>9}  {self.workload}: {self.requests} requests, "
                 f"{self.output_tokens:,} output tokens in {self.seconds:.2f} s = {self.tok_per_s:,.0f} tok/s{end}")
 
@@ -141,8 +167,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def latency_result(engine: str, timings: list[tuple[float, list[float]]], device: str, note: str) -> Result:
-    """A Result from each measured request's (start, [time each output token arrived])."""
+def latency_result(engine: str, timings: list[tuple[float, list[float]]], device: str, note: str,
+                   batch_size: int = 1) -> Result:
+    """A Result from each measured request's (start, [time each output token arrived]); the requests of one
+    group share their start, and the measured time is the groups' (start to last token of the group)."""
     ttft = [(times[0] - start) * 1e3 for start, times in timings]
     itl = [(b - a) * 1e3 for _, times in timings for a, b in zip(times, times[1:])]
     stats = {}
@@ -151,8 +179,12 @@ def latency_result(engine: str, timings: list[tuple[float, list[float]]], device
             stats |= {f"{name}_ms_median": statistics.median(ms), f"{name}_ms_p99": percentile(ms, 99),
                       f"{name}_ms_mean": statistics.fmean(ms)}
     produced = sum(len(times) for _, times in timings)
-    seconds = sum(times[-1] - start for start, times in timings)
-    return Result(engine, "latency", len(timings), produced, seconds, device, note, **stats)
+    ends = {}
+    for start, times in timings:
+        ends[start] = max(ends.get(start, start), times[-1])
+    seconds = sum(end - start for start, end in ends.items())
+    return Result(engine, "latency", len(timings), produced, seconds, device, note, batch_size=batch_size,
+                  **stats)
 
 
 def model_folder(w: Workload, tmp: Path, resolved=None) -> Path | str:
@@ -219,29 +251,51 @@ def nanovllm_throughput(llm, w: Workload, args) -> Result:
                   f"backend={llm.runner.backend.name}")
 
 
-def nanovllm_latency(llm, w: Workload, args) -> Result:
-    """Each request alone, driven by ``add_request`` and ``step`` (the plain step loop: with one request
-    there is nothing for the overlapped loop to hide).  The clock starts before ``add_request`` (which
-    checks the prompt) and reads after each step; a step returns its token ids on the host, so a token
-    counts once the GPU has produced it."""
+def nanovllm_latency(llm, w: Workload, args) -> list[Result]:
+    """Each group of requests driven by ``add_request`` and ``step`` (the plain step loop: a step returns its
+    token ids on the host, so a token counts once the GPU has produced it).  The clock starts before the
+    first ``add_request`` (which checks the prompt) and reads after each step.  At batch 1, then, the whole
+    ``generate()`` call of each prompt with ``max_tokens=1``: what a user of ``LLM.generate`` waits for its
+    first token (validation, the overlapped loop, building the output), without a progress bar."""
     from nanovllm import SamplingParams
 
-    def one(prompt, n):
-        llm.reset_prefix_cache()  # no earlier request's blocks: the prefill is computed in full
-        params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n)
+    def group(reqs):
+        llm.reset_prefix_cache()  # no earlier group's blocks: every prefill is computed in full
+        params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=n) for _, n in reqs]
         sync(str(llm.device))
-        start, times = time.perf_counter(), []
-        seq = llm.add_request(prompt, params)
-        while not seq.is_finished:
+        start = time.perf_counter()
+        seqs = [llm.add_request(prompt, sp) for (prompt, _), sp in zip(reqs, params)]
+        times = [[] for _ in seqs]
+        while not all(seq.is_finished for seq in seqs):
             llm.step()
-            if seq.num_completion_tokens > len(times):  # (a chunk of a long prompt's prefill adds no token)
-                times.append(time.perf_counter())
-        return start, times
+            now = time.perf_counter()
+            for seq, ts in zip(seqs, times):  # (a chunk of a long prompt's prefill adds no token)
+                ts.extend([now] * (seq.num_completion_tokens - len(ts)))
+        for (_, n), ts in zip(reqs, times):
+            if len(ts) != n:
+                raise RuntimeError(f"nanovllm produced {len(ts)} tokens for a request, expected {n}")
+        return [(start, ts) for ts in times]
 
-    for prompt, n in w.warmup:
-        one(prompt, n)
-    timings = [one(p, n) for p, n in zip(w.prompts, w.max_tokens)]
-    return latency_result("nanovllm", timings, device_name(llm.device), f"backend={llm.runner.backend.name}")
+    def generate_ms(prompt):
+        llm.reset_prefix_cache()
+        sync(str(llm.device))
+        t = time.perf_counter()
+        llm.generate([prompt], SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=1), use_tqdm=False)
+        return (time.perf_counter() - t) * 1e3
+
+    device, note, results = device_name(llm.device), f"backend={llm.runner.backend.name}", []
+    for b, (warmup, measured) in w.groups.items():
+        for reqs in warmup:
+            group(reqs)
+        timings = [t for reqs in measured for t in group(reqs)]
+        results.append(latency_result("nanovllm", timings, device, note, b))
+        if b == 1:
+            for reqs in warmup:
+                generate_ms(reqs[0][0])
+            ms = [generate_ms(reqs[0][0]) for reqs in measured]
+            results[-1].generate_ttft_ms_median = statistics.median(ms)
+            results[-1].generate_ttft_ms_p99 = percentile(ms, 99)
+    return results
 
 
 def print_step_summary(log) -> None:
@@ -307,13 +361,15 @@ def run_hf(w: Workload, folder, device: str, args) -> Result:
     return Result("hf", w.name, len(prompts), produced, seconds, device_name(device), "generate, left-padded")
 
 
-def run_hf_latency(w: Workload, folder, device: str, dtype) -> Result:
-    """One ``generate`` per request (greedy, ``min_new_tokens`` = ``max_new_tokens``: EOS ignored), timed by
-    a streamer: ``generate`` hands it the prompt before its prefill, then each token as it is chosen; the
-    streamer waits for the GPU and reads the clock at each token.  TTFT is therefore ``generate``'s set-up,
-    the prefill and the first token, measured in the same call that then decodes the rest (not a separate
-    ``max_new_tokens=1`` call), and ITL the gaps between the tokens after it.  HF's default (dynamic) KV
-    cache and attention."""
+def run_hf_latency(w: Workload, folder, device: str, dtype) -> list[Result]:
+    """One ``generate`` per group (greedy, ``min_new_tokens`` = ``max_new_tokens``: EOS ignored), its prompts
+    left-padded to the longest with an attention mask, timed by a streamer: ``generate`` hands it the prompts
+    before their prefill, then each step's tokens (one for every row) as they are chosen; the streamer waits
+    for the GPU and reads the clock at each step.  TTFT is therefore ``generate``'s set-up, the prefill and
+    the first token, measured in the same call that then decodes the rest (not a separate
+    ``max_new_tokens=1`` call), and ITL the gaps between the tokens after it.  A group runs to its longest
+    request's output; each request counts its own first tokens.  HF's default (dynamic) KV cache and
+    attention."""
     import torch
     from transformers.generation.streamers import BaseStreamer
 
@@ -322,7 +378,7 @@ def run_hf_latency(w: Workload, folder, device: str, dtype) -> Result:
             self.prompt_seen, self.times = False, []
 
         def put(self, value):
-            if not self.prompt_seen:  # the first call is the prompt, before any work on it
+            if not self.prompt_seen:  # the first call is the prompts, before any work on them
                 self.prompt_seen = True
                 return
             sync(device)
@@ -333,22 +389,29 @@ def run_hf_latency(w: Workload, folder, device: str, dtype) -> Result:
 
     model = load_hf_model(folder, w.random_weights, device, dtype)
 
-    def one(prompt, n):
-        ids = torch.tensor([prompt], device=device)
+    def group(reqs):
+        width, n = max(len(p) for p, _ in reqs), max(k for _, k in reqs)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in reqs], device=device)  # left padding
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in reqs], device=device)
         clock = Clock()
         sync(device)
         start = time.perf_counter()
-        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                       do_sample=False, pad_token_id=0, streamer=clock)
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0, streamer=clock)
         if len(clock.times) != n:
             raise RuntimeError(f"HF generate streamed {len(clock.times)} tokens, expected {n}")
-        return start, clock.times
+        return [(start, clock.times[:k]) for _, k in reqs]
 
+    results = []
     with torch.inference_mode():
-        for prompt, n in w.warmup:
-            one(prompt, n)
-        timings = [one(p, n) for p, n in zip(w.prompts, w.max_tokens)]
-    return latency_result("hf", timings, device_name(device), "generate, batch 1, timed by a streamer")
+        for b, (warmup, measured) in w.groups.items():
+            for reqs in warmup:
+                group(reqs)
+            timings = [t for reqs in measured for t in group(reqs)]
+            padded = any(len({len(prompt) for prompt, _ in reqs}) > 1 for reqs in measured)
+            note = "generate, timed by a streamer" + (", left-padded" if padded else "")
+            results.append(latency_result("hf", timings, device_name(device), note, b))
+    return results
 
 
 def workload_prompts(w: Workload, folder) -> list[list[int]]:
@@ -438,13 +501,14 @@ ENGINES = {"nanovllm": run_nanovllm, "hf": run_hf, "vllm": run_vllm}
 PROG = "python -m nanovllm.bench"
 BENCH_PREFILL_TOKENS = 16384  # tokens per prefill step in the benchmark (nano-vllm's), not the LLM default
 
-# per workload, (on a GPU, on a CPU): what a flag left out means.  The latency workload is kept short on a CPU,
-# where a 135M model's prefill takes tens of milliseconds and a decode step several.
+# per workload, (on a GPU, on a CPU): what a flag left out means.  The latency workload's GPU prompts are the
+# issue's 1,000 tokens (16 of them fit one 16,384-token prefill step); it is kept short on a CPU, where a 135M
+# model's prefill takes tens of milliseconds and a decode step several.
 DEFAULTS = {
     "seed": {"num_requests": (256, 256), "prompt_len": ((100, 1024),) * 2, "output_len": ((100, 1024),) * 2},
     "chat": {"num_requests": (32, 32)},
-    "latency": {"num_requests": (32, 4), "prompt_len": ((256, 256), (32, 32)), "output_len": ((128, 128), (8, 8)),
-                "warmup_requests": (3, 1)},
+    "latency": {"num_requests": (32, 4), "prompt_len": ((1000, 1000), (32, 32)),
+                "output_len": ((128, 128), (8, 8)), "warmup_requests": (3, 1), "batch_size": ((1, 16), (1,))},
 }
 
 
@@ -468,12 +532,16 @@ def parser():
     p.add_argument("--num-requests", type=positive_int, default=None,
                    help="requests (latency: measured ones); default: seed 256, chat 32, latency 32 (4 on a CPU)")
     p.add_argument("--prompt-len", type=positive_int, nargs=2, default=None, metavar=("MIN", "MAX"),
-                   help="prompt tokens; default: seed 100 1024, latency 256 256 (32 32 on a CPU)")
+                   help="prompt tokens; default: seed 100 1024, latency 1000 1000 (32 32 on a CPU)")
     p.add_argument("--output-len", type=positive_int, nargs=2, default=None, metavar=("MIN", "MAX"),
                    help="output tokens; default: seed 100 1024, latency 128 128 (8 8 on a CPU)")
     p.add_argument("--max-tokens", type=positive_int, default=64, help="chat workload: tokens per request")
     p.add_argument("--warmup-requests", type=count, default=None,
-                   help="latency workload: requests run before the measured ones (default: 3, 1 on a CPU)")
+                   help="latency workload: groups run before the measured ones, per batch size (default: 3, "
+                   "1 on a CPU)")
+    p.add_argument("--batch-size", type=positive_int, nargs="+", default=None, metavar="B",
+                   help="latency workload: requests submitted at once, one or more sizes (default: 1 16, "
+                   "1 on a CPU); --num-requests is rounded up to whole groups")
     p.add_argument("--progress", action="store_true", help="show nanovllm's progress bar")
     # the engine's flags, from EngineConfig; the benchmark takes 16,384-token prefill steps (nano-vllm's)
     add_engine_args(p, exclude=("load_format",), defaults={"max_num_batched_tokens": BENCH_PREFILL_TOKENS},
@@ -501,6 +569,14 @@ def check_args(p, args) -> list[str] | None:
         lo_hi = getattr(args, flag)
         if lo_hi is not None and lo_hi[0] > lo_hi[1]:
             p.error(f"--{flag.replace('_', '-')} MIN MAX: MIN {lo_hi[0]} is above MAX {lo_hi[1]}")
+    if args.batch_size is not None:
+        if args.workload != "latency":
+            p.error("--batch-size is for the latency workload (--workload latency)")
+        if len(set(args.batch_size)) != len(args.batch_size):
+            p.error(f"--batch-size names a size twice: {' '.join(map(str, args.batch_size))}")
+        if max(args.batch_size) > args.max_num_seqs:
+            p.error(f"--batch-size {max(args.batch_size)} is above --max-num-seqs {args.max_num_seqs}: "
+                    "a group would not run as one batch")
     if args.engine is None:
         return None
     engines = [e.strip() for e in args.engine.split(",") if e.strip()]
@@ -537,8 +613,9 @@ def bench(p, args, engines: list[str] | None) -> list[Result]:
         w = chat_workload(opts["num_requests"], args.max_tokens, args.model)
     else:  # random weights as the seed's on a GPU, the embedded model's real ones on a CPU
         w = latency_workload(opts["num_requests"], opts["prompt_len"], opts["output_len"], opts["warmup_requests"],
-                             args.model, args.random_weights or (args.model is None and gpu))
-    print(f"workload {w.name}: {len(w.max_tokens)} requests, {w.output_tokens:,} output tokens, "
+                             args.model, args.random_weights or (args.model is None and gpu), opts["batch_size"])
+    size = (f"batch size {', '.join(map(str, w.groups))}: up to " if w.groups else "") + f"{len(w.max_tokens)}"
+    print(f"workload {w.name}: {size} requests, {w.output_tokens:,} output tokens, "
           f"{'random' if w.random_weights else 'real'} weights, device {device}", file=sys.stderr)
     results, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -553,8 +630,9 @@ def bench(p, args, engines: list[str] | None) -> list[Result]:
                     print("\n".join(rest), file=sys.stderr, flush=True)
                 failed.append(engine)
             else:
-                results.append(res)
-                print(res.line(), flush=True)
+                for r in res if isinstance(res, list) else [res]:  # (latency: one per batch size)
+                    results.append(r)
+                    print(r.line(), flush=True)
             free(device)  # before the next engine: a GPU holds one engine's weights and KV cache, not two
     print_ratios(results)
     if args.json:
@@ -577,17 +655,22 @@ def free(device: str) -> None:
 
 
 def print_ratios(results: list[Result]) -> None:
-    """The first engine that ran against each other one: throughput (how many times faster), or for the
-    latency workload each median latency as a share of the other engine's (below 1: faster)."""
-    if len(results) < 2:
+    """The first engine that ran against each other one, at the same batch size: throughput (how many times
+    faster), or for the latency workload each median latency as a share of the other engine's (below 1:
+    faster)."""
+    if not results:
         return
-    base = results[0]
-    for r in results[1:]:
+    first = results[0].engine
+    bases = {r.batch_size: r for r in results if r.engine == first}
+    for r in results:
+        base = bases.get(r.batch_size)
+        if r.engine == first or base is None:
+            continue
         if base.ttft_ms_median is not None:
             parts = [f"{base.ttft_ms_median / r.ttft_ms_median:.2f}x the median TTFT"]
             if base.itl_ms_median is not None and r.itl_ms_median:
                 parts.append(f"{base.itl_ms_median / r.itl_ms_median:.2f}x the median ITL")
-            print(f"{base.engine} / {r.engine}: {', '.join(parts)}")
+            print(f"{base.engine} / {r.engine} at batch {r.batch_size}: {', '.join(parts)}")
         else:
             print(f"{base.engine} / {r.engine}: {base.tok_per_s / r.tok_per_s:.2f}x")
 
