@@ -39,7 +39,7 @@ elif [ "$what" = latency ]; then
   for version in new ${BASELINE:+baseline}; do
     dir=$root; engines=nanovllm,hf
     [ "$version" = baseline ] && dir=$BASELINE && engines=nanovllm
-    (cd "$dir" && PYTHONPATH=. python3 -m nanovllm.bench --workload latency --engine $engines --prompt-len 1000 1000 \
+    (cd "$dir" && PYTHONPATH=. python3 -m nanovllm.bench --workload latency --engine $engines --prompt-len 1000 1000 --num-requests 16 \
       --json "$OUT/latency_$version.jsonl" > "$OUT/latency_$version.log" 2>&1)
     echo "latency $version rc=$?:"; grep -E "latency:|FAILED|/ hf" "$OUT/latency_$version.log"
   done
