@@ -176,20 +176,12 @@ class LLM:
         params = self._params_list(sampling_params, len(ids))
         self._check_fits(ids, params)
         seqs = [self._make_seq(toks, p) for toks, p in zip(ids, params)]
-        # Python's full garbage collections walk every object alive (torch, transformers, the model: millions
-        # of them), which stalls the host for milliseconds and with it the GPU.  Frozen objects are skipped; the
-        # objects the loop creates are still collected.  (vLLM freezes after start-up for the same reason.)
-        # If the application froze objects itself, they stay frozen: only our own freeze is undone.
-        ours = gc.get_freeze_count() == 0
-        gc.freeze()
         try:
-            self._run(seqs, use_tqdm)
+            with no_full_gc():
+                self._run(seqs, use_tqdm)
         except BaseException:
             self._abort_all()
             raise
-        finally:
-            if ours:
-                gc.unfreeze()
         return [self.output(s, text) for s, text in zip(seqs, texts)]
 
     def _make_seq(self, token_ids: list[int], params: SamplingParams) -> Sequence:
@@ -326,6 +318,38 @@ class LLM:
         return (f"LLM(model={self.model_dir.name!r}, device={str(self.device)!r}, dtype={self.dtype}, "
                 f"kv_blocks={self.block_manager.num_blocks}x{self.config.kvcache_block_size})")
 
+
+
+_gc_lock = threading.Lock()
+_gc_users = 0  # engine loops running now, in any thread
+_gc_saved: tuple[int, ...] = ()
+
+
+@contextlib.contextmanager
+def no_full_gc():
+    """Put off Python's full garbage collections while engine loops run.  A full collection walks every
+    object alive (torch, transformers, the model: millions of them) and stalls the host for tens of
+    milliseconds, and with it the GPU; the young generations, where the loop's own short-lived objects
+    are, are still collected.  Only the oldest generation's threshold changes, for as long as any loop
+    runs (the first loop in saves the thresholds, the last one out restores them).
+
+    Not ``gc.freeze()``: to leave an application's (or a library's) frozen objects alone it would have to
+    ask ``gc.get_freeze_count()``, which counts the frozen objects one by one: ~60 ms per call on the GPU
+    machine, where the compile stack has frozen millions of them."""
+    global _gc_users, _gc_saved
+    with _gc_lock:
+        if _gc_users == 0:
+            _gc_saved = gc.get_threshold()
+            if _gc_saved[0]:  # 0: the application turned automatic collection off; leave it so
+                gc.set_threshold(_gc_saved[0], _gc_saved[1], 1 << 30)
+        _gc_users += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_users -= 1
+            if _gc_users == 0:
+                gc.set_threshold(*_gc_saved)
 
 
 def check_text(what: str, text: str) -> None:

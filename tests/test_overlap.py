@@ -2,6 +2,8 @@
 the same tokens as the plain loop.  On a GPU the launches replay CUDA graphs; here a stand-in loop keeps
 their protocol (pending tokens, handed over from the previous launch) on top of the real CPU runner."""
 
+import threading
+
 import pytest
 from conftest import hf_greedy
 
@@ -142,9 +144,10 @@ def test_fill_decode_inputs_equals_a_loop_over_sequences():
     assert (ints[2, 5:] == -1).all() and (context_lens[5:] == 1).all() and (tables[5:, 0] == 0).all()
 
 
-def test_generate_freezes_the_garbage_collector_only_while_it_runs(tiny_qwen3):
-    """generate() freezes Python's GC for its loop (full collections stall the host) and undoes only its own
-    freeze: an application's frozen objects stay frozen."""
+def test_generate_puts_off_full_gc_only_while_it_runs(tiny_qwen3):
+    """generate() puts off Python's full collections for its loop (they stall the host) and restores the
+    thresholds after, also after an error; it leaves frozen objects and a disabled collector alone; two
+    engines' loops in two threads restore the thresholds once both are done."""
     import gc
 
     path, _ = tiny_qwen3
@@ -153,22 +156,52 @@ def test_generate_freezes_the_garbage_collector_only_while_it_runs(tiny_qwen3):
     step = llm._step
 
     def spy():
-        seen.append(gc.get_freeze_count())
+        seen.append((gc.get_threshold(), gc.get_freeze_count()))
         return step()
 
     llm._step = spy
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    # start unfrozen: something earlier in this process (on the GPU machine: yes) may have frozen objects
-    frozen_before = gc.get_freeze_count()
-    gc.unfreeze()
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
     llm.generate([[1, 2, 3]], params, use_tqdm=False)
-    assert seen and min(seen) > 0, "frozen during the loop"
-    assert gc.get_freeze_count() == 0, "and unfrozen after"
-    gc.freeze()  # the application's own freeze
+    assert seen and all(t[:2] == before[:2] and t[2] >= 1 << 30 for t, _ in seen), seen
+    assert all(f == frozen for _, f in seen), "frozen objects are left as they are"
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
+
+    def fail():
+        raise RuntimeError("boom")
+
+    llm._step = fail
+    with pytest.raises(RuntimeError, match="boom"):
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+    assert gc.get_threshold() == before
+    llm._step = spy
+
+    seen.clear()
+    gc.set_threshold(0)  # the application turned automatic collection off
     try:
         llm.generate([[1, 2, 3]], params, use_tqdm=False)
-        assert gc.get_freeze_count() > 0, "generate must not unfreeze what the application froze"
+        assert seen and all(t[0] == 0 for t, _ in seen) and gc.get_threshold()[0] == 0
     finally:
-        gc.unfreeze()
-        if frozen_before:
-            gc.freeze()
+        gc.set_threshold(*before)
+
+    # two loops at once (two engines, two threads): the thresholds come back when the last one ends
+    other = LLM(path, device="cpu", dtype="float32")
+    inside, release = threading.Event(), threading.Event()
+    other_step = other._step
+
+    def slow():
+        inside.set()
+        release.wait(30)
+        return other_step()
+
+    other._step = slow
+    t = threading.Thread(target=other.generate, args=([[4, 5, 6]], params), kwargs={"use_tqdm": False})
+    t.start()
+    try:
+        assert inside.wait(30)
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+        assert gc.get_threshold()[2] >= 1 << 30, "the other engine's loop still runs"
+    finally:
+        release.set()
+        t.join(30)
+    assert gc.get_threshold() == before

@@ -77,6 +77,39 @@ def generate_ttft(llm, n: int, reps: int = 10, **kw) -> float:
     return statistics.median(times) * 1e3
 
 
+def generate_overhead(llm, n: int) -> None:
+    """Where ``generate()``'s time goes beyond the step path's: the call timed as it is, without its
+    gc.freeze, with the plain loop instead of the overlapped one, and a cProfile of one call."""
+    import cProfile
+    import gc
+    import pstats
+
+    print(f"  generate() of one {n}-token prompt, one token: {generate_ttft(llm, n, use_tqdm=False):.2f} ms as is")
+    freeze, unfreeze = gc.freeze, gc.unfreeze
+    gc.freeze = gc.unfreeze = lambda: None
+    try:
+        print(f"    without gc.freeze/unfreeze: {generate_ttft(llm, n, use_tqdm=False):.2f} ms")
+    finally:
+        gc.freeze, gc.unfreeze = freeze, unfreeze
+    overlapped, llm.overlapped = llm.overlapped, None
+    try:
+        print(f"    plain loop (no overlap): {generate_ttft(llm, n, use_tqdm=False):.2f} ms")
+    finally:
+        llm.overlapped = overlapped
+    t = time.perf_counter()
+    gc.collect()
+    print(f"    one full gc.collect(): {(time.perf_counter() - t) * 1e3:.2f} ms; gc counts {gc.get_count()}, "
+          f"thresholds {gc.get_threshold()}, objects {len(gc.get_objects())}")
+    prof = cProfile.Profile()
+    prompt = [(5 * i) % 10000 for i in range(n)]
+    for _ in range(3):
+        llm.reset_prefix_cache()
+        prof.enable()
+        llm.generate([prompt], SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True), use_tqdm=False)
+        prof.disable()
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(18)
+
+
 def pieces(llm, n: int) -> dict:
     """The first step of an ``n``-token prompt: schedule, the forward pass as the engine runs it (a captured
     prefill graph when one fits), the LM head, sampling and the copy to the host."""
@@ -129,6 +162,7 @@ def main() -> None:
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--generate-only", action="store_true", help="only where generate()'s time goes")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(Path(QWEN3_0_6B_CONFIG).read_text())
@@ -145,6 +179,10 @@ def main() -> None:
         print(f"{llm!r} eager={args.eager}: start-up {starts[0]:.2f} s cold (first engine in the process), "
               f"{starts[1]:.2f} s warm (the next one); prefill graphs "
               f"{getattr(llm.runner.prefill_graphs, 'token_sizes', None)}")
+        if args.generate_only:
+            generate_overhead(llm, 16)
+            llm.shutdown()
+            return
         for n in (1, 16, 64, 256, 1000, 1024, 2048, 4000):
             print(f"  TTFT {n:5d} prompt tokens: {ttft(llm, n):7.2f} ms")
         for n in (256, 1000):
