@@ -126,6 +126,21 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         self.block_manager.deallocate(seq)
 
+    def abort(self, seq: Sequence) -> bool:
+        """End one request now, wherever it is (waiting or running), with finish reason "abort", and release
+        its blocks.  Returns False if it had already finished.  (A token of it still in flight in an
+        overlapped step is dropped when it arrives: ``OverlapScheduler.resolve`` skips finished sequences.)"""
+        if seq.status == SequenceStatus.FINISHED:
+            return False
+        if seq in self.running:
+            self.running.remove(seq)
+            self.block_manager.deallocate(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.num_pending_tokens = 0
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, "abort"
+        return True
+
     def abort_all(self) -> None:
         """Drop every request and release its blocks (after an error, so the engine stays usable)."""
         for seq in self.running:
