@@ -275,6 +275,10 @@ class LLM:
         """Generate replies to one conversation (a list of {"role", "content"} dicts) or a list of them.
         ``content`` is a str, or a list of ``{"type": "text", "text": str}`` parts (joined by newlines, as vLLM
         does for chat templates that take a string)."""
+        return self.generate(self.chat_prompt_ids(messages, add_generation_prompt), sampling_params, use_tqdm)
+
+    def chat_prompt_ids(self, messages, add_generation_prompt: bool = True) -> list[list[int]]:
+        """The token ids the model's chat template makes of each conversation (what ``chat`` generates from)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise ValueError("this model has no tokenizer with a chat template; use generate()")
         from jinja2 import TemplateError
@@ -289,7 +293,7 @@ class LLM:
             except TemplateError as e:  # the template's own checks (roles that must alternate, say)
                 raise ValueError(f"conversation {i}: the chat template refused it: {e}") from e
             prompts.append(self.tokenizer(text, add_special_tokens=False).input_ids)
-        return self.generate(prompts, sampling_params, use_tqdm)
+        return prompts
 
     # -- odds and ends -------------------------------------------------------------------------------
     def reset_prefix_cache(self) -> None:

@@ -26,7 +26,6 @@ from nanovllm.engine.cuda_graphs import (  # noqa: E402
     graph_token_sizes,
 )
 from nanovllm.engine.model_runner import sampling_rows  # noqa: E402
-from nanovllm.engine.sequence import ScheduledBatch  # noqa: E402
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 

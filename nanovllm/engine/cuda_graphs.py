@@ -34,7 +34,6 @@ from nanovllm.attention.base import AttentionMetadata
 from nanovllm.engine.sequence import ScheduledBatch, Sequence
 from nanovllm.utils import cdiv
 
-
 PREFILL_GRAPH_MAX_TOKENS = 2048  # longer prefills are launched eagerly: there the GPU work dominates
 PREFILL_GRAPH_MAX_SEQS = 16  # every graph's attention grid covers this many sequences, most of them empty
 
@@ -76,7 +75,8 @@ def fill_prefill_inputs(seqs: list[Sequence], num_new_tokens: list[int], block_s
     positions = np.arange(total) - np.repeat(cu_q[:n] - starts, q_lens)
     owner = np.repeat(np.arange(n), q_lens)
     ints[1, :total] = positions
-    ints[2, :total] = block_tables[owner, positions // block_size].astype(np.int64) * block_size + positions % block_size
+    blocks = block_tables[owner, positions // block_size].astype(np.int64)
+    ints[2, :total] = blocks * block_size + positions % block_size
     ints[:2, total:], ints[2, total:] = 0, -1
 
 
@@ -215,8 +215,8 @@ class PrefillGraphs:
         self.cu_seqlens_q, self.context_lens = self.lens[:seqs + 1], self.lens[seqs + 1:]
         self.block_tables = torch.zeros(seqs, width, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(top, hidden_size, dtype=dtype, device=device)
-        self.input_ring = (PinnedRing(4, (3 * top, torch.int64), (2 * seqs + 1, torch.int32), (seqs * width, torch.int32))
-                           if device.type == "cuda" else None)
+        staging = (3 * top, torch.int64), (2 * seqs + 1, torch.int32), (seqs * width, torch.int32)
+        self.input_ring = PinnedRing(4, *staging) if device.type == "cuda" else None
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     def fits(self, num_seqs: int, num_tokens: int) -> bool:

@@ -119,14 +119,17 @@ def pieces(llm, n: int) -> dict:
         seq = llm.add_request([(3 * r + i) % 10000 for i in range(n)],
                               SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
         sync = torch.cuda.synchronize
-        sync(); t0 = time.perf_counter()
+        sync()
+        t0 = time.perf_counter()
         batch = llm.scheduler.schedule()
         t1 = time.perf_counter()
         with torch.inference_mode():
             hidden, rows = llm.runner.forward(batch)
-            sync(); t2 = time.perf_counter()
+            sync()
+            t2 = time.perf_counter()
             logits = llm.runner.model.compute_logits(hidden[rows])
-            sync(); t3 = time.perf_counter()
+            sync()
+            t3 = time.perf_counter()
             tokens = llm.runner.sampler(logits, [s for i, s in enumerate(batch.seqs) if batch.samples(i)]).tolist()
             t4 = time.perf_counter()
         llm.scheduler.postprocess(batch, tokens)
@@ -136,7 +139,8 @@ def pieces(llm, n: int) -> dict:
 
 
 def profile(llm, n: int) -> None:
-    from torch.profiler import ProfilerActivity, profile as prof
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
 
     llm.reset_prefix_cache()
     ttft(llm, n, reps=1)
