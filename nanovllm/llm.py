@@ -141,6 +141,9 @@ class LLM:
         tokenizer."""
         bm = self.block_manager
         for i, (toks, p) in enumerate(zip(ids, params)):
+            if p.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
+                raise ValueError(f"prompt {i} asks for prompt_logprobs, which a tensor-parallel engine does not "
+                                 "compute (its LM head is split over the ranks)")
             if p.stop and self.tokenizer is None:
                 raise ValueError(f"prompt {i} has stop strings, but the model at {self.model_dir.name} has no "
                                  "tokenizer to find them with: use stop_token_ids")

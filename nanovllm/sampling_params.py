@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nanovllm.utils import check_bool, check_float, check_int
 
@@ -59,6 +59,11 @@ class SamplingParams:
     min_tokens: int = 0
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    # set when made (the engine reads them per row and step, where a property would cost): does sampling need
+    # the request's token counts (a penalty)?  Is it temperature, top-k and top-p alone (what the fused
+    # kernel handles): no penalties, min-p, min-tokens or logprobs?
+    penalized: bool = field(init=False, repr=False, compare=False)
+    plain: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.temperature = check_float("temperature", self.temperature)
@@ -101,21 +106,13 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 setattr(self, name, check_int(name, getattr(self, name), 0, MAX_LOGPROBS))
+        self.penalized = self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+        self.plain = not (self.penalized or self.min_p > 0 or self.min_tokens > 0 or self.logprobs is not None)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    @property
-    def penalized(self) -> bool:
-        """Does sampling need the request's token counts (presence, frequency or repetition penalty)?"""
-        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
-
-    @property
-    def plain(self) -> bool:
-        """Sampled from temperature, top-k and top-p alone (what the fused kernel and the overlapped
-        decode step handle): no penalties, min-p, min-tokens or logprobs."""
-        return not (self.penalized or self.min_p > 0 or self.min_tokens > 0 or self.logprobs is not None)
 
 
 def _stop_strings(stop) -> list[str]:

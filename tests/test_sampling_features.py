@@ -340,3 +340,25 @@ def test_abort_ends_every_completion(tiny):
     assert llm.scheduler.abort(seq)
     assert all(s.finish_reason == "abort" for s in [seq] + seq.children)
     assert not llm.has_unfinished_requests() and llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_prompt_logprobs_equal_hf_log_softmax(tiny, chunk):
+    """Every prompt token after the first, with its rank and the top 3, from the logits of the token before;
+    the same when the prompt is cut into chunks, and when its blocks are in the prefix cache already."""
+    kwargs = {} if chunk is None else dict(max_num_batched_tokens=chunk)
+    llm = overlapped(LLM(tiny[0], device="cpu", num_kvcache_blocks=64, max_model_len=200, kvcache_block_size=8,
+                         **kwargs))
+    raw = hf_logprobs(tiny[1], PROMPT)
+    generate(llm, PROMPT, temperature=0, max_tokens=2)  # the prompt's blocks are now cached
+    out = generate(llm, PROMPT, temperature=0, max_tokens=2, prompt_logprobs=3, n=2)
+    assert out.num_cached_tokens == 0, "a prompt_logprobs request computes its whole prompt"
+    assert len(out.prompt_logprobs) == len(PROMPT) and out.prompt_logprobs[0] is None
+    for t, d, row in zip(PROMPT[1:], out.prompt_logprobs[1:], raw):
+        assert next(iter(d)) == t and d[t].rank == int((row > row[t] + 1e-5).sum()) + 1
+        assert d[t].logprob == pytest.approx(float(row[t]), abs=1e-4)
+        top = row.topk(3)
+        assert [d[i].rank for i in top.indices.tolist()] == [1, 2, 3]
+        torch.testing.assert_close(torch.tensor([d[i].logprob for i in top.indices.tolist()]), top.values,
+                                   atol=1e-4, rtol=0)
+    assert generate(llm, PROMPT, temperature=0, max_tokens=2).prompt_logprobs is None

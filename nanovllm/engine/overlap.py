@@ -31,6 +31,7 @@ import torch
 from nanovllm.engine.cuda_graphs import PinnedRing
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import ScheduledBatch, Sequence, SequenceStatus
+from nanovllm.layers.sampler import record_prompt_logprobs
 
 
 class OverlapScheduler(Scheduler):
@@ -86,7 +87,8 @@ class OverlapScheduler(Scheduler):
                 self.block_manager.register_computed(seq)
             if samples:
                 seq.num_pending_tokens += 1
-                self._queue_children(seq)
+                if seq.children:
+                    self._queue_children(seq)
                 sampling.append(seq)
         return sampling
 
@@ -173,6 +175,7 @@ class OverlappedLoop:
         sequence that finishes its prompt, left on the GPU for the next launch."""
         runner = self.runner
         hidden, rows = runner.forward(batch)
+        record_prompt_logprobs(runner.model.compute_logits, hidden, batch)
         seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if not seqs:
             self.prev_rows = {}

@@ -104,7 +104,8 @@ class Scheduler:
                 continue
             token = next(sampled)
             seq.token_ids.append(token)
-            self._queue_children(seq)
+            if seq.children:
+                self._queue_children(seq)
             seq.finish_reason = self._finish_reason(seq, token, len(seq) - 1)
             if seq.finish_reason is not None:
                 self._finish(seq)
@@ -115,7 +116,7 @@ class Scheduler:
         """``n`` > 1: the other completions join the front of the queue when this one samples its first token.
         Its prompt's full blocks are then computed and hashed, so they find them in the prefix cache (shared,
         counted once) and each computes only the prompt's last, partial block before sampling its own token."""
-        if seq.children and seq.num_completion_tokens == 1:
+        if seq.num_completion_tokens == 1:
             self.waiting.extendleft(reversed(seq.children))
 
     def _finish_reason(self, seq: Sequence, token: int, index: int) -> str | None:

@@ -96,20 +96,44 @@ def process_logits(logits: torch.Tensor, seqs) -> torch.Tensor:
     return logits
 
 
+def logprob_entries(logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int]) -> list[tuple]:
+    """Per row: (ids, logprobs, rank of the first), ``tokens[i]`` first, then row i's ``ks[i]`` most likely
+    tokens.  logprobs: [R, V]; tokens: [R].  One copy to the host (a sync)."""
+    own = logprobs.gather(1, tokens.unsqueeze(1))
+    rank = (logprobs > own).sum(-1) + 1
+    top_v, top_i = logprobs.topk(max(ks), -1)
+    tok, own, rank, top_v, top_i = (t.tolist() for t in (tokens, own.squeeze(1), rank, top_v, top_i))
+    return [([tok[j]] + top_i[j][:k], [own[j]] + top_v[j][:k], rank[j]) for j, k in enumerate(ks)]
+
+
 def record_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, seqs) -> None:
-    """Append to each requesting sequence's ``logprobs`` (ids, logprobs, rank of the sampled token): the
-    sampled token first, then the ``params.logprobs`` most likely tokens.  logprobs: [S, V]; tokens: [S].
-    One copy to the host (a sync), only for batches with such a request."""
+    """Append to each requesting sequence's ``logprobs`` the entry of its sampled token (``logprob_entries``).
+    logprobs: [S, V]; tokens: [S].  Only batches with such a request pay (a sync)."""
     rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
     index = torch.tensor(rows, device=logprobs.device)
-    lp, tok = logprobs.index_select(0, index), tokens.index_select(0, index)
-    own = lp.gather(1, tok.unsqueeze(1))
-    rank = (lp > own).sum(-1) + 1
-    top_v, top_i = lp.topk(max(seqs[i].params.logprobs for i in rows), -1)
-    tok, own, rank, top_v, top_i = (t.tolist() for t in (tok, own.squeeze(1), rank, top_v, top_i))
-    for j, i in enumerate(rows):
-        k = seqs[i].params.logprobs
-        seqs[i].logprobs.append(([tok[j]] + top_i[j][:k], [own[j]] + top_v[j][:k], rank[j]))
+    entries = logprob_entries(logprobs.index_select(0, index), tokens.index_select(0, index),
+                              [seqs[i].params.logprobs for i in rows])
+    for i, entry in zip(rows, entries):
+        seqs[i].logprobs.append(entry)
+
+
+def record_prompt_logprobs(compute_logits, hidden: torch.Tensor, batch) -> None:
+    """For each sequence of a prefill step that asks for ``prompt_logprobs``: the entries of the prompt tokens
+    this step's positions predict (position p's logits predict token p + 1; the first prompt token has
+    None).  hidden: [tokens of the step, hidden].  Entries already made (before a preemption) are kept."""
+    offset = 0
+    for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        start, k = seq.num_computed_tokens, seq.params.prompt_logprobs
+        if k is not None:
+            if seq.prompt_logprobs is None:
+                seq.prompt_logprobs = [None]
+            lo, hi = max(start + 1, len(seq.prompt_logprobs)), min(start + n, seq.num_prompt_tokens - 1) + 1
+            if hi > lo:
+                rows = hidden[offset + lo - 1 - start:offset + hi - 1 - start]
+                logprobs = compute_logits(rows).float().log_softmax(-1)
+                targets = torch.tensor(seq.token_ids[lo:hi], device=logprobs.device)
+                seq.prompt_logprobs += logprob_entries(logprobs, targets, [k] * (hi - lo))
+        offset += n
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor | None = None,
