@@ -362,3 +362,26 @@ def test_prompt_logprobs_equal_hf_log_softmax(tiny, chunk):
         torch.testing.assert_close(torch.tensor([d[i].logprob for i in top.indices.tolist()]), top.values,
                                    atol=1e-4, rtol=0)
     assert generate(llm, PROMPT, temperature=0, max_tokens=2).prompt_logprobs is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the real overlapped loop and CUDA graphs")
+def test_the_gpu_engine_gives_what_the_cpu_one_gives(tiny):
+    """On a GPU the features take the real overlapped loop (decode steps launched ahead, prefill graphs, the
+    sampler's parameters in pinned buffers); in float32 the greedy results equal the CPU engine's."""
+    features = [dict(), dict(repetition_penalty=1.3), dict(presence_penalty=0.5, frequency_penalty=0.5),
+                dict(min_p=0.5), dict(logprobs=3), dict(prompt_logprobs=2), dict(n=3), dict(min_tokens=5),
+                dict(stop=[" the", "a"]), dict(stop_token_ids=[hf_greedy(tiny[1], PROMPT, 3)[2]])]
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, **kw) for kw in features]
+    prompts = [PROMPT[:10 + i] for i in range(len(params))]
+    engines = [LLM(tiny[0], device=d, dtype="float32", num_kvcache_blocks=64, max_model_len=200)
+               for d in ("cpu", "cuda")]
+    assert engines[1].overlapped is not None
+    cpu, gpu = (e.generate(prompts, params, use_tqdm=False) for e in engines)
+    for c, g in zip(cpu, gpu):
+        assert [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in c.outputs] == \
+            [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in g.outputs]
+        for lc, lg in zip(c.outputs[0].logprobs or [], g.outputs[0].logprobs or []):
+            assert list(lc) == list(lg) and all(abs(lc[t].logprob - lg[t].logprob) < 1e-3 for t in lc)
+        for lc, lg in zip((c.prompt_logprobs or [])[1:], (g.prompt_logprobs or [])[1:]):
+            assert list(lc)[0] == list(lg)[0] and all(abs(lc[t].logprob - lg[t].logprob) < 1e-3 for t in lc)
+    assert engines[1].block_manager.num_free_blocks == engines[1].block_manager.num_blocks
