@@ -23,7 +23,7 @@ from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.overlap import OverlappedLoop, OverlapScheduler
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
-from nanovllm.outputs import RequestOutput
+from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils import check_bool
 
@@ -137,9 +137,16 @@ class LLM:
                         f"got {type(sampling_params).__name__}")
 
     def _check_fits(self, ids: list[list[int]], params: list[SamplingParams]) -> None:
-        """Each request alone must fit in the KV cache, or it could never finish."""
+        """Each request alone must fit in the KV cache, or it could never finish; stop strings need a
+        tokenizer."""
         bm = self.block_manager
         for i, (toks, p) in enumerate(zip(ids, params)):
+            if p.prompt_logprobs is not None and self.config.tensor_parallel_size > 1:
+                raise ValueError(f"prompt {i} asks for prompt_logprobs, which a tensor-parallel engine does not "
+                                 "compute (its LM head is split over the ranks)")
+            if p.stop and self.tokenizer is None:
+                raise ValueError(f"prompt {i} has stop strings, but the model at {self.model_dir.name} has no "
+                                 "tokenizer to find them with: use stop_token_ids")
             need = bm.blocks_for(min(len(toks) + p.max_tokens, self.config.max_model_len))
             if need > bm.num_blocks:
                 raise ValueError(f"prompt {i} may need {need} KV blocks but the cache has {bm.num_blocks} "
@@ -185,19 +192,70 @@ class LLM:
         return [self.output(s, text) for s, text in zip(seqs, texts)]
 
     def _make_seq(self, token_ids: list[int], params: SamplingParams) -> Sequence:
+        """The request's sequence; with ``n`` > 1 the other completions are its ``children``, seeded
+        ``seed + i`` (the scheduler queues them once its prompt is computed)."""
         seq = Sequence(next(self._ids), token_ids, params)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.stop:
+            from nanovllm.detokenizer import IncrementalDetokenizer
+
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, token_ids)
+        if params.min_tokens:
+            eos = () if params.ignore_eos else tuple(self.config.eos_token_ids)
+            seq.stop_ids = eos + tuple(params.stop_token_ids or ())
+        if params.n > 1:
+            seed = params.seed
+            seq.children = [self._make_seq(token_ids, replace(
+                params, n=1, prompt_logprobs=None, seed=None if seed is None else (seed + i) % 2 ** 64))
+                for i in range(1, params.n)]
         return seq
 
     def output(self, seq: Sequence, prompt: str | None = None) -> RequestOutput:
         """The ``RequestOutput`` of a request added with ``add_request`` (finished or not: the tokens so far),
         the same as ``generate`` returns."""
-        text = ""
-        if self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.completion_token_ids, skip_special_tokens=True)
-        return RequestOutput(seq.seq_id, prompt, seq.prompt_token_ids, seq.completion_token_ids, text,
-                             seq.finish_reason, seq.num_cached_tokens)
+        outs = [self._completion(i, s) for i, s in enumerate([seq] + seq.children)]
+        first = outs[0]
+        return RequestOutput(seq.seq_id, prompt, seq.prompt_token_ids, first.token_ids, first.text,
+                             first.finish_reason, seq.num_cached_tokens, outs, first.stop_reason,
+                             self._logprob_dicts(seq.prompt_logprobs), all(o.finished() for o in outs))
+
+    def _completion(self, index: int, seq: Sequence) -> CompletionOutput:
+        text = seq.stop_text
+        if text is None:
+            text = "" if self.tokenizer is None else self.tokenizer.decode(seq.completion_token_ids,
+                                                                         skip_special_tokens=True)
+        logprobs = cumulative = None
+        if seq.logprobs is not None:  # an overlapped step's dropped token may have left one entry too many
+            entries = seq.logprobs[:len(seq.completion_token_ids)]
+            logprobs = self._logprob_dicts(entries)
+            cumulative = sum(lps[0] for _, lps, _ in entries)
+        return CompletionOutput(index, text, seq.completion_token_ids, cumulative, logprobs, seq.finish_reason,
+                                seq.stop_reason)
+
+    def _logprob_dicts(self, entries):
+        """(ids, logprobs, rank of the first) entries as vLLM's {token id: Logprob} dicts: the sampled (or
+        prompt) token first, then the most likely ones, ranked 1, 2, ...  None entries stay None."""
+        if entries is None:
+            return None
+        out = []
+        for entry in entries:
+            if entry is None:
+                out.append(None)
+                continue
+            ids, lps, rank = entry
+            ranks = [rank] + list(range(1, len(ids)))
+            d = {}
+            for t, lp, r in zip(ids, lps, ranks):
+                d.setdefault(t, Logprob(lp, r, self._token_text(t)))
+            out.append(d)
+        return out
+
+    def _token_text(self, token_id: int) -> str | None:
+        """One token as text, as vLLM shows it in logprobs."""
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.convert_tokens_to_string([self.tokenizer.convert_ids_to_tokens(token_id)])
 
     # -- step by step (what generate() does; the book drives the engine this way) ---------------------
     def add_request(self, prompt, sampling_params: SamplingParams | None = None) -> Sequence:
@@ -245,7 +303,7 @@ class LLM:
         if use_tqdm:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(seqs), desc="Generating", unit="req", dynamic_ncols=True)
+            bar = tqdm(total=sum(1 + len(s.children) for s in seqs), desc="Generating", unit="req", dynamic_ncols=True)
         prefill_tok = decode_tok = 0
         prefill_s = decode_s = 0.0
         self.step_log = []  # (is_prefill, tokens, sequences, seconds) per step of the last generate()

@@ -66,8 +66,9 @@ class BlockManager:
         return cdiv(num_tokens, self.block_size)
 
     def _cached_prefix(self, seq: Sequence) -> list[int]:
-        """Block ids holding this sequence's longest cached prefix of full blocks."""
-        if not self.enable_prefix_caching:
+        """Block ids holding this sequence's longest cached prefix of full blocks (none for a request that
+        asks for ``prompt_logprobs``: they need every prompt position's logits)."""
+        if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []
         hits, h = [], None
         block_size = self.block_size

@@ -21,7 +21,7 @@ from nanovllm.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
 from nanovllm.engine.sequence import ScheduledBatch, Sequence
 from nanovllm.kernels import select_kernels
 from nanovllm.layers.attention import PagedAttention
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, record_prompt_logprobs
 from nanovllm.loading.resolve import ResolvedModel
 from nanovllm.loading.weights import load_weights
 from nanovllm.utils import cdiv
@@ -271,6 +271,8 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch, warmup: bool = False) -> list[int]:
         """Compute the batch; return one sampled token per sequence that finished its tokens this step."""
         hidden, rows = self.forward(batch, warmup)
+        if batch.is_prefill and not warmup:
+            record_prompt_logprobs(self.model.compute_logits, hidden, batch)
         if not rows:
             return []
         logits = self.model.compute_logits(hidden[rows])

@@ -15,8 +15,8 @@ That works only when step N+1 can be scheduled without step N's tokens:
 A token sampled by a launched step is *pending*: the sequence counts it (``Sequence.num_pending_tokens``,
 so the next step is scheduled at the right position and with the right blocks), and the next launch
 reads its value straight from the GPU tensor the sampler wrote.  ``resolve`` appends the values when they
-reach the host and checks for stops.  A sequence that stops on an end-of-sequence token has by then
-computed one token too many, which is dropped (its blocks are released anyway).  Otherwise the loop
+reach the host and checks for stops.  A sequence that stops (an end-of-sequence or stop token, a stop
+string) has by then computed one token too many, which is dropped (its blocks are released anyway).  Otherwise the loop
 falls back to a plain step, after collecting what is pending.
 
 Everything of overlapped execution is in this file: the scheduler's side (``OverlapScheduler``) and the
@@ -31,6 +31,7 @@ import torch
 from nanovllm.engine.cuda_graphs import PinnedRing
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import ScheduledBatch, Sequence, SequenceStatus
+from nanovllm.layers.sampler import record_prompt_logprobs
 
 
 class OverlapScheduler(Scheduler):
@@ -45,12 +46,13 @@ class OverlapScheduler(Scheduler):
 
     def can_decode_ahead(self, max_batch: int) -> bool:
         """Can the next decode step be scheduled without knowing the pending tokens?  Only in a pure decode
-        phase (nothing waiting, no prefill under way), within ``max_batch``, and without preemption."""
+        phase (nothing waiting, no prefill under way), within ``max_batch``, without preemption, and when no
+        request's penalties need the values of its tokens."""
         if self.waiting or not self.running:
             return False
         bm, active, need = self.block_manager, 0, 0
         for seq in self.running:
-            if seq.num_uncomputed_tokens > 1:
+            if seq.num_uncomputed_tokens > 1 or seq.params.penalized:
                 return False
             if self._finishes_by_length(seq):
                 continue
@@ -85,6 +87,8 @@ class OverlapScheduler(Scheduler):
                 self.block_manager.register_computed(seq)
             if samples:
                 seq.num_pending_tokens += 1
+                if seq.children:
+                    self._queue_children(seq)
                 sampling.append(seq)
         return sampling
 
@@ -171,6 +175,7 @@ class OverlappedLoop:
         sequence that finishes its prompt, left on the GPU for the next launch."""
         runner = self.runner
         hidden, rows = runner.forward(batch)
+        record_prompt_logprobs(runner.model.compute_logits, hidden, batch)
         seqs = [s for i, s in enumerate(batch.seqs) if batch.samples(i)]
         if not seqs:
             self.prev_rows = {}

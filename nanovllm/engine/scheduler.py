@@ -104,22 +104,55 @@ class Scheduler:
                 continue
             token = next(sampled)
             seq.token_ids.append(token)
+            if seq.children:
+                self._queue_children(seq)
             seq.finish_reason = self._finish_reason(seq, token, len(seq) - 1)
             if seq.finish_reason is not None:
                 self._finish(seq)
                 finished.append(seq)
         return finished
 
+    def _queue_children(self, seq: Sequence) -> None:
+        """``n`` > 1: the other completions join the front of the queue when this one samples its first token.
+        Its prompt's full blocks are then computed and hashed, so they find them in the prefix cache (shared,
+        counted once) and each computes only the prompt's last, partial block before sampling its own token."""
+        if seq.num_completion_tokens == 1:
+            self.waiting.extendleft(reversed(seq.children))
+
     def _finish_reason(self, seq: Sequence, token: int, index: int) -> str | None:
-        """Why the sequence ends with ``token`` at position ``index``, if it does."""
+        """Why the sequence ends with ``token`` at position ``index``, if it does (vLLM's order: before
+        ``min_tokens`` only the length ends it; then end-of-sequence, stop tokens, stop strings, length).
+        Sets ``stop_reason`` (a stop token or string) and ``stop_text`` (the text cut at a stop string)."""
         p = seq.params
-        if not p.ignore_eos and token in self.config.eos_token_ids:
+        count = index + 1 - seq.num_prompt_tokens
+        if count >= p.min_tokens:
+            if not p.ignore_eos and token in self.config.eos_token_ids:
+                return "stop"
+            if p.stop_token_ids and token in p.stop_token_ids:
+                seq.stop_reason = token
+                return "stop"
+        if seq.detokenizer is not None and self._stop_string(seq, token, count >= p.min_tokens):
             return "stop"
-        if p.stop_token_ids and token in p.stop_token_ids:
-            return "stop"
-        if index + 1 - seq.num_prompt_tokens >= p.max_tokens or index + 1 >= self.config.max_model_len:
+        if count >= p.max_tokens or index + 1 >= self.config.max_model_len:
             return "length"
         return None
+
+    @staticmethod
+    def _stop_string(seq: Sequence, token: int, may_stop: bool) -> bool:
+        """Add ``token`` to the sequence's text; does the text now hold a stop string?  Only the new text and
+        the stop string's length before it are searched."""
+        stops, new = seq.params.stop, seq.detokenizer.add([token])
+        if not (new and may_stop):
+            return False
+        text = seq.detokenizer.text
+        start = max(0, len(text) - len(new) - max(map(len, stops)) + 1)
+        found = [(i, s) for s in stops if (i := text.find(s, start)) >= 0]
+        if not found:
+            return False
+        i, stop = min(found, key=lambda f: f[0])
+        seq.stop_reason = stop
+        seq.stop_text = text[:i + len(stop)] if seq.params.include_stop_str_in_output else text[:i]
+        return True
 
     def _finish(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -128,8 +161,14 @@ class Scheduler:
 
     def abort(self, seq: Sequence) -> bool:
         """End one request now, wherever it is (waiting or running), with finish reason "abort", and release
-        its blocks.  Returns False if it had already finished.  (A token of it still in flight in an
+        its blocks; with it the other completions of an ``n`` > 1 request.  Returns False if it had already
+        finished.  (A token of it still in flight in an
         overlapped step is dropped when it arrives: ``OverlapScheduler.resolve`` skips finished sequences.)"""
+        for child in seq.children:  # the other completions of an n > 1 request (queued, or not yet)
+            if child.status != SequenceStatus.FINISHED and child not in self.running and child not in self.waiting:
+                child.status, child.finish_reason = SequenceStatus.FINISHED, "abort"
+            else:
+                self.abort(child)
         if seq.status == SequenceStatus.FINISHED:
             return False
         if seq in self.running:

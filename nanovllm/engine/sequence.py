@@ -21,10 +21,16 @@ class Sequence:
     ``num_pending_tokens``: tokens sampled by steps still running on the GPU (overlapped execution,
     ``engine/overlap.py``).  They count in the sequence's length, so the next step is scheduled at the
     right position, but their values are not in ``token_ids`` until they reach the host (vLLM's
-    ``num_output_placeholders``).  Always 0 in the plain step loop."""
+    ``num_output_placeholders``).  Always 0 in the plain step loop.
+
+    What only some requests need (the engine sets it): ``detokenizer`` (an ``IncrementalDetokenizer``, for stop
+    strings), ``stop_ids`` (what ``min_tokens`` masks), ``logprobs`` (per sampled token, (ids, logprobs,
+    rank of the first); the sampled token is the first), ``prompt_logprobs``, ``children`` (the other
+    completions of an ``n`` > 1 request, queued once this one's prompt is computed)."""
 
     __slots__ = ("seq_id", "status", "token_ids", "num_prompt_tokens", "num_computed_tokens", "num_pending_tokens",
-                 "num_cached_tokens", "block_table", "params", "finish_reason", "generator", "num_preemptions")
+                 "num_cached_tokens", "block_table", "params", "finish_reason", "generator", "num_preemptions",
+                 "stop_reason", "stop_text", "detokenizer", "stop_ids", "logprobs", "prompt_logprobs", "children")
 
     def __init__(self, seq_id: int, token_ids: list[int], params: SamplingParams | None = None):
         self.seq_id = seq_id
@@ -39,6 +45,13 @@ class Sequence:
         self.finish_reason: str | None = None
         self.generator = None  # per-request torch.Generator when params.seed is set
         self.num_preemptions = 0  # times its blocks were taken back and it was queued again
+        self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        self.stop_text: str | None = None  # the completion's text, cut at the stop string that ended it
+        self.detokenizer = None
+        self.stop_ids: tuple[int, ...] = ()
+        self.logprobs: list | None = [] if self.params.logprobs is not None else None
+        self.prompt_logprobs: list | None = None
+        self.children: list[Sequence] = []
 
     def __len__(self) -> int:
         return len(self.token_ids) + self.num_pending_tokens
