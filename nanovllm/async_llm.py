@@ -55,6 +55,7 @@ class Delta:
     text: str  # the new text (may be "" while a character is incomplete, or held back before a stop string)
     token_ids: list[int]  # the new tokens
     finish_reason: str | None = None  # set on the completion's last delta: "stop", "length" or "abort"
+    logprobs: list[dict] | None = None  # per new token, {token id: Logprob} (when the request asked for them)
 
 
 class RequestStream:
@@ -195,7 +196,8 @@ class AsyncLLM:
         ids, texts = llm._prompt_ids([prompt])
         params = llm._params_list(sampling_params, 1)[0]
         llm._check_fits(ids, [params])
-        seqs = llm._make_seqs(ids[0], params) if hasattr(llm, "_make_seqs") else [llm._make_seq(ids[0], params)]
+        seq = llm._make_seq(ids[0], params)
+        seqs = [seq, *seq.children]  # n > 1: the other completions, queued by the scheduler after the prompt
         with self._wake:
             if self._stopping:
                 raise RuntimeError("this AsyncLLM has been shut down")
@@ -288,15 +290,13 @@ class AsyncLLM:
         self._completions[stream.request_id] = [
             _Completion(seq, IncrementalDetokenizer(tok, seq.prompt_token_ids) if tok is not None else None)
             for seq in stream.seqs]
-        for seq in stream.seqs:
-            self.llm.scheduler.add(seq)
+        self.llm.scheduler.add(stream.seqs[0])
 
     def _abort(self, request_id: str) -> None:
         """(A token of it still in flight in an overlapped step is dropped when it arrives.)"""
         stream = self._streams.get(request_id)
         if stream is not None:
-            for seq in stream.seqs:
-                self.llm.scheduler.abort(seq)
+            self.llm.scheduler.abort(stream.seqs[0])  # (its other completions with it)
 
     def _step(self) -> None:
         llm = self.llm
@@ -322,9 +322,12 @@ class AsyncLLM:
                 if not tokens and not finished:
                     continue
                 self._time_tokens(stream, c, len(tokens), now)
+                logprobs = None
+                if seq.logprobs is not None:
+                    logprobs = self.llm._logprob_dicts(seq.logprobs[c.sent_tokens:c.sent_tokens + len(tokens)])
                 c.sent_tokens += len(tokens)
-                text = self._new_text(stream, c, tokens, finished)
-                delta = Delta(i, text, tokens, seq.finish_reason if finished else None)
+                text = self._new_text(stream, c, i, tokens, finished)
+                delta = Delta(i, text, tokens, seq.finish_reason if finished else None, logprobs)
                 c.done = finished
                 ok = stream._put(delta) and ok
             if all(c.done for c in completions):
@@ -346,30 +349,25 @@ class AsyncLLM:
                 m.itl.observe(gap)
         c.last_token_time = now
 
-    def _new_text(self, stream: RequestStream, c: _Completion, tokens: list[int], finished: bool) -> str:
+    def _new_text(self, stream: RequestStream, c: _Completion, index: int, tokens: list[int], finished: bool) -> str:
         if c.detok is None:
             return ""
         c.detok.add(tokens)
         if finished:  # the final text is the engine's (cut before a stop string); send what is left of it
-            final = self._final_text(stream, c.seq)
+            final = self.llm._completion(index, c.seq).text
             new = final[len(c.sent_text):] if final.startswith(c.sent_text) else ""
         else:
-            stops = getattr(c.seq.params, "stop", None)
+            stops = c.seq.params.stop
             hold = max(map(len, stops)) - 1 if stops else 0
             ready = c.detok.text[:len(c.detok.text) - hold] if hold else c.detok.text
             new = ready[len(c.sent_text):]
         c.sent_text += new
         return new
 
-    def _final_text(self, stream: RequestStream, seq: Sequence) -> str:
-        out = self.llm.output(seq, stream.prompt)
-        return out.text
-
     def _end(self, stream: RequestStream, completions: list[_Completion]) -> None:
         llm, m = self.llm, self.metrics
         seqs = [c.seq for c in completions]
-        stream.output = llm._request_output(seqs, stream.prompt) if hasattr(llm, "_request_output") \
-            else llm.output(seqs[0], stream.prompt)
+        stream.output = llm.output(seqs[0], stream.prompt)
         first = seqs[0]
         m.prompt_tokens += first.num_prompt_tokens
         m.cached_prompt_tokens += first.num_cached_tokens

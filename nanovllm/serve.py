@@ -106,6 +106,37 @@ def completion_prompts(body: dict) -> list:
                    param="prompt")
 
 
+def completion_logprobs(entries: list[dict] | None, k: int) -> dict | None:
+    """``/v1/completions``' logprobs object (the legacy format) from per-token {token id: Logprob} dicts, the
+    chosen token first."""
+    if entries is None:
+        return None
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for d in entries:
+        chosen = next(iter(d.values()))
+        text = chosen.decoded_token or ""
+        out["tokens"].append(text)
+        out["token_logprobs"].append(chosen.logprob)
+        out["top_logprobs"].append({lp.decoded_token or "": lp.logprob for lp in d.values() if lp.rank <= k})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(entries: list[dict] | None, k: int) -> dict | None:
+    """``/v1/chat/completions``' logprobs object: per token its text, logprob, bytes and the top ``k``."""
+    if entries is None:
+        return None
+
+    def item(lp):
+        text = lp.decoded_token or ""
+        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode())}
+
+    return {"content": [{**item(next(iter(d.values()))),
+                         "top_logprobs": [item(lp) for lp in d.values() if lp.rank <= k]} for d in entries]}
+
+
 class Server:
     """The routes, around one ``AsyncLLM``."""
 
@@ -176,7 +207,7 @@ class Server:
             return e.response()
         except RuntimeError as e:  # the engine has been shut down
             return APIError(str(e), status=503, kind="server_error").response()
-        reply = Reply(self, chat, body, ids, streams, n)
+        reply = Reply(self, chat, body, ids, streams, params)
         if body.get("stream"):
             from starlette.responses import StreamingResponse
 
@@ -234,8 +265,10 @@ class Reply:
     """One API request's answer: the engine requests (one per prompt, each with ``n`` completions), as
     one JSON object or as a stream of server-sent events."""
 
-    def __init__(self, server: Server, chat: bool, body: dict, ids: list[list[int]], streams: list, n: int):
-        self.server, self.chat, self.ids, self.streams, self.n = server, chat, ids, streams, n
+    def __init__(self, server: Server, chat: bool, body: dict, ids: list[list[int]], streams: list,
+                 params: SamplingParams):
+        self.server, self.chat, self.ids, self.streams, self.n = server, chat, ids, streams, params.n
+        self.top = params.logprobs or 0  # alternatives per token, where logprobs were asked for
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
@@ -263,18 +296,21 @@ class Reply:
             self.abort_all()  # (only if this task was cancelled midway)
         choices, produced = [], 0
         for p, s in enumerate(self.streams):
-            outs = getattr(s.output, "outputs", None) or [s.output]
-            for j, out in enumerate(outs):
+            for out in s.output.outputs:
                 produced += len(out.token_ids)
-                index = p * self.n + j
+                index = p * self.n + out.index
+                choice = {"index": index, "logprobs": self.logprobs(out.logprobs), "finish_reason": out.finish_reason,
+                          "stop_reason": out.stop_reason}
                 if self.chat:
-                    choices.append({"index": index, "message": {"role": "assistant", "content": out.text},
-                                    "logprobs": None, "finish_reason": out.finish_reason})
+                    choice["message"] = {"role": "assistant", "content": out.text}
                 else:
-                    choices.append({"index": index, "text": out.text, "logprobs": None,
-                                    "finish_reason": out.finish_reason})
+                    choice["text"] = out.text
+                choices.append(choice)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.server.model_name,
                 "choices": choices, "usage": self.usage(produced)}
+
+    def logprobs(self, entries):
+        return (chat_logprobs if self.chat else completion_logprobs)(entries, self.top)
 
     def chunk(self, choices: list[dict], usage: dict | None = None) -> str:
         obj = {"id": self.id, "object": f"{self.object}.chunk" if self.chat else self.object,
@@ -316,12 +352,12 @@ class Reply:
                 p, delta = item
                 produced += len(delta.token_ids)
                 index = p * self.n + delta.index
+                choice = {"index": index, "logprobs": self.logprobs(delta.logprobs),
+                          "finish_reason": delta.finish_reason}
                 if self.chat:
-                    choice = {"index": index, "delta": {"content": delta.text} if delta.text else {},
-                              "logprobs": None, "finish_reason": delta.finish_reason}
+                    choice["delta"] = {"content": delta.text} if delta.text else {}
                 else:
-                    choice = {"index": index, "text": delta.text, "logprobs": None,
-                              "finish_reason": delta.finish_reason}
+                    choice["text"] = delta.text
                 yield self.chunk([choice])  # one per step, also while a character is incomplete ("")
             if self.include_usage:
                 yield self.chunk([], self.usage(produced))

@@ -196,3 +196,29 @@ def test_the_overlapped_loop_streams_the_same_tokens(tiny_qwen3):
         long.abort()
         assert list(it)[-1].finish_reason == "abort"
         assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks
+
+
+def test_n_stop_strings_and_logprobs_stream_as_generate_returns_them(engine, llm, expected):
+    q = QUESTIONS[1]
+    words = expected[q].text.split()
+    assert len(words) >= 4
+    stop = " " + words[len(words) // 2]  # a stop string the greedy reply reaches midway
+    cases = [SamplingParams(temperature=0.9, seed=11, n=3, max_tokens=10),
+             SamplingParams(temperature=0, max_tokens=12, stop=[stop]),
+             SamplingParams(temperature=0, max_tokens=6, logprobs=2)]
+    for params in cases:
+        want = llm.generate([q], params, use_tqdm=False)[0]
+        stream = engine.add_request(q, params)
+        deltas = list(stream)
+        for out in want.outputs:
+            mine = [d for d in deltas if d.index == out.index]
+            assert "".join(d.text for d in mine) == out.text, params
+            assert [t for d in mine for t in d.token_ids] == out.token_ids
+            assert mine[-1].finish_reason == out.finish_reason
+            if params.logprobs is not None:
+                assert [lp for d in mine for lp in d.logprobs] == out.logprobs
+        assert [o.text for o in stream.output.outputs] == [o.text for o in want.outputs]
+        if params.stop:
+            assert want.finish_reason == "stop" and want.stop_reason == stop and stop not in want.text
+            assert all(stop.strip() not in d.text for d in deltas), "a piece of the stop string was streamed"
+    assert len({o.text for o in want.outputs}) >= 1

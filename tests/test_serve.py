@@ -300,3 +300,34 @@ def test_the_command(tmp_path):
         proc.kill()
     assert proc.returncode in (0, 130), out  # 130: uvicorn passes the SIGINT on after its graceful stop
     assert "ready in" in out and "Traceback" not in out
+
+
+def test_n_logprobs_and_stop_through_the_api(server, client, llm):
+    params = dict(temperature=0.9, seed=5, n=2, max_tokens=8)
+    want = llm.generate([PROMPTS[1]], SamplingParams(**params), use_tqdm=False)[0]
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[1], **params)
+    assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == [o.text for o in want.outputs]
+    streamed = {}
+    for chunk in client.completions.create(model=MODEL, prompt=PROMPTS[1], stream=True, **params):
+        for c in chunk.choices:
+            streamed[c.index] = streamed.get(c.index, "") + c.text
+    assert [streamed[i] for i in range(2)] == [o.text for o in want.outputs]
+
+    want = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=5, logprobs=2), use_tqdm=False)[0]
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=5, temperature=0, logprobs=2)
+    lp = got.choices[0].logprobs
+    chosen = [next(iter(d.values())) for d in want.outputs[0].logprobs]
+    assert lp.token_logprobs == pytest.approx([c.logprob for c in chosen])
+    assert lp.tokens == [c.decoded_token for c in chosen] and all(len(t) == 2 for t in lp.top_logprobs)
+    messages = [{"role": "user", "content": "Say hello."}]
+    chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=4, temperature=0,
+                                          logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 and all(len(c.top_logprobs) == 3 for c in content)
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+
+    text = llm.generate([PROMPTS[0]], SamplingParams(temperature=0, max_tokens=16), use_tqdm=False)[0].text
+    stop = text.split()[2]
+    got = client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=16, temperature=0, stop=[stop])
+    assert got.choices[0].finish_reason == "stop" and stop not in got.choices[0].text
+    assert text.startswith(got.choices[0].text)

@@ -20,7 +20,7 @@ if [ "$what" = checks ]; then
   echo "kernel_check rc=$? $(( $(date +%s) - s ))s: $(tail -1 "$OUT"/kernel_check.log)"
   s=$(date +%s); PYTHONPATH=. python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_triton_kernels.py \
     tests/test_triton_gemm.py tests/test_triton_sampler.py tests/test_overlap.py tests/test_kernel_selection.py \
-    tests/test_prefill_graphs.py \
+    tests/test_prefill_graphs.py tests/test_sampling_features.py \
     > "$OUT"/pytest_gpu.log 2>&1
   echo "pytest on the GPU rc=$? $(( $(date +%s) - s ))s: $(tail -1 "$OUT"/pytest_gpu.log)"
 elif [ "$what" = bench ]; then
