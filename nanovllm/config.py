@@ -42,6 +42,8 @@ class EngineConfig:
     load_format: str = knob("auto", "'dummy': random weights from the config alone (benchmarks)",
                             choices=("auto", "dummy"))
     decode_longest_first: bool = knob(True, "order decode batches by context length (GPU load balance)")
+    mixed_batches: bool = knob(False, "a step carries the running decodes together with prefill chunks "
+                               "(Sarathi-Serve): new prompts no longer stall the requests already generating")
     eos_token_ids: tuple[int, ...] = knob((), "end-of-sequence ids (read from the model)", cli=False)
 
     def __post_init__(self):

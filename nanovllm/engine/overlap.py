@@ -38,7 +38,11 @@ class OverlapScheduler(Scheduler):
     """The scheduler, plus what it needs to schedule with tokens still pending."""
 
     def can_prefill_ahead(self) -> bool:
-        """Will the next step be a prefill?  (Then it can be launched before the pending tokens arrive.)"""
+        """Will the next step be a prefill?  (Then it can be launched before the pending tokens arrive.)
+        Not with ``mixed_batches`` while a token is pending: that step would carry the decodes too, and a
+        prefill step's inputs are read on the host."""
+        if self.config.mixed_batches and any(seq.num_pending_tokens for seq in self.running):
+            return False
         if any(seq.num_uncomputed_tokens > 1 for seq in self.running):
             return True
         return (bool(self.waiting) and len(self.running) < self.config.max_num_seqs

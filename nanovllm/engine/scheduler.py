@@ -7,6 +7,11 @@ decode step needs a block and none is free, the most recently admitted sequence 
 are released and it goes back to the front of the queue, to be recomputed later (its cached prefix blocks
 usually make that cheap).
 
+With ``mixed_batches`` (Sarathi-Serve's stall-free batching), a step that has prefill work to do carries
+every running decode as well: the decodes take one token each of the step's budget, prefill chunks the
+rest.  Without it, a long prompt arriving stalls every request that is generating for as many steps as
+its prefill takes; with it their tokens keep coming, each step a little slower.
+
 This is the plain loop: a step's tokens are known before the next step is scheduled.  ``engine/overlap.py``
 extends it to schedule and launch step N+1 while step N still runs on the GPU.
 """
@@ -35,11 +40,29 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> ScheduledBatch:
+        if self.config.mixed_batches:
+            return self._schedule_mixed()
         batch = self._schedule_prefill()
         return batch if batch.seqs else self._schedule_decode()
 
-    def _schedule_prefill(self) -> ScheduledBatch:
-        budget = self.config.max_num_batched_tokens
+    def _schedule_mixed(self) -> ScheduledBatch:
+        """The running decodes first (one token each), then prefill chunks in the budget left over.  A step
+        with no prefill work is a plain decode step (and replays a decode graph on a GPU)."""
+        if not self.waiting and not any(s.num_uncomputed_tokens > 1 for s in self.running):
+            return self._schedule_decode()
+        decoding = [s for s in self.running if s.num_uncomputed_tokens == 1]
+        limit = min(self.config.max_num_seqs, self.config.max_num_batched_tokens - 1)  # >= 1 token for prefill
+        decodes = self._append_slots(decoding, limit)
+        self.running = [s for s in self.running if s.status == SequenceStatus.RUNNING]  # less the preempted
+        prefill = self._schedule_prefill(self.config.max_num_batched_tokens - len(decodes))
+        if not prefill.seqs:
+            if not decodes:
+                raise RuntimeError("the KV cache cannot hold even one sequence: raise num_kvcache_blocks")
+            return ScheduledBatch(decodes, [1] * len(decodes), is_prefill=False)
+        return ScheduledBatch(decodes + prefill.seqs, [1] * len(decodes) + prefill.num_new_tokens, is_prefill=True)
+
+    def _schedule_prefill(self, budget: int | None = None) -> ScheduledBatch:
+        budget = self.config.max_num_batched_tokens if budget is None else budget
         seqs, counts = [], []
         for seq in self.running:  # prefills chunked in earlier steps go first
             if seq.num_uncomputed_tokens > 1 and budget > 0:
@@ -61,9 +84,25 @@ class Scheduler:
         return ScheduledBatch(seqs, counts, is_prefill=True)
 
     def _schedule_decode(self) -> ScheduledBatch:
-        bm = self.block_manager
-        queue, scheduled = deque(self.running), []
         limit = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)  # one token per sequence
+        scheduled = self._append_slots(self.running, limit)
+        chosen = set(map(id, scheduled))
+        self.running = scheduled + [s for s in self.running
+                                    if s.status == SequenceStatus.RUNNING and id(s) not in chosen]
+        if not scheduled:
+            raise RuntimeError("the KV cache cannot hold even one sequence: raise num_kvcache_blocks")
+        if self.config.decode_longest_first:
+            # the attention kernel starts one program per (row, KV head) in row order: longest contexts first
+            # keeps the GPU busy to the end instead of finishing on a few long ones (longest-processing-time)
+            scheduled = sorted(scheduled, key=len, reverse=True)
+        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False)
+
+    def _append_slots(self, candidates: list[Sequence], limit: int) -> list[Sequence]:
+        """A cache slot for the next token of each candidate, in order, for at most ``limit`` of them.  When
+        no block is free, the last candidate is preempted (recomputed later), until the others fit.
+        Returns the candidates that got their slot."""
+        bm = self.block_manager
+        queue, scheduled = deque(candidates), []
         while queue and len(scheduled) < limit:
             seq = queue.popleft()
             while not bm.can_append(seq):
@@ -76,14 +115,7 @@ class Scheduler:
             if seq is not None:
                 bm.append_slot(seq)
                 scheduled.append(seq)
-        self.running = scheduled + list(queue)
-        if not scheduled:
-            raise RuntimeError("the KV cache cannot hold even one sequence: raise num_kvcache_blocks")
-        if self.config.decode_longest_first:
-            # the attention kernel starts one program per (row, KV head) in row order: longest contexts first
-            # keeps the GPU busy to the end instead of finishing on a few long ones (longest-processing-time)
-            scheduled = sorted(scheduled, key=len, reverse=True)
-        return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False)
+        return scheduled
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.deallocate(seq)
