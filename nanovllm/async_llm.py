@@ -317,7 +317,7 @@ class AsyncLLM:
                 if c.done:
                     continue
                 seq = c.seq
-                tokens = seq.completion_token_ids[c.sent_tokens:]
+                tokens = seq.token_ids[seq.num_prompt_tokens + c.sent_tokens:]  # (only the new ones copied)
                 finished = seq.is_finished
                 if not tokens and not finished:
                     continue
