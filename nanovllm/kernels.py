@@ -16,6 +16,7 @@ elementwise functions, and the fused kernels that apply; the model's layers keep
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ import torch
 from nanovllm.layers.activation import silu_and_mul
 from nanovllm.layers.norm import add_rms_norm, rms_norm
 from nanovllm.layers.rotary import apply_rotary
+from nanovllm.triton_utils import HAS_TRITON
 
 #: the fused paths a model may declare
 QKV_ROPE_STORE = "qkv_rope_store"  # qk-norm, RoPE and the KV-cache store in one kernel
@@ -66,14 +68,19 @@ def compiled_functions() -> dict[str, Callable]:
 def select_kernels(attention_backend: str, device: torch.device, dtype: torch.dtype, enforce_eager: bool,
                    fusions: frozenset[str] = frozenset()) -> Kernels:
     """The kernels an engine uses: ``attention_backend`` (a name of the registry, or "auto"), compiled
-    elementwise functions on CUDA unless ``enforce_eager``, and those of the model's ``fusions`` that
-    the device and backend support."""
+    elementwise functions on CUDA unless ``enforce_eager`` (or Triton is missing), and those of the model's
+    ``fusions`` that the device and backend support."""
     from nanovllm.attention import create_backend
 
     backend = create_backend(attention_backend, device, dtype)
     chosen: dict = {"attention": backend}
     if device.type == "cuda" and not enforce_eager:
-        chosen.update(compiled_functions())
+        if HAS_TRITON:
+            chosen.update(compiled_functions())
+        else:  # torch.compile's GPU code generator (inductor) writes Triton kernels
+            warnings.warn("torch.compile skipped: on a GPU it needs Triton, which is not installed here, so "
+                          "RMSNorm, RoPE and SiLU-and-mul run as plain PyTorch (pip install triton enables it)",
+                          stacklevel=2)
     if QKV_ROPE_STORE in fusions and backend.fuses_rope_store(device):
         from nanovllm.attention.triton_kernels import qkv_rope_store
 

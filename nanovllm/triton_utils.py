@@ -1,13 +1,70 @@
 """Helpers shared by every Triton kernel of the package (attention, the decode GEMM, the sampler).
 
 Importing this module needs neither triton nor a GPU: the launch helper imports triton when it runs.
+``HAS_TRITON`` says whether triton is installed at all (it is not on macOS or Windows, where Triton publishes
+no wheels); without it the engine takes its PyTorch paths, and ``MissingTriton`` lets the book define its
+kernels (to read them) even where they cannot run.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 
 import torch
+
+
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):  # a broken or deliberately blocked install
+        return False
+
+
+#: whether ``import triton`` can work here: found, not imported (so importing this module stays cheap)
+HAS_TRITON = _triton_installed()
+
+NO_TRITON_NOTE = (
+    "Triton is not installed here, so this Triton code cannot run. On Linux, `pip install triton` installs it "
+    "(Triton publishes wheels for Linux only); on a machine without a GPU Triton then runs kernels in its "
+    "interpreter, with TRITON_INTERPRET=1 set before the kernels are defined: slow, but the same results. "
+    "nanovllm itself needs no Triton: without it the engine uses its PyTorch paths.")
+
+
+class MissingTriton:
+    """Stands in for ``triton`` and ``triton.language`` where Triton is not installed, so that a notebook's
+    kernels can still be defined and read: ``@triton.jit`` keeps the function, names such as
+    ``tl.constexpr`` (in annotations) give this stand-in back, and launching a kernel, or calling anything
+    of Triton's, raises ImportError with ``NO_TRITON_NOTE``."""
+
+    __version__ = "not installed"
+
+    def jit(self, fn=None, **options):
+        if fn is None:  # @triton.jit(...) with options
+            return lambda f: _UnlaunchableKernel(f)
+        return _UnlaunchableKernel(fn)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return self
+
+    def __call__(self, *args, **kwargs):
+        raise ImportError(NO_TRITON_NOTE)
+
+
+class _UnlaunchableKernel:
+    """A ``@triton.jit`` function defined without Triton: readable (``.fn``), not launchable."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __getitem__(self, grid):
+        raise ImportError(f"{self.fn.__name__}: {NO_TRITON_NOTE}")
+
+    def __call__(self, *args, **kwargs):
+        raise ImportError(f"{self.fn.__name__}: {NO_TRITON_NOTE}")
 
 
 def next_pow2(x: int) -> int:

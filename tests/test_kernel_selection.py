@@ -114,3 +114,19 @@ def test_select_kernels_on_cuda_takes_every_fast_path(tiny_qwen3):
     assert llm.runner.graphs is not None and llm.overlapped is not None
     eager = LLM(tiny_qwen3[0], enforce_eager=True, **small)
     assert eager.runner.kernels.rms_norm is rms_norm and eager.runner.graphs is None and eager.overlapped is None
+
+
+def test_select_kernels_on_cuda_without_triton_skips_torch_compile_with_a_note(monkeypatch):
+    """torch.compile's GPU code generator needs Triton: where it is missing the engine keeps the plain functions
+    and says why, rather than failing at its first compiled call.  (Building the selection touches no GPU.)"""
+    from nanovllm import kernels
+    from nanovllm.kernels import compiled_functions
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(kernels, "HAS_TRITON", True)
+    k = select_kernels("torch", cuda, torch.bfloat16, enforce_eager=False)
+    assert k.rms_norm is compiled_functions()["rms_norm"]  # with Triton: compiled
+    monkeypatch.setattr(kernels, "HAS_TRITON", False)
+    with pytest.warns(UserWarning, match="torch.compile skipped.*pip install triton"):
+        k = select_kernels("torch", cuda, torch.bfloat16, enforce_eager=False)
+    assert k.rms_norm is rms_norm and k.silu_and_mul is silu_and_mul

@@ -16,8 +16,13 @@ how many tokens it has generated, never on the rest of the batch.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError as exc:  # only the Triton modules need triton; the engine then samples with sampler.py
+    raise ImportError("nanovllm.layers.triton_sampler needs the `triton` package (pip install triton, on Linux); "
+                      "without it the engine samples with nanovllm.layers.sampler") from exc
 
 from nanovllm.triton_utils import num_sms
 from nanovllm.utils import cdiv
