@@ -436,7 +436,10 @@ def run_hf_continuous(w: Workload, folder, device: str, dtype) -> Result:
     try:
         from transformers import ContinuousBatchingConfig
 
-        cb = ContinuousBatchingConfig(use_cuda_graph=True)
+        # its cache takes max_memory_percent of what is free (0.9 by default); on a small card what is left
+        # cannot hold its sampling's temporaries (8 GiB: out of memory in torch.multinomial), so leave more
+        total = torch.cuda.mem_get_info(device)[1] if device.startswith("cuda") else 0
+        cb = ContinuousBatchingConfig(use_cuda_graph=True, max_memory_percent=0.6 if total < (24 << 30) else None)
     except ImportError:
         cb = None
     kw = {"continuous_batching_config": cb} if cb is not None else {}
