@@ -28,10 +28,11 @@ Three workloads:
 
 ``--engine`` picks what runs: ``nanovllm``, ``hf`` (transformers; continuous batching with
 ``paged|sdpa`` attention and CUDA graphs on a GPU, batched ``generate`` on a CPU; one ``generate`` per
-group of left-padded prompts for ``latency``; ``transformers serve`` for ``serve``), ``vllm`` (when installed; not for ``latency``), or several
-separated by commas, all on the identical workload.  Engines run one after another, each freed before the
-next starts (a GPU cannot hold two); one that fails is reported as FAILED, the others still run, and the exit
-status is 1.  A user error (a bad flag, a missing model) is one line and exit 2, before anything is loaded.
+group of left-padded prompts for ``latency``; ``transformers serve`` for ``serve``), ``vllm`` (when installed;
+not for ``latency`` or ``serve``), or several separated by commas, all on the identical workload.  Engines run
+one after another, each freed before the next starts (a GPU cannot hold two); one that fails is reported as
+FAILED, the others still run, and the exit status is 1.  A user error (a bad flag, a missing model) is one
+line and exit 2, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -686,6 +687,10 @@ def bench(p, args, engines: list[str] | None) -> list[Result]:
     results, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = model_folder(w, Path(tmp), resolved)
+        if w.name == "serve" and w.random_weights:  # a tokenizer for the servers' text (bench_serve.py)
+            from nanovllm.bench_serve import add_word_tokenizer
+
+            add_word_tokenizer(folder, json.loads((Path(folder) / "config.json").read_text())["vocab_size"])
         for engine in engines:
             try:
                 res = engines_for(w)[engine](w, folder, device, args)
@@ -730,9 +735,9 @@ def free(device: str) -> None:
 
 
 def print_ratios(results: list[Result]) -> None:
-    """The first engine that ran against each other one, at the same batch size: throughput (how many times
-    faster), or for the latency workload each median latency as a share of the other engine's (below 1:
-    faster)."""
+    """The first engine that ran against each other one, at the same batch size or request rate: throughput
+    (how many times faster), and for the latency and serve workloads each median latency as a share of the
+    other engine's (below 1: faster)."""
     if not results:
         return
     first = results[0].engine

@@ -6,7 +6,8 @@ arrivals at each ``--request-rate`` R req/s: the gaps between two sends are expo
 from a seeded RNG (``arrival_times``); ``inf`` sends them all at once.  One result per rate.
 
 Prompts (``--prompt-kind``): ``random``, fresh random token ids of ``--prompt-len`` lengths for each rate, to
-``/v1/completions`` (as token ids; as their decoded text to a server that takes only text); ``chat``, the
+``/v1/completions`` (as token ids; as their decoded text to a server that takes only text; random weights get
+a word-level tokenizer, ``add_word_tokenizer``, so that text is the same ids); ``chat``, the
 chat workload's questions to ``/v1/chat/completions``.  Every request is greedy, asks for its
 ``--output-len`` tokens and ignores EOS, so each engine produces the same number of tokens.
 
@@ -142,7 +143,7 @@ async def send(client, url: str, body: dict, at: float) -> Timing:
     # A chunk carries output if it has text or is not the last (nanovllm sends one per step, "" while a
     # character is incomplete or with no tokenizer); the last, empty one only if the tokens need it (nanovllm
     # puts the last token in it, transformers sends an empty one after its last token).
-    for i, (t, has_text, finish) in enumerate(chunks):
+    for t, has_text, finish in chunks:
         if has_text or finish is None or len(timing.token_times) < timing.completion_tokens:
             timing.token_times.append(t)
     return timing
@@ -218,12 +219,12 @@ def run_nanovllm(w: Workload, folder, device: str, args) -> list[Result]:
 
 # -- transformers serve --------------------------------------------------------------------------------------------
 def hf_serve_command(folder, port: int, device: str) -> list[str]:
-    """``transformers serve`` on ``folder``: float32 on a CPU; bfloat16, continuous batching (paged
-    attention) and CUDA graphs on a GPU."""
+    """``transformers serve`` on ``folder`` with continuous batching (paged attention; without it, it runs one
+    ``generate`` per request, one after another): float32 on a CPU; bfloat16 and CUDA graphs on a GPU."""
     cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--host", "127.0.0.1",
-           "--port", str(port), "--device", device, "--log-level", "warning"]
+           "--port", str(port), "--device", device, "--log-level", "warning", "--continuous-batching"]
     if device.startswith("cuda"):
-        return cmd + ["--dtype", "bfloat16", "--continuous-batching", "--cb-use-cuda-graph"]
+        return cmd + ["--dtype", "bfloat16", "--cb-use-cuda-graph"]
     return cmd + ["--dtype", "float32"]
 
 
@@ -233,12 +234,13 @@ def run_hf(w: Workload, folder, device: str, args) -> list[Result]:
 
     from transformers import AutoTokenizer
 
-    if w.random_weights or not any(Path(folder).glob("*.safetensors")):
-        raise RuntimeError("transformers serve loads a checkpoint: random weights (a config-only folder) cannot "
-                           "be served; give --model with a checkpoint")
+    if w.random_weights:
+        folder = random_checkpoint(folder, device)
+    elif not any(Path(folder).glob("*.safetensors")):
+        raise RuntimeError(f"transformers serve loads a safetensors checkpoint; {folder} has none")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a local folder: nothing to fetch
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}  # a local folder: no network
     t = time.perf_counter()
     log = tempfile.TemporaryFile("w+")  # (a pipe nobody reads would fill and stop the server)
     proc = subprocess.Popen(hf_serve_command(folder, port, device), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -249,14 +251,49 @@ def run_hf(w: Workload, folder, device: str, args) -> list[Result]:
         print(f"hf: transformers serve ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         import transformers
 
-        note = (f"transformers {transformers.__version__} serve"
-                + (", continuous batching, CUDA graphs" if device.startswith("cuda") else ", generate"))
+        note = (f"transformers {transformers.__version__} serve, continuous batching"
+                + (", CUDA graphs" if device.startswith("cuda") else ""))
         if w.prompt_kind == "random":
             note += ", prompts as decoded text"
         return drive("hf", base, model, w, device_name(device), note, text_only=True, tokenizer=tokenizer)
     finally:
         stop(proc)
         log.close()
+
+
+def random_checkpoint(folder, device: str):
+    """transformers serve loads weights from a folder: random ones (the model built from the config) saved in
+    ``folder/hf-random``, with the folder's config and tokenizer."""
+    import shutil
+    from pathlib import Path
+
+    import torch
+
+    from nanovllm.bench import free, load_hf_model
+
+    out = Path(folder) / "hf-random"
+    if not out.is_dir():
+        dtype = torch.float32 if device == "cpu" else torch.bfloat16
+        model = load_hf_model(folder, True, device, dtype)
+        model.save_pretrained(out)
+        del model
+        free(device)
+        for f in Path(folder).iterdir():
+            if f.is_file() and f.name.startswith("tokenizer"):
+                shutil.copy(f, out / f.name)
+    return out
+
+
+def add_word_tokenizer(folder, vocab_size: int) -> None:
+    """A tokenizer for random weights (a config-only folder has none): token i is the word ``t<i>``, words are
+    split at spaces.  A prompt of random ids decodes to text that encodes to the same ids (for a server that
+    takes only text), and every output token streams as its own piece of text."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
 
 
 def wait_for_server(proc, log, base_url: str, timeout: float) -> str:
