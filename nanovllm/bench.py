@@ -18,13 +18,21 @@ Three workloads:
   emptied before each group, so every TTFT counts its whole prefill.  At batch 1 nanovllm also times
   ``LLM.generate([prompt], max_tokens=1)`` whole (``generate()`` TTFT).  Model: as ``seed`` on a GPU (1,000-token
   prompts, 128 output tokens), the embedded SmolLM2 on a CPU (with few, short requests there).
+* ``serve``: online serving (``bench_serve.py``).  The server runs (nanovllm's in this process, or
+  ``transformers serve`` as a subprocess) and a client sends streaming requests with Poisson arrivals at each
+  ``--request-rate`` (req/s, ``inf``: all at once), ``--prompt-kind random`` (random token ids) or ``chat``
+  (the chat questions); throughput, request throughput, TTFT and ITL (median, p99, mean), one result per
+  rate.  Model: as ``seed`` on a GPU (200 requests at 4, 16, 64 and inf req/s, 256-1,024-token prompts,
+  128-256 output tokens), the embedded SmolLM2 on a CPU (8 requests at 4 and inf req/s, 32 and 8 tokens);
+  chat prompts always the embedded SmolLM2 unless ``--model``.
 
 ``--engine`` picks what runs: ``nanovllm``, ``hf`` (transformers; continuous batching with
 ``paged|sdpa`` attention and CUDA graphs on a GPU, batched ``generate`` on a CPU; one ``generate`` per
-group of left-padded prompts for ``latency``), ``vllm`` (when installed; not for ``latency``), or several
-separated by commas, all on the identical workload.  Engines run one after another, each freed before the
-next starts (a GPU cannot hold two); one that fails is reported as FAILED, the others still run, and the exit
-status is 1.  A user error (a bad flag, a missing model) is one line and exit 2, before anything is loaded.
+group of left-padded prompts for ``latency``; ``transformers serve`` for ``serve``), ``vllm`` (when installed;
+not for ``latency`` or ``serve``), or several separated by commas, all on the identical workload.  Engines run
+one after another, each freed before the next starts (a GPU cannot hold two); one that fails is reported as
+FAILED, the others still run, and the exit status is 1.  A user error (a bad flag, a missing model) is one
+line and exit 2, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -71,6 +79,9 @@ class Workload:
     warmup: list = field(default_factory=list)  # latency: the warm-up requests, (prompt, output tokens)
     # latency: per batch size B, (warm-up groups, measured groups), each group B (prompt, output tokens) pairs
     groups: dict = field(default_factory=dict)
+    # serve: per request rate, (rate, its (prompt, output tokens) requests, their send times in seconds)
+    rounds: list = field(default_factory=list)
+    prompt_kind: str | None = None  # serve: "random" (token ids) or "chat" (questions)
 
     @property
     def output_tokens(self) -> int:
@@ -137,6 +148,13 @@ class Result:
     batch_size: int | None = None  # latency: requests submitted at once
     generate_ttft_ms_median: float | None = None  # latency, nanovllm at batch 1: LLM.generate(max_tokens=1), whole
     generate_ttft_ms_p99: float | None = None
+    request_rate: float | None = None  # serve: requests sent per second (Poisson), inf: all at once
+    prompt_kind: str | None = None  # serve: "random" or "chat"
+    prompt_tokens: int | None = None  # serve: the prompts' tokens, as the server counted them
+
+    @property
+    def req_per_s(self) -> float:
+        return self.requests / self.seconds
 
     @property
     def tok_per_s(self) -> float:
@@ -144,9 +162,14 @@ class Result:
 
     def line(self) -> str:
         end = f"  [{self.device}]{' ' + self.note if self.note else ''}"
+        itl = ("n/a (one output token)" if self.itl_ms_median is None else
+               f"median {self.itl_ms_median:.2f} ms, p99 {self.itl_ms_p99:.2f} ms, mean {self.itl_ms_mean:.2f} ms")
+        if self.request_rate is not None:
+            return (f"{self.engine:>9}  serve {self.prompt_kind}, {self.request_rate:g} req/s: {self.requests} "
+                    f"requests, {self.output_tokens:,} output tokens in {self.seconds:.2f} s = "
+                    f"{self.tok_per_s:,.0f} tok/s, {self.req_per_s:.2f} req/s; TTFT median {self.ttft_ms_median:.2f} "
+                    f"ms, p99 {self.ttft_ms_p99:.2f} ms, mean {self.ttft_ms_mean:.2f} ms; ITL {itl}{end}")
         if self.ttft_ms_median is not None:
-            itl = ("n/a (one output token)" if self.itl_ms_median is None else
-                   f"median {self.itl_ms_median:.2f} ms, p99 {self.itl_ms_p99:.2f} ms, mean {self.itl_ms_mean:.2f} ms")
             gen = ("" if self.generate_ttft_ms_median is None else
                    f"; generate() TTFT median {self.generate_ttft_ms_median:.2f} ms, "
                    f"p99 {self.generate_ttft_ms_p99:.2f} ms")
@@ -157,8 +180,14 @@ class Result:
                 f"{self.output_tokens:,} output tokens in {self.seconds:.2f} s = {self.tok_per_s:,.0f} tok/s{end}")
 
     def record(self) -> dict:
-        """The JSON-lines row: the fields that apply (no latency fields for a throughput run)."""
-        return {k: v for k, v in asdict(self).items() if v is not None} | {"tok_per_s": round(self.tok_per_s, 1)}
+        """The JSON-lines row: the fields that apply (no latency fields for a throughput run); an infinite
+        request rate as the string "inf" (JSON has no infinity)."""
+        row = {k: v for k, v in asdict(self).items() if v is not None} | {"tok_per_s": round(self.tok_per_s, 1)}
+        if self.request_rate is not None:
+            row |= {"req_per_s": round(self.req_per_s, 3)}
+            if math.isinf(self.request_rate):
+                row["request_rate"] = "inf"
+        return row
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -167,17 +196,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
+def latency_stats(ttft: list[float], itl: list[float]) -> dict:
+    """Result's ttft/itl fields (median, p99, mean) from the measured milliseconds; none for an empty list."""
+    stats = {}
+    for name, ms in (("ttft", ttft), ("itl", itl)):
+        if ms:
+            stats |= {f"{name}_ms_median": statistics.median(ms), f"{name}_ms_p99": percentile(ms, 99),
+                      f"{name}_ms_mean": statistics.fmean(ms)}
+    return stats
+
+
 def latency_result(engine: str, timings: list[tuple[float, list[float]]], device: str, note: str,
                    batch_size: int = 1) -> Result:
     """A Result from each measured request's (start, [time each output token arrived]); the requests of one
     group share their start, and the measured time is the groups' (start to last token of the group)."""
     ttft = [(times[0] - start) * 1e3 for start, times in timings]
     itl = [(b - a) * 1e3 for _, times in timings for a, b in zip(times, times[1:])]
-    stats = {}
-    for name, ms in (("ttft", ttft), ("itl", itl)):
-        if ms:
-            stats |= {f"{name}_ms_median": statistics.median(ms), f"{name}_ms_p99": percentile(ms, 99),
-                      f"{name}_ms_mean": statistics.fmean(ms)}
+    stats = latency_stats(ttft, itl)
     produced = sum(len(times) for _, times in timings)
     ends = {}
     for start, times in timings:
@@ -512,6 +547,8 @@ DEFAULTS = {
     "chat": {"num_requests": (32, 32)},
     "latency": {"num_requests": (32, 4), "prompt_len": ((1000, 1000), (32, 32)),
                 "output_len": ((128, 128), (8, 8)), "warmup_requests": (3, 1), "batch_size": ((1, 16), (1,))},
+    "serve": {"num_requests": (200, 8), "prompt_len": ((256, 1024), (32, 32)), "output_len": ((128, 256), (8, 8)),
+              "request_rate": ((4.0, 16.0, 64.0, math.inf), (4.0, math.inf))},
 }
 
 
@@ -527,7 +564,17 @@ def parser():
 
     p = Parser(prog=PROG, description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=["seed", "chat", "latency"], help="default: seed on a GPU, chat on a CPU")
+    def rate(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not value > 0:  # (nan, 0 and negative rates)
+            raise argparse.ArgumentTypeError(f"must be a positive number of requests per second or inf, got {text!r}")
+        return value
+
+    p.add_argument("--workload", choices=["seed", "chat", "latency", "serve"],
+                   help="default: seed on a GPU, chat on a CPU")
     p.add_argument("--engine", default=None, help="nanovllm, hf, vllm, or several comma-separated "
                    "(default: nanovllm on a GPU and for latency, nanovllm,hf for chat on a CPU)")
     p.add_argument("--model", default=None, help="a model folder, .gguf file or hub id (default: the workload's)")
@@ -545,6 +592,12 @@ def parser():
     p.add_argument("--batch-size", type=positive_int, nargs="+", default=None, metavar="B",
                    help="latency workload: requests submitted at once, one or more sizes (default: 1 16, "
                    "1 on a CPU); --num-requests is rounded up to whole groups")
+    p.add_argument("--request-rate", type=rate, nargs="+", default=None, metavar="R",
+                   help="serve workload: requests per second (Poisson arrivals), one or more, inf: all at once "
+                   "(default: 4 16 64 inf, 4 inf on a CPU)")
+    p.add_argument("--prompt-kind", choices=["random", "chat"], default=None,
+                   help="serve workload: random token-id prompts to /v1/completions or the chat questions to "
+                   "/v1/chat/completions (default: random)")
     p.add_argument("--progress", action="store_true", help="show nanovllm's progress bar")
     # the engine's flags, from EngineConfig; the benchmark takes 16,384-token prefill steps (nano-vllm's)
     add_engine_args(p, exclude=("load_format",), defaults={"max_num_batched_tokens": BENCH_PREFILL_TOKENS},
@@ -580,6 +633,11 @@ def check_args(p, args) -> list[str] | None:
         if max(args.batch_size) > args.max_num_seqs:
             p.error(f"--batch-size {max(args.batch_size)} is above --max-num-seqs {args.max_num_seqs}: "
                     "a group would not run as one batch")
+    for flag in ("request_rate", "prompt_kind"):
+        if getattr(args, flag) is not None and args.workload != "serve":
+            p.error(f"--{flag.replace('_', '-')} is for the serve workload (--workload serve)")
+    if args.request_rate is not None and len(set(args.request_rate)) != len(args.request_rate):
+        p.error(f"--request-rate names a rate twice: {' '.join(map(str, args.request_rate))}")
     if args.engine is None:
         return None
     engines = [e.strip() for e in args.engine.split(",") if e.strip()]
@@ -590,8 +648,9 @@ def check_args(p, args) -> list[str] | None:
             p.error(f"unknown engine {e!r}; choose from {sorted(ENGINES)}")
     if len(set(engines)) != len(engines):
         p.error(f"--engine names an engine twice: {args.engine!r}")
-    if args.workload == "latency" and "vllm" in engines:
-        p.error("the latency workload runs nanovllm and hf, not vllm")
+    for workload in ("latency", "serve"):
+        if args.workload == workload and "vllm" in engines:
+            p.error(f"the {workload} workload runs nanovllm and hf, not vllm")
     return engines
 
 
@@ -614,18 +673,30 @@ def bench(p, args, engines: list[str] | None) -> list[Result]:
                           args.random_weights or None)
     elif workload == "chat":
         w = chat_workload(opts["num_requests"], args.max_tokens, args.model)
+    elif workload == "serve":  # random prompts: random weights as the seed's on a GPU; chat: a chat model
+        from nanovllm.bench_serve import serve_workload
+
+        kind = args.prompt_kind or "random"
+        w = serve_workload(opts["num_requests"], opts["prompt_len"], opts["output_len"], opts["request_rate"], kind,
+                           args.model, args.random_weights or (args.model is None and gpu and kind == "random"))
     else:  # random weights as the seed's on a GPU, the embedded model's real ones on a CPU
         w = latency_workload(opts["num_requests"], opts["prompt_len"], opts["output_len"], opts["warmup_requests"],
                              args.model, args.random_weights or (args.model is None and gpu), opts["batch_size"])
     size = (f"batch size {', '.join(map(str, w.groups))}: up to " if w.groups else "") + f"{len(w.max_tokens)}"
+    if w.rounds:
+        size = f"{w.prompt_kind} prompts at {', '.join(f'{r:g}' for r, _, _ in w.rounds)} req/s: {size}"
     print(f"workload {w.name}: {size} requests, {w.output_tokens:,} output tokens, "
           f"{'random' if w.random_weights else 'real'} weights, device {device}", file=sys.stderr)
     results, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = model_folder(w, Path(tmp), resolved)
+        if w.name == "serve" and w.random_weights:  # a tokenizer for the servers' text (bench_serve.py)
+            from nanovllm.bench_serve import add_word_tokenizer
+
+            add_word_tokenizer(folder, json.loads((Path(folder) / "config.json").read_text())["vocab_size"])
         for engine in engines:
             try:
-                res = ENGINES[engine](w, folder, device, args)
+                res = engines_for(w)[engine](w, folder, device, args)
             except Exception as e:  # one engine failing must not hide the others' results
                 first, *rest = str(e).strip().splitlines() or [""]
                 print(f"{engine:>9}  FAILED: {type(e).__name__}: {first}", flush=True)
@@ -635,7 +706,8 @@ def bench(p, args, engines: list[str] | None) -> list[Result]:
             else:
                 for r in res if isinstance(res, list) else [res]:  # (latency: one per batch size)
                     results.append(r)
-                    print(r.line(), flush=True)
+                    if w.name != "serve":  # (serve prints each rate's as it ends)
+                        print(r.line(), flush=True)
             free(device)  # before the next engine: a GPU holds one engine's weights and KV cache, not two
     print_ratios(results)
     if args.json:
@@ -644,6 +716,14 @@ def bench(p, args, engines: list[str] | None) -> list[Result]:
         print(f"{p.prog}: {len(failed)} of {len(engines)} engine(s) failed: {', '.join(failed)}", file=sys.stderr)
         raise SystemExit(1)
     return results
+
+
+def engines_for(w: Workload) -> dict:
+    if w.name == "serve":
+        from nanovllm.bench_serve import ENGINES as SERVE_ENGINES
+
+        return SERVE_ENGINES
+    return ENGINES
 
 
 def free(device: str) -> None:
@@ -658,18 +738,23 @@ def free(device: str) -> None:
 
 
 def print_ratios(results: list[Result]) -> None:
-    """The first engine that ran against each other one, at the same batch size: throughput (how many times
-    faster), or for the latency workload each median latency as a share of the other engine's (below 1:
-    faster)."""
+    """The first engine that ran against each other one, at the same batch size or request rate: throughput
+    (how many times faster), and for the latency and serve workloads each median latency as a share of the
+    other engine's (below 1: faster)."""
     if not results:
         return
     first = results[0].engine
-    bases = {r.batch_size: r for r in results if r.engine == first}
+    bases = {(r.batch_size, r.request_rate): r for r in results if r.engine == first}
     for r in results:
-        base = bases.get(r.batch_size)
+        base = bases.get((r.batch_size, r.request_rate))
         if r.engine == first or base is None:
             continue
-        if base.ttft_ms_median is not None:
+        if base.request_rate is not None:
+            print(f"{base.engine} / {r.engine} at {r.request_rate:g} req/s: {base.tok_per_s / r.tok_per_s:.2f}x the "
+                  f"throughput, {base.ttft_ms_median / r.ttft_ms_median:.2f}x the median TTFT"
+                  + (f", {base.itl_ms_median / r.itl_ms_median:.2f}x the median ITL"
+                     if base.itl_ms_median is not None and r.itl_ms_median else ""))
+        elif base.ttft_ms_median is not None:
             parts = [f"{base.ttft_ms_median / r.ttft_ms_median:.2f}x the median TTFT"]
             if base.itl_ms_median is not None and r.itl_ms_median:
                 parts.append(f"{base.itl_ms_median / r.itl_ms_median:.2f}x the median ITL")
