@@ -359,7 +359,7 @@ class AsyncLLM:
         else:
             stops = c.seq.params.stop
             hold = max(map(len, stops)) - 1 if stops else 0
-            ready = c.detok.text[:len(c.detok.text) - hold] if hold else c.detok.text
+            ready = c.detok.text[:max(0, len(c.detok.text) - hold)]  # (shorter than the hold: nothing yet)
             new = ready[len(c.sent_text):]
         c.sent_text += new
         return new

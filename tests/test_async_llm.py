@@ -222,3 +222,16 @@ def test_n_stop_strings_and_logprobs_stream_as_generate_returns_them(engine, llm
             assert want.finish_reason == "stop" and want.stop_reason == stop and stop not in want.text
             assert all(stop.strip() not in d.text for d in deltas), "a piece of the stop string was streamed"
     assert len({o.text for o in want.outputs}) >= 1
+
+
+def test_text_shorter_than_the_held_back_length_is_not_sent(engine, llm):
+    """A stop string longer than the text so far: nothing may be sent yet (a negative slice bound once sent a
+    prefix holding the stop string's start, and the streamed text then differed from generate()'s)."""
+    prompt = "The capital of France is"
+    full = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0].text
+    assert len(full) > 6
+    stop = full[2:] + "\n\nThe"  # starts early in the text, longer than the text for several tokens
+    params = SamplingParams(temperature=0, max_tokens=12, stop=[stop[:8]])
+    want = llm.generate([prompt], params, use_tqdm=False)[0]
+    deltas = list(engine.add_request(prompt, params))
+    assert "".join(d.text for d in deltas) == want.text
