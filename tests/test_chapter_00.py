@@ -49,7 +49,7 @@ def test_hf_batched_generate_left_padding_is_invisible(ch00, tiny_model):
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "nanovllm"
 CHECKED = ["00_quickstart", "01_naive_attention", "02_kv_cache", "03_paged_kv", "04_prefix_caching", "05_scheduler",
-           "06_sampling", "09_tensor_parallel", "10_benchmark"]
+           "06_sampling", "09_tensor_parallel", "10_benchmark", "11_serving"]
 
 
 def _cells(name, kind=None):
