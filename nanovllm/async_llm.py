@@ -26,7 +26,8 @@ async consumer that goes away) ends the request at once: its blocks are released
 its finish reason is "abort".
 
 A failed step ends every request in flight with the error (each stream raises it), releases their blocks,
-and the loop goes on serving.
+and the loop goes on serving.  ``shutdown()`` (or leaving ``with AsyncLLM(...)``) stops the loop and gives the
+engine's memory back; an AsyncLLM simply dropped is freed too (the loop holds it only weakly while idle).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import itertools
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -45,6 +47,17 @@ from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
 _END = object()  # the stream's last item
+IDLE_WAIT_S = 0.5  # an idle loop looks every this often whether its AsyncLLM is still wanted
+
+
+def _run_loop(ref: weakref.ref) -> None:
+    """The engine thread: turns of ``AsyncLLM._iteration`` until it stops or the AsyncLLM is gone (dropped
+    without ``shutdown()``: its engine is then freed like any dropped ``LLM``)."""
+    while True:
+        engine = ref()
+        if engine is None or not engine._iteration():
+            return
+        del engine
 
 
 @dataclass(slots=True)
@@ -183,7 +196,10 @@ class AsyncLLM:
         self._pending_ids: set[str] = set()  # ids submitted and not yet ended (any thread, under _wake)
         self._completions: dict[str, list[_Completion]] = {}
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, name="nanovllm-engine-loop", daemon=True)
+        # the thread holds the engine only through a weak reference between iterations: an AsyncLLM that is
+        # dropped without shutdown() is freed (its engine's memory with it), and its loop ends
+        self._thread = threading.Thread(target=_run_loop, args=(weakref.ref(self),), name="nanovllm-engine-loop",
+                                        daemon=True)
         self._thread.start()
 
     # -- callers (any thread) --------------------------------------------------------------------------
@@ -257,32 +273,34 @@ class AsyncLLM:
         self.shutdown()
 
     # -- the engine thread -----------------------------------------------------------------------------
-    def _loop(self) -> None:
+    def _iteration(self) -> bool:
+        """One turn of the loop: wait (at most ``IDLE_WAIT_S``) for work, take what arrived, step once,
+        publish.  Returns False once the loop has stopped."""
         from nanovllm.llm import no_full_gc
 
         llm = self.llm
-        while True:
-            with self._wake:
-                while not self._inbox and not self._streams and not self._stopping:
-                    self._wake.wait()
-                work, stopping = list(self._inbox), self._stopping
-                self._inbox.clear()
-            try:
-                with llm._exclusive("the AsyncLLM loop"), no_full_gc():
-                    for kind, item in work:
-                        self._add(item) if kind == "add" else self._abort(item)
-                    if stopping:
-                        for request_id in list(self._streams):
-                            self._abort(request_id)
-                        if llm.overlapped is not None:
-                            llm.overlapped.collect()  # the step in flight, if any: nothing left running
-                    elif llm.scheduler.has_unfinished():
-                        self._step()
-                    self._publish()
-            except Exception as e:  # a failed step: every request in flight ends with the error
-                self._fail_all(e)
-            if stopping:
-                return
+        with self._wake:
+            if not self._inbox and not self._streams and not self._stopping:
+                self._wake.wait(IDLE_WAIT_S)
+            work, stopping = list(self._inbox), self._stopping
+            self._inbox.clear()
+            if not work and not self._streams and not stopping:
+                return True  # idle: let go of the engine for a moment (see _run_loop)
+        try:
+            with llm._exclusive("the AsyncLLM loop"), no_full_gc():
+                for kind, item in work:
+                    self._add(item) if kind == "add" else self._abort(item)
+                if stopping:
+                    for request_id in list(self._streams):
+                        self._abort(request_id)
+                    if llm.overlapped is not None:
+                        llm.overlapped.collect()  # the step in flight, if any: nothing left running
+                elif llm.scheduler.has_unfinished():
+                    self._step()
+                self._publish()
+        except Exception as e:  # a failed step: every request in flight ends with the error
+            self._fail_all(e)
+        return not stopping
 
     def _add(self, stream: RequestStream) -> None:
         tok = self.llm.tokenizer

@@ -235,3 +235,19 @@ def test_text_shorter_than_the_held_back_length_is_not_sent(engine, llm):
     want = llm.generate([prompt], params, use_tqdm=False)[0]
     deltas = list(engine.add_request(prompt, params))
     assert "".join(d.text for d in deltas) == want.text
+
+
+def test_a_dropped_async_llm_frees_its_engine(tiny_qwen3):
+    """No shutdown(): dropping the last reference ends the loop and frees the engine (as dropping an LLM does)."""
+    import gc
+    import weakref
+
+    path, _ = tiny_qwen3
+    engine = AsyncLLM(path, device="cpu", dtype="float32")
+    assert len(list(engine.add_request([1, 2, 3], GREEDY))) == 12
+    llm_ref, thread = weakref.ref(engine.llm), engine._thread
+    del engine
+    thread.join(10)
+    gc.collect()
+    assert not thread.is_alive(), "the loop outlived its AsyncLLM"
+    assert llm_ref() is None, "the engine is still alive"
