@@ -124,7 +124,16 @@ def test_startup_time_is_recorded(tiny_qwen3):
 
 # -- release: the process's resident memory goes back ------------------------------------------------
 def rss() -> int:
-    """This process's resident set size in bytes (Linux)."""
+    """This process's resident set size in bytes (Linux), after asking glibc to give its free heap pages back
+    (``malloc_trim``): large tensors are usually mmap'ed and their pages return at once, but after a long test
+    session the allocator may serve them from heap it kept, and then only a trim shows what was freed."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
