@@ -99,3 +99,103 @@ def test_chapter_names_files_and_modules_that_exist(name):
         assert importlib.util.find_spec(module) is not None, f"{name} runs python -m {module}, which does not exist"
     for dotted in set(re.findall(r"\b(nanovllm(?:\.\w+)+)", "\n".join(_cells(name, "markdown")))):
         assert _resolves(dotted), f"{name} names {dotted}, which does not exist"
+
+
+# -- the prose quotes stored outputs: it must say what they show ---------------------------------------------
+# Deterministic facts the text quotes are asserted in their cell (so nbval fails when the fact changes); facts
+# that depend on the machine are printed by the cell from its own measurements, never claimed by the prose.
+def _nb(name):
+    return json.loads((ROOT / "chapters" / f"{name}.ipynb").read_text())["cells"]
+
+
+def _code_cell(cells, marker):
+    """(index, source, stored text output) of the one code cell whose source contains marker."""
+    found = [(i, "".join(c["source"])) for i, c in enumerate(cells)
+             if c["cell_type"] == "code" and marker in "".join(c["source"])]
+    assert len(found) == 1, f"{len(found)} code cells contain {marker!r}"
+    i, source = found[0]
+    text = "".join("".join(o.get("text", "")) for o in cells[i].get("outputs", []) if o["output_type"] == "stream")
+    return i, source, text
+
+
+def _markdown_after(cells, i):
+    return next("".join(c["source"]) for c in cells[i + 1:] if c["cell_type"] == "markdown")
+
+
+NUMBER_WORDS = {w: n for n, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+
+
+def test_chapter_05_prose_tells_the_steps_the_output_shows():
+    cells = _nb("05_scheduler")
+    i, source, text = _code_cell(cells, "late = llm.add_request(")
+    kinds = {int(k): kind for k, kind in re.findall(r"step (\d+): (prefill|decode)", text)}
+    assert kinds, "the loop's stored output is missing"
+    asserted = re.search(r"assert kinds == (\[.*?\])", source)
+    assert asserted and eval(asserted.group(1)) == [kinds[k] for k in sorted(kinds)]  # noqa: S307
+    prose = " ".join(_markdown_after(cells, i).split())
+    told = re.findall(r"step (\d+) is (?:its|a) (prefill|decode)", prose)
+    assert told, "the text no longer names the steps' kinds; update this test"
+    for step, kind in told:
+        assert kinds[int(step)] == kind, f"the text says step {step} is a {kind}, the output a {kinds[int(step)]}"
+    for step in re.findall(r"from step (\d+) on the three decode", prose):
+        assert all(kinds[k] == "decode" for k in kinds if k >= int(step)) and kinds[int(step) - 1] != "decode"
+
+
+def test_chapter_04_counts_the_moves_it_narrates():
+    cells = _nb("04_prefix_caching")
+    i, source, text = _code_cell(cells, "story = [")
+    events = [line for line in text.splitlines() if line and not line.startswith(" ")]
+    word = re.search(r"A story in (\w+) moves", "".join(cells[i - 1]["source"])).group(1)
+    assert NUMBER_WORDS[word] == len(events)
+    assert f"assert len(story) == {len(events)}" in source
+    hits = [int(h) for h in re.findall(r": (\d+) tokens cached", text)]  # R1, R2, R3, R4, R3 again
+    prose = " ".join(_markdown_after(cells, i).split())
+    assert f"{hits[2]} of its 45 tokens" in prose  # R3's first visit
+    assert f"its first {hits[4]} tokens" in prose  # R3 coming back
+
+
+def test_chapter_02_kv_share_of_the_weights_is_the_computed_one():
+    cells = _nb("02_kv_cache")
+    i, source, text = _code_cell(cells, "share = 1000 * smollm2 / weight_bytes")
+    assert "assert 0.08 < share < 0.09" in source
+    share, mib = re.search(r"([\d.]+)% of the model's (\d+) MiB", text).groups()
+    prose = " ".join("".join(cells[i - 2]["source"]).split())
+    assert f"{share}% of the model's {mib} MiB" in prose
+    assert "a third of the model" not in prose
+
+
+def test_chapter_09_counts_the_stored_runs_of_the_results_file():
+    import csv
+
+    cells = _nb("09_tensor_parallel")
+    i, source, text = _code_cell(cells, "multi_gpu = [r for r in rows if int(r[\"tp\"]) > 1]")
+    assert "assert len(rows) ==" in source
+    rows = list(csv.DictReader((ROOT / "figures" / "data" / "bench_results.csv").open()))
+    if not any(int(r["tp"]) > 1 for r in rows):  # re-execute chapter 09 when the results file changes
+        assert text.startswith(f"{len(rows)} stored runs, none with tp > 1")
+    assert not re.search(r"\b\d+ stored runs\b", " ".join(_cells("09_tensor_parallel", "markdown")))
+
+
+def test_chapter_10_cpu_verdict_comes_from_the_run():
+    cells = _nb("10_benchmark")
+    i, source, text = _code_cell(cells, "'faster' if ratio > 1 else 'slower'")
+    ratios = [float(r) for r in re.findall(r"nanovllm / hf: ([\d.]+)x", "".join(
+        "".join(o.get("text", "")) for c in cells[:i] if c["cell_type"] == "code" for o in c.get("outputs", [])))]
+    verdicts = re.findall(r"nanovllm ([\d.]+)x HF's rate .*?, (faster|slower) in this run", text)
+    assert len(verdicts) == len(ratios) > 0
+    for (ratio, verdict), printed in zip(verdicts, ratios):
+        assert abs(float(ratio) - printed) <= 0.011 and verdict == ("faster" if float(ratio) > 1 else "slower")
+    prose = " ".join(_markdown_after(cells, i).split())
+    assert "edge on a CPU" not in prose and "not reliably faster" in prose
+
+
+def test_chapter_07_bandwidth_table_is_explained_by_its_own_peak():
+    cells = _nb("07_cuda_graphs_and_compile")
+    i, source, text = _code_cell(cells, "rates, rates_out = {}, {}")
+    rows = [line.split() for line in text.splitlines() if re.match(r"\s*[\d,]+\s+[\d.]+\s+[\d.]+\s+[\d.]+$", line)]
+    assert len(rows) == 5
+    best = max(rows, key=lambda r: float(r[2]))
+    best_out = max(rows, key=lambda r: float(r[3]))
+    assert re.search(rf"fastest: {best[0]} elements \(.*\); with out=: {best_out[0]} elements", text)
+    prose = " ".join(_markdown_after(cells, i).split())
+    assert "Only large tensors reach the memory bandwidth" not in prose and "caches" in prose
