@@ -245,6 +245,11 @@ class AsyncLLM:
             self._inbox.append(("abort", request_id))
             self._wake.notify()
 
+    @property
+    def running(self) -> bool:
+        """Whether the loop takes requests (not stopped, its thread alive)."""
+        return not self._stopping and self._thread.is_alive()
+
     def num_requests(self) -> tuple[int, int]:
         """(running, waiting) sequences in the scheduler now."""
         sched = self.llm.scheduler
@@ -254,16 +259,19 @@ class AsyncLLM:
         bm = self.llm.block_manager
         return 1.0 - bm.num_free_blocks / bm.num_blocks
 
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the loop: requests in flight end with finish reason "abort" (their streams end cleanly);
-        then the engine itself is shut down (its memory given back).  Idempotent."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the loop and keep the engine: requests in flight end with finish reason "abort" (their streams
+        end cleanly), later requests are refused; ``self.llm`` stays usable (``llm.generate`` etc.).
+        Idempotent."""
         with self._wake:
-            if self._stopping:
-                return
             self._stopping = True
             self._wake.notify()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """``stop()``, then shut the engine itself down (its memory given back).  Idempotent."""
+        self.stop(timeout)
         self.llm.shutdown()
 
     def __enter__(self) -> AsyncLLM:

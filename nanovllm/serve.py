@@ -165,7 +165,7 @@ class Server:
     async def health(self, request):
         from starlette.responses import JSONResponse
 
-        alive = self.engine._thread.is_alive() and not self.engine._stopping
+        alive = self.engine.running
         return JSONResponse({"status": "ok" if alive else "stopped"}, status_code=200 if alive else 503)
 
     async def models(self, request):

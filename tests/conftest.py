@@ -58,3 +58,16 @@ def hf_greedy(model, prompt_ids, max_new_tokens, eos_token_id=None):
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=eos_token_id, pad_token_id=0)
     return out[0, len(prompt_ids):].tolist()
+
+
+def interpreted_triton_kernels():
+    """``nanovllm.attention.triton_kernels`` whose kernels run here: without CUDA, under Triton's interpreter
+    (the calling test module sets TRITON_INTERPRET=1 before importing anything; if the module was imported
+    earlier without it, its kernels are defined again).  Skips the test when Triton is not installed."""
+    import importlib
+
+    pytest.importorskip("triton")
+    module = importlib.import_module("nanovllm.attention.triton_kernels")
+    if not torch.cuda.is_available() and type(module._prefill_kernel).__name__ != "InterpretedFunction":
+        module = importlib.reload(module)
+    return module

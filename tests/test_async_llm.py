@@ -34,11 +34,10 @@ def expected(llm):
 def engine(llm):
     a = AsyncLLM(llm=llm)
     yield a
-    with a._wake:  # stop the loop, keep the module's LLM
-        a._stopping = True
-        a._wake.notify()
-    a._thread.join(30)
-    assert not a._thread.is_alive()
+    a.stop()  # the loop ends; the module's LLM stays
+    assert not a.running and not a._thread.is_alive()
+    with pytest.raises(RuntimeError, match="shut down"):
+        a.add_request(QUESTIONS[0], GREEDY)
     assert llm.block_manager.num_free_blocks == llm.block_manager.num_blocks, "blocks left allocated"
 
 

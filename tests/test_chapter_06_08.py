@@ -5,7 +5,6 @@ committed notebooks must stay clean.  Without a GPU the chapter's Triton kernels
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from conftest import interpreted_triton_kernels  # noqa: E402
 from nbimport import CHAPTERS, load_chapter  # noqa: E402
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
@@ -52,11 +52,7 @@ def ch08():
 
 @pytest.fixture(scope="module")
 def tk():
-    pytest.importorskip("triton")
-    module = importlib.import_module("nanovllm.attention.triton_kernels")
-    if not HAS_CUDA and type(module._decode_split_kernel).__name__ != "InterpretedFunction":
-        module = importlib.reload(module)  # imported earlier without the interpreter: define the kernels again
-    return module
+    return interpreted_triton_kernels()
 
 
 @pytest.fixture(scope="module")

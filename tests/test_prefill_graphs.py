@@ -6,7 +6,6 @@ cache must equal the unpadded step's, and the engine's tokens HF's."""
 
 from __future__ import annotations
 
-import importlib
 import os
 
 import numpy as np
@@ -16,6 +15,8 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"  # must be set before the @triton.jit functions are created
+
+from conftest import interpreted_triton_kernels  # noqa: E402
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.engine.cuda_graphs import (  # noqa: E402
@@ -32,11 +33,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 @pytest.fixture(scope="module")
 def triton_kernels():
-    pytest.importorskip("triton")
-    tk = importlib.import_module("nanovllm.attention.triton_kernels")
-    if not HAS_CUDA and type(tk._prefill_kernel).__name__ != "InterpretedFunction":
-        tk = importlib.reload(tk)  # imported earlier without the interpreter: define the kernels again
-    return tk
+    return interpreted_triton_kernels()
 
 
 def test_graph_token_sizes():
