@@ -1,7 +1,7 @@
 """Build the book as a static website from the committed, executed notebooks (nothing is re-run)::
 
     python chapters/_book/build.py                 # writes build/book/; open build/book/index.html
-    python chapters/_book/build.py --out /tmp/book
+    python chapters/_book/build.py --out site      # anywhere else
 
 Sphinx with MyST-NB and the Sphinx Book Theme, configured in conf.py beside this file.  The sources are staged
 in a temporary folder first (this folder's index.md, the chapters, the figures), so that the site's root is
