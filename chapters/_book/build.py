@@ -22,11 +22,13 @@ ROOT = HERE.parents[1]
 
 
 def stage(src: Path) -> None:
-    """The site's sources: the front page, every chapter (with the files it links to), the figures."""
+    """The site's sources: the front page, every chapter (with the files it links to, the exercises' solutions among them), the figures."""
     shutil.copy(HERE / "index.md", src / "index.md")
     (src / "chapters").mkdir()
     for path in sorted((ROOT / "chapters").glob("[0-9]*.ipynb")) + sorted((ROOT / "chapters").glob("*.py")):
         shutil.copy(path, src / "chapters" / path.name)
+    shutil.copytree(ROOT / "chapters" / "solutions", src / "chapters" / "solutions",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # the exercises link to their solutions
     shutil.copytree(ROOT / "figures", src / "figures", ignore=shutil.ignore_patterns("*.py", "data"))
 
 
