@@ -383,8 +383,10 @@ TEXT = ("The printing press was invented in the fifteenth century by Johannes Gu
         "He combined movable metal type, an oil-based ink and a wooden press adapted from the ones used to make "
         "wine. Within fifty years presses were running in more than two hundred cities, and books that had cost "
         "a year's wages could be bought for a few days' pay.")
-#: stated tolerances, measured on the embedded SmolLM2-135M in float32 (chapter 12 shows the numbers)
-LOGIT_TOL = 1.0  # max |logit difference| on the last position of a prefill (the logits span about 30)
+#: stated tolerances, measured on the embedded SmolLM2-135M in float32 (chapter 12 shows the numbers): the last
+#: position's logits of a prefill span about 30 and move by 0.9 to 1.2 with an FP8 cache (by 0.26 to 0.43 when
+#: the whole model runs in bfloat16 instead of float32)
+LOGIT_TOL = 2.0  # max |logit difference| on the last position of a prefill
 TEACHER_FORCED_AGREEMENT = 0.9  # share of positions whose argmax is the same over a long greedy text
 FIRST_TOKENS_IDENTICAL = 5  # free-running greedy tokens identical from the start, at least
 
@@ -410,8 +412,22 @@ def test_embedded_model_logits_close(smollm2_pair):
     ids = auto.tokenizer(TEXT).input_ids
     a, b = prefill_logits(auto, ids), prefill_logits(fp8, ids)
     diff = (a - b).abs().max().item()
+    print(f"max |logit difference| {diff:.3f} (logits span {(a.max() - a.min()).item():.1f})")
     assert diff < LOGIT_TOL, diff
     assert a.argmax() == b.argmax()
+    # the same check fails when the scales are wrong: 64 times too small, the large values are clipped
+    layers = fp8.runner.attn_layers
+    saved = [(layer.k_scale.clone(), layer.v_scale.clone()) for layer in layers]
+    try:
+        for layer in layers:
+            layer.k_scale /= 64
+            layer.v_scale /= 64
+        clipped = (a - prefill_logits(fp8, ids)).abs().max().item()
+    finally:
+        for layer, (k_scale, v_scale) in zip(layers, saved):
+            layer.k_scale.copy_(k_scale)
+            layer.v_scale.copy_(v_scale)
+    assert clipped > 2 * LOGIT_TOL, clipped
 
 
 def test_embedded_model_greedy_agreement(smollm2_pair):
@@ -420,11 +436,12 @@ def test_embedded_model_greedy_agreement(smollm2_pair):
     ref = auto.generate([prompt], greedy(160), use_tqdm=False)[0].token_ids
     got = fp8.generate([prompt], greedy(160), use_tqdm=False)[0].token_ids
     first_diff = next((i for i, (x, y) in enumerate(zip(ref, got)) if x != y), len(ref))
-    assert first_diff >= FIRST_TOKENS_IDENTICAL, first_diff
     # teacher forced: at each position of the reference text, does the FP8 engine pick the same next token?
     full = prompt + ref
     lp = fp8.generate([full], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1), use_tqdm=False)
     picks = [max(d, key=lambda t: d[t].logprob) for d in lp[0].prompt_logprobs[len(prompt):]]
     assert len(picks) == len(ref)  # prompt_logprobs[i]: the distribution of token i given the ones before
     agreement = sum(p == t for p, t in zip(picks, ref)) / len(ref)
+    print(f"greedy: the first {first_diff} tokens identical; teacher-forced agreement {agreement:.1%}")
+    assert first_diff >= FIRST_TOKENS_IDENTICAL, first_diff
     assert agreement >= TEACHER_FORCED_AGREEMENT, agreement
