@@ -419,22 +419,24 @@ def test_embedded_model_logits_close(smollm2_pair):
     layers = fp8.runner.attn_layers
     saved = [(layer.k_scale.clone(), layer.v_scale.clone()) for layer in layers]
     try:
-        for layer in layers:
-            layer.k_scale /= 64
-            layer.v_scale /= 64
+        with torch.inference_mode():  # (the scales are inference tensors: the calibration pass made them)
+            for layer in layers:
+                layer.k_scale /= 64
+                layer.v_scale /= 64
         clipped = (a - prefill_logits(fp8, ids)).abs().max().item()
     finally:
-        for layer, (k_scale, v_scale) in zip(layers, saved):
-            layer.k_scale.copy_(k_scale)
-            layer.v_scale.copy_(v_scale)
+        with torch.inference_mode():
+            for layer, (k_scale, v_scale) in zip(layers, saved):
+                layer.k_scale.copy_(k_scale)
+                layer.v_scale.copy_(v_scale)
     assert clipped > 2 * LOGIT_TOL, clipped
 
 
 def test_embedded_model_greedy_agreement(smollm2_pair):
     auto, fp8 = smollm2_pair
     prompt = auto.tokenizer("The printing press was invented").input_ids
-    ref = auto.generate([prompt], greedy(160), use_tqdm=False)[0].token_ids
-    got = fp8.generate([prompt], greedy(160), use_tqdm=False)[0].token_ids
+    ref = auto.generate([prompt], greedy(96), use_tqdm=False)[0].token_ids
+    got = fp8.generate([prompt], greedy(96), use_tqdm=False)[0].token_ids
     first_diff = next((i for i, (x, y) in enumerate(zip(ref, got)) if x != y), len(ref))
     # teacher forced: at each position of the reference text, does the FP8 engine pick the same next token?
     full = prompt + ref
