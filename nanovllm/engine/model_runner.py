@@ -3,9 +3,9 @@
 It builds the model with the kernels ``nanovllm/kernels.py`` selects, owns the KV cache (one
 [2, layers, blocks, block_size, kv_heads, head_dim] tensor, each layer given its slice) and, on CUDA, the
 captured CUDA graphs of decode steps and short prefills (``cuda_graphs.py``).  With ``kv_cache_dtype="fp8"``
-the cache holds e4m3 bytes, and a calibration pass sets each layer's scales first (``attention/fp8.py``).  ``forward`` (a graph's
-replay, or ``prepare`` + the model) + the LM head + ``sampler`` is the whole path of a step; overlapped
-execution (``overlap.py``) launches the same pieces without waiting.
+the cache holds e4m3 bytes, and a calibration pass sets each layer's scales first (``attention/fp8.py``).
+``forward`` (a graph's replay, or ``prepare`` + the model) + the LM head + ``sampler`` is the whole path of a
+step; overlapped execution (``overlap.py``) launches the same pieces without waiting.
 """
 
 from __future__ import annotations
