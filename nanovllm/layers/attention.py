@@ -24,7 +24,8 @@ class PagedAttention(nn.Module):
         """``kv_stored``: the caller already wrote k/v into the cache (the fused RoPE + store kernel)."""
         if self.kv_amax is not None:
             self.kv_amax.append((k.abs().amax((0, 2)).float(), v.abs().amax((0, 2)).float()))
+        # the scales only with an FP8 cache: a backend written for a model-dtype cache (chapter 03's) takes none
+        scales = () if self.k_scale is None else (self.k_scale, self.v_scale)
         if self.k_cache.numel() and not kv_stored:
-            self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.k_scale, self.v_scale)
-        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, self.k_scale,
-                                    self.v_scale)
+            self.backend.store_kv(k, v, self.k_cache, self.v_cache, meta.slot_mapping, *scales)
+        return self.backend.forward(q, k, v, self.k_cache, self.v_cache, meta, self.scale, *scales)
