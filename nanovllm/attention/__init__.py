@@ -29,8 +29,9 @@ def backend_class(name: str):
     return getattr(importlib.import_module(module), cls)
 
 
-def resolve_backend_name(name: str, device: torch.device, dtype: torch.dtype) -> str:
-    """``name``, or for "auto" the first backend of ``AUTO_ORDER`` that can run here (``usable``)."""
+def resolve_backend_name(name: str, device: torch.device, dtype: torch.dtype, kv_cache_dtype: str = "auto") -> str:
+    """``name``, or for "auto" the first backend of ``AUTO_ORDER`` that can run here (``usable``), with an FP8
+    KV cache if ``kv_cache_dtype`` asks for one (``fp8_kv_usable``)."""
     if name != "auto":
         backend_class(name)  # unknown names fail here
         return name
@@ -39,15 +40,20 @@ def resolve_backend_name(name: str, device: torch.device, dtype: torch.dtype) ->
             cls = backend_class(candidate)
         except ImportError:  # triton or flash-attn not installed
             continue
-        if cls.usable(device, dtype):
+        if cls.usable(device, dtype) and (kv_cache_dtype == "auto" or cls.fp8_kv_usable(device)):
             return candidate
     raise AssertionError("the torch backend is always usable")
 
 
-def check_runs_here(name: str, device: torch.device) -> None:
+def check_runs_here(name: str, device: torch.device, kv_cache_dtype: str = "auto") -> None:
     """Refuse, with a ValueError, a concrete backend that could be built on ``device`` but would fail at its
-    first step.  ``LLM`` asks before loading the model.  (The registry itself builds any backend anywhere:
-    tests take them apart on a CPU.)"""
+    first step (or cannot hold the ``kv_cache_dtype`` asked for).  ``LLM`` asks before loading the model.
+    (The registry itself builds any backend anywhere: tests take them apart on a CPU.)"""
+    if kv_cache_dtype != "auto" and not backend_class(name).fp8_kv_usable(device):
+        why = ("its kernels read 16-bit caches only" if not backend_class(name).supports_fp8_kv
+               else f"it needs a GPU of compute capability 8.9 or newer for e4m3, and {str(device)!r} is older")
+        raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} does not work with attention_backend={name!r}: "
+                         f"{why}; use attention_backend='auto' (it picks one that does), 'triton' or 'torch'")
     if name == "triton" and device.type != "cuda" and not triton_interpreted():
         raise ValueError(
             f"attention_backend='triton' on device {str(device)!r}: its kernels need a CUDA GPU, or on a CPU "

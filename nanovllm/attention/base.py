@@ -4,6 +4,10 @@ KV cache layout (one pair of tensors per layer, shared by every backend):
 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
 
+The cache holds the model's dtype, or with ``kv_cache_dtype="fp8"`` e4m3 bytes with a float32 scale per KV
+head for K and for V (``k_scale``, ``v_scale``: [Hkv]; see ``fp8.py``), which every backend method takes
+(None for a cache in the model's dtype).
+
 A token's *slot* is ``block_id * block_size + offset``; ``slot_mapping[i]`` is the slot where the
 i-th new token of the step stores its K/V (``-1``: store nothing).  A sequence's *block table* lists
 its block ids in order; ``block_tables`` pads the rows with ``-1``.
@@ -54,11 +58,18 @@ class AttentionBackend:
     #: whether a prefill step can be captured too: no host syncs, the grid fixed by ``max_seqlen_q`` as an
     #: upper bound, and sequences with no new tokens (padding) skipped
     prefill_graph_safe: bool = False
+    #: whether the backend reads and writes an FP8 cache (``kv_cache_dtype="fp8"``)
+    supports_fp8_kv: bool = False
 
     @classmethod
     def usable(cls, device, dtype) -> bool:
         """Whether ``attention_backend="auto"`` may pick this backend for ``device`` and ``dtype``."""
         return True
+
+    @classmethod
+    def fp8_kv_usable(cls, device) -> bool:
+        """Whether the backend can read and write an FP8 cache on ``device``."""
+        return cls.supports_fp8_kv
 
     @classmethod
     def block_size(cls, requested: int) -> int:
@@ -72,8 +83,10 @@ class AttentionBackend:
         (qk-norm, RoPE and the KV store in one kernel) instead of calling ``store_kv``."""
         return False
 
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
         raise NotImplementedError
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
+                v_scale=None) -> torch.Tensor:
+        """``scale``: the softmax scale; ``k_scale``/``v_scale``: an FP8 cache's quantization scales."""
         raise NotImplementedError

@@ -3,6 +3,9 @@ for decode.  Used automatically on CUDA when the package is installed and the GP
 capability 8.0 or newer).  Its paged kernels need a block size that is a multiple of 256, so the engine's
 block size follows this backend.
 
+It refuses an FP8 KV cache (``kv_cache_dtype="fp8"``): flash-attn 2 reads only 16-bit caches, so with FP8
+``attention_backend="auto"`` takes the Triton backend instead, and asking for this one is a ValueError.
+
 Only the signatures documented by flash-attn 2 are used, so a stand-in module with the same functions
 (tests/flash_attn_standin/) can exercise this plumbing where the real package cannot be installed.
 """
@@ -29,6 +32,7 @@ class FlashAttnBackend(AttentionBackend):
     name = "flash_attn"
     block_size_multiple = 256
     cuda_graph_safe = True
+    supports_fp8_kv = False  # flash-attn 2's kernels read 16-bit caches only
 
     @classmethod
     def usable(cls, device, dtype) -> bool:
@@ -49,7 +53,9 @@ class FlashAttnBackend(AttentionBackend):
     def fuses_rope_store(self, device) -> bool:
         return device.type == "cuda"  # it stores with Triton on a GPU, with the reference elsewhere
 
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+        if k_scale is not None:
+            raise ValueError("the flash_attn backend does not support kv_cache_dtype='fp8'")
         if k.is_cuda:
             from nanovllm.attention.triton_kernels import store_kvcache
 
@@ -57,7 +63,10 @@ class FlashAttnBackend(AttentionBackend):
         else:
             store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
+                v_scale=None):
+        if k_scale is not None:
+            raise ValueError("the flash_attn backend does not support kv_cache_dtype='fp8'")
         if k_cache is None or k_cache.numel() == 0 or (meta.is_prefill and not meta.has_prefix):
             return self.varlen(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q,
                                meta.max_seqlen_q, softmax_scale=scale, causal=True)

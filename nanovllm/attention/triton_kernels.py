@@ -11,6 +11,11 @@ They compute exactly what ``torch_ref.py`` computes, on the same KV-cache layout
   its whole context (cached prefix + the new tokens, already stored), flash-attention style.  The
   query heads of one GQA group are packed into the rows of one tile, so K/V are read once per group.
 
+With ``kv_cache_dtype="fp8"`` the cache holds e4m3 values and each KV head has a float32 scale for K and one
+for V (``fp8.py``): the stores divide by it, clamp to +-448 and round (``_to_e4m3``); the attention kernels
+load e4m3, widen it to the query's dtype and fold the scales in where they cost nothing (K's into the
+softmax scale, V's into the output), since a program handles one KV head.
+
 Every kernel walks the cache token by token through the block table (slot = block_id * block_size +
 offset), so a tile of ``BLOCK_N`` tokens may span several small blocks.  No wrapper reads device
 memory on the host, so decode and prefill launches can be captured in CUDA graphs (the grid depends
@@ -33,6 +38,7 @@ except ImportError as exc:  # only this module needs triton
     ) from exc
 
 from nanovllm.attention.base import AttentionBackend, AttentionMetadata
+from nanovllm.attention.fp8 import is_fp8
 from nanovllm.attention.torch_ref import varlen_causal_attention
 from nanovllm.triton_utils import (
     dot_precision,
@@ -55,9 +61,43 @@ __all__ = [
 ]
 
 
-def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale=None, v_scale=None) -> bool:
+    """Check the caches' layout; return whether they are FP8 (then with their [Hkv] float32 scales)."""
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches: [num_blocks, block_size, Hkv, D]"
     assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share strides"
+    fp8 = is_fp8(k_cache)
+    if fp8:
+        assert k_scale is not None and v_scale is not None, "an FP8 cache needs k_scale and v_scale"
+        assert k_scale.shape == v_scale.shape == (k_cache.shape[2],) and k_scale.dtype == torch.float32
+    return fp8
+
+
+# ----------------------------------------------------------------------------------------------
+# FP8: float32 -> e4m3, exactly
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _to_e4m3(x, scale):
+    """``x / scale`` (float32; ``scale`` a power of two, so exact) clamped to +-448 and rounded to the nearest
+    e4m3 value, ties to even: a float32 that e4m3 represents exactly, so the final cast rounds nothing.
+    (The rounding is done on the bits because Triton's interpreter casts halfway values wrongly; on a GPU
+    these few integer operations cost nothing next to the store.)"""
+    x = x / scale
+    ax = tl.minimum(tl.abs(x), 448.0)  # FP8_MAX
+    bits = ax.to(tl.int32, bitcast=True)
+    exp = bits >> 23  # biased float32 exponent
+    sig = (bits & 0x7FFFFF) | 0x800000  # 24-bit significand, x = sig * 2**(exp - 150)
+    # bits of sig below e4m3's last mantissa bit: 20 for normal e4m3 values (>= 2**-6), more for its
+    # subnormals (a fixed spacing of 2**-9), 25 past them (everything rounds to 0)
+    drop = tl.minimum(tl.maximum(141 - exp, 20), 25)
+    q = sig >> drop
+    rem = sig - (q << drop)
+    half = 1 << (drop - 1)
+    q += ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
+    unit = (tl.maximum(drop + exp - 23, 1) << 23).to(tl.float32, bitcast=True)  # 2**(drop + exp - 150)
+    y = tl.where(q == 0, 0.0, q.to(tl.float32) * unit)
+    return tl.where(x.to(tl.int32, bitcast=True) < 0, -y, y)  # the sign bit: -0.0 stays -0.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,13 +107,13 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
 
 @triton.jit
 def _store_kvcache_kernel(
-    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr,
+    k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
     stride_kn, stride_kh, stride_kd,
     stride_vn, stride_vh, stride_vd,
     stride_cb, stride_cs, stride_ch, stride_cd,
     num_kv_heads,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr = False,
 ):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
@@ -91,27 +131,33 @@ def _store_kvcache_kernel(
     v = tl.load(v_ptr + tok * stride_vn + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd,
                 mask=mask, other=0.0)
     dst = blk * stride_cb + off * stride_cs + offs_h[:, None].to(tl.int64) * stride_ch + offs_d[None, :] * stride_cd
+    if FP8:
+        h_mask = offs_h < heads_kept
+        k = _to_e4m3(k.to(tl.float32), tl.load(ks_ptr + offs_h, mask=h_mask, other=1.0)[:, None])
+        v = _to_e4m3(v.to(tl.float32), tl.load(vs_ptr + offs_h, mask=h_mask, other=1.0)[:, None])
     tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
     tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  slot_mapping: torch.Tensor) -> None:
-    """Write k/v ([N, Hkv, D], any strides) into ``k_cache``/``v_cache`` at ``slot_mapping`` ([N]; -1: skip)."""
-    _check_cache(k_cache, v_cache)
+                  slot_mapping: torch.Tensor, k_scale: torch.Tensor | None = None,
+                  v_scale: torch.Tensor | None = None) -> None:
+    """Write k/v ([N, Hkv, D], any strides) into ``k_cache``/``v_cache`` at ``slot_mapping`` ([N]; -1: skip);
+    into an FP8 cache as ``quantize_fp8(k, k_scale)`` (and V likewise), bit for bit."""
+    fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
     num_tokens, num_kv_heads, head_dim = k.shape
     assert v.shape == k.shape and slot_mapping.shape[0] == num_tokens
     assert k_cache.shape[2] == num_kv_heads and k_cache.shape[3] == head_dim
     if num_tokens == 0:
         return
     _store_kvcache_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping, k_scale if fp8 else slot_mapping, v_scale if fp8 else slot_mapping,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         *k_cache.stride(),
         num_kv_heads,
         BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
-        BLOCK_H=next_pow2(num_kv_heads), BLOCK_D=next_pow2(head_dim),
+        BLOCK_H=next_pow2(num_kv_heads), BLOCK_D=next_pow2(head_dim), FP8=fp8,
         num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
     )
 
@@ -123,12 +169,12 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
 
 @triton.jit
 def _qkv_rope_store_kernel(
-    qkv_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr, slot_ptr,
+    qkv_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
     stride_t, stride_pos, eps,
     stride_cb, stride_cs, stride_ch, stride_cd,
     NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr = False,
 ):
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok)
@@ -141,9 +187,9 @@ def _qkv_rope_store_kernel(
         _rope_query_heads(row, qw_ptr, cos, sin, offs_d, d_mask, eps,
                           NUM_HEADS, HEAD_DIM, HALF, BLOCK_H, HAS_NORM)
     else:
-        _rope_key_heads_store(row, tok, kw_ptr, kc_ptr, vc_ptr, slot_ptr, cos, sin, offs_d, d_mask, eps,
-                              stride_cb, stride_cs, stride_ch, stride_cd,
-                              NUM_HEADS, NUM_KV, HEAD_DIM, HALF, BLOCK_KV, BLOCK_SIZE, HAS_NORM, STORE)
+        _rope_key_heads_store(row, tok, kw_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, cos, sin, offs_d, d_mask,
+                              eps, stride_cb, stride_cs, stride_ch, stride_cd,
+                              NUM_HEADS, NUM_KV, HEAD_DIM, HALF, BLOCK_KV, BLOCK_SIZE, HAS_NORM, STORE, FP8)
 
 
 @triton.jit
@@ -168,11 +214,11 @@ def _rope_query_heads(row, qw_ptr, cos, sin, offs_d, d_mask, eps,
 
 
 @triton.jit
-def _rope_key_heads_store(row, tok, kw_ptr, kc_ptr, vc_ptr, slot_ptr, cos, sin, offs_d, d_mask, eps,
-                          stride_cb, stride_cs, stride_ch, stride_cd,
+def _rope_key_heads_store(row, tok, kw_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, cos, sin, offs_d, d_mask,
+                          eps, stride_cb, stride_cs, stride_ch, stride_cd,
                           NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                           HALF: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                          HAS_NORM: tl.constexpr, STORE: tl.constexpr):
+                          HAS_NORM: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr):
     dtype = row.dtype.element_ty
     # key heads, then the cache: K rotated, V as it is
     offs_k = tl.arange(0, BLOCK_KV)
@@ -196,6 +242,11 @@ def _rope_key_heads_store(row, tok, kw_ptr, kc_ptr, vc_ptr, slot_ptr, cos, sin, 
             vptr = kptr + NUM_KV * HEAD_DIM
             v1 = tl.load(vptr, mask=kmask, other=0.0)
             v2 = tl.load(vptr + HALF, mask=kmask, other=0.0)
+            if FP8:  # the rounded K (k1, k2: what the model attends with) and V, scaled per KV head
+                ks = tl.load(ks_ptr + offs_k, mask=offs_k < NUM_KV, other=1.0)[:, None]
+                vs = tl.load(vs_ptr + offs_k, mask=offs_k < NUM_KV, other=1.0)[:, None]
+                k1, k2 = _to_e4m3(k1.to(tl.float32), ks), _to_e4m3(k2.to(tl.float32), ks)
+                v1, v2 = _to_e4m3(v1.to(tl.float32), vs), _to_e4m3(v2.to(tl.float32), vs)
             dst = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
                    + offs_k[:, None].to(tl.int64) * stride_ch + offs_d[None, :] * stride_cd)
             tl.store(kc_ptr + dst, k1.to(kc_ptr.dtype.element_ty), mask=kmask)
@@ -208,20 +259,22 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
                    num_kv_heads: int, head_dim: int, q_norm_weight: torch.Tensor | None = None,
                    k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
                    k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
-                   slot_mapping: torch.Tensor | None = None):
+                   slot_mapping: torch.Tensor | None = None, k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None):
     """One kernel for everything between the QKV projection and attention, in place on ``qkv``
     ([N, (H + 2 Hkv) * D], rows contiguous): the optional per-head RMSNorm of queries and keys (Qwen3),
     RoPE on both (``cos_sin`` [max_pos, D] float32: cos of the D/2 frequencies, then sin), and the
     store of the rotated K and of V into the paged cache at ``slot_mapping`` (-1: skip; no cache: no
-    store).  Returns the views q [N, H, D], k, v [N, Hkv, D], equal to what ``rms_norm``,
-    ``apply_rotary`` and ``store_kvcache`` compute one after the other."""
+    store; an FP8 cache with its ``k_scale``/``v_scale``).  Returns the views q [N, H, D], k, v [N, Hkv, D],
+    equal to what ``rms_norm``, ``apply_rotary`` and ``store_kvcache`` compute one after the other."""
     num_tokens = qkv.shape[0]
     assert qkv.dim() == 2 and qkv.stride(1) == 1 and qkv.shape[1] == (num_heads + 2 * num_kv_heads) * head_dim
     assert head_dim % 2 == 0 and cos_sin.shape[1] == head_dim and cos_sin.stride(1) == 1
     assert (q_norm_weight is None) == (k_norm_weight is None)
     store = k_cache is not None and k_cache.numel() > 0
+    fp8 = False
     if store:
-        _check_cache(k_cache, v_cache)
+        fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
         assert k_cache.shape[2] == num_kv_heads and k_cache.shape[3] == head_dim
         assert slot_mapping.shape[0] == num_tokens
     if num_tokens:
@@ -231,11 +284,12 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
         _qkv_rope_store_kernel[(num_tokens, 2)](  # per token: one program for the queries, one for K/V
             qkv, positions, cos_sin, q_norm_weight if norm else dummy, k_norm_weight if norm else dummy,
             k_cache if store else qkv, v_cache if store else qkv, slot_mapping if store else dummy,
+            k_scale if fp8 else dummy, v_scale if fp8 else dummy,
             qkv.stride(0), cos_sin.stride(0), float(eps),
             *(k_cache.stride() if store else (0, 0, 0, 0)),
             NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
             BLOCK_H=next_pow2(num_heads), BLOCK_KV=next_pow2(num_kv_heads), BLOCK_HALF=next_pow2(half),
-            BLOCK_SIZE=k_cache.shape[1] if store else 1, HAS_NORM=norm, STORE=store,
+            BLOCK_SIZE=k_cache.shape[1] if store else 1, HAS_NORM=norm, STORE=store, FP8=fp8,
             num_warps=4 if num_heads * head_dim >= 1024 else 1,
         )
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
@@ -250,7 +304,7 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
 
 @triton.jit(do_not_specialize=["stride_btb"])  # the block-table width varies step to step
 def _decode_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, ks_ptr, vs_ptr,
     out_ptr, mid_o_ptr, mid_lse_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     num_heads, num_splits,
@@ -262,6 +316,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
+    FP8: tl.constexpr = False,
 ):
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
         kvh = tl.program_id(0)
@@ -293,6 +348,8 @@ def _decode_split_kernel(
 
     bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
     head_off = kvh.to(tl.int64) * stride_ch
+    if FP8:  # K's scale goes into the softmax scale, V's onto the output
+        qk_scale = qk_scale * tl.load(ks_ptr + kvh)
     for t in range(t_start, t_end):
         pos = t * BLOCK_N + offs_n
         n_mask = pos < ctx
@@ -314,6 +371,8 @@ def _decode_split_kernel(
 
     has = l_i > 0  # false only for an empty split (or a padded sequence with context length 0)
     o = acc / tl.where(has, l_i, 1.0)[:, None]
+    if FP8:
+        o = o * tl.load(vs_ptr + kvh)
     if SINGLE_SPLIT:
         tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
@@ -399,15 +458,17 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_splits: int | None = None, out: torch.Tensor | None = None, *,
                            max_context_len: int | None = None, block_n: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None,
-                           heads_first: bool | None = None) -> torch.Tensor:
+                           heads_first: bool | None = None, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
     ``num_splits=None`` picks the split count from B, Hkv and ``max_context_len`` (an int from the
     host; default: the block-table width times the block size, an upper bound).  Any split count is
     correct for any context lengths, so the launch can be captured in a CUDA graph and replayed.
+    An FP8 cache is read with its per-KV-head ``k_scale``/``v_scale``.
     """
-    _check_cache(k_cache, v_cache)
+    fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
     assert cache_dim == head_dim and num_heads % num_kv_heads == 0
@@ -436,10 +497,12 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
-    key = ("decode", q.device.index, q.dtype, block_n, block_d, group, heads_first, single, num_warps, num_stages)
+    key = ("decode", q.device.index, q.dtype, k_cache.dtype, block_n, block_d, group, heads_first, single,
+           num_warps, num_stages)
     launch_fitting_stages(
         _decode_split_kernel, grid, key, num_stages,
-        q, k_cache, v_cache, block_tables, context_lens,
+        q, k_cache, v_cache, block_tables, context_lens, k_scale if fp8 else context_lens,
+        v_scale if fp8 else context_lens,
         out, mid_o, mid_lse,
         float(scale) * LOG2E,
         num_heads, num_splits,
@@ -450,7 +513,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         GROUP=group, GROUP_PAD=max(next_pow2(group), 16),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
-        SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first,
+        SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
         num_warps=num_warps,
     )
     if not single:
@@ -472,7 +535,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 @triton.jit(do_not_specialize=["stride_btb"])  # the block-table width varies step to step
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, out_ptr,
-    cu_q_ptr, ctx_ptr, bt_ptr,
+    cu_q_ptr, ctx_ptr, bt_ptr, ks_ptr, vs_ptr,
     qk_scale,
     stride_qn, stride_qh, stride_qd,
     stride_on, stride_oh, stride_od,
@@ -484,6 +547,7 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr = False,
 ):
     q_blk = tl.program_id(0)
     seq = tl.program_id(1)
@@ -518,6 +582,8 @@ def _prefill_kernel(
     kv_end = prefix + last_tok + 1
     bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
     head_off = kvh.to(tl.int64) * stride_ch
+    if FP8:  # as in decode: K's scale into the softmax scale, V's onto the output
+        qk_scale = qk_scale * tl.load(ks_ptr + kvh)
     for start in range(0, kv_end, BLOCK_N):
         pos = start + offs_n
         n_mask = pos < kv_end
@@ -539,6 +605,8 @@ def _prefill_kernel(
         m_i = m_new
 
     o = acc / l_i[:, None]
+    if FP8:
+        o = o * tl.load(vs_ptr + kvh)
     tl.store(out_ptr + q_tok[:, None] * stride_on + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
              o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
@@ -555,12 +623,13 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
                             block_tables: torch.Tensor, scale: float, max_seqlen_q: int, *,
                             out: torch.Tensor | None = None, block_m: int | None = None,
                             block_n: int | None = None, num_warps: int | None = None,
-                            num_stages: int | None = None) -> torch.Tensor:
+                            num_stages: int | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Varlen causal prefill.  ``q`` [N, H, D] holds each sequence's last ``q_len`` tokens
     (``cu_seqlens_q`` [B+1] int32), which attend over ``context_lens[b]`` keys read from the paged cache
-    (prefix + the new tokens, already stored).  ``max_seqlen_q`` (host int) sizes the grid.
-    Returns [N, H, D]."""
-    _check_cache(k_cache, v_cache)
+    (prefix + the new tokens, already stored).  ``max_seqlen_q`` (host int) sizes the grid.  An FP8 cache
+    is read with its per-KV-head ``k_scale``/``v_scale``.  Returns [N, H, D]."""
+    fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
     assert cache_dim == head_dim and num_heads % num_kv_heads == 0
@@ -580,7 +649,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     grid = (cdiv(int(max_seqlen_q), block_q), batch, num_kv_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, out,
-        cu_seqlens_q, context_lens, block_tables,
+        cu_seqlens_q, context_lens, block_tables, k_scale if fp8 else context_lens, v_scale if fp8 else context_lens,
         float(scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
@@ -588,7 +657,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype), FP8=fp8,
         num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s,
     )
     return out
@@ -606,6 +675,7 @@ class TritonBackend(AttentionBackend):
     block_size_multiple = 1  # the kernels address the cache per token: any block size works
     cuda_graph_safe = True  # decode reads only shapes on the host: no syncs, grid fixed by the buffers
     prefill_graph_safe = True  # prefill programs past a sequence's new tokens return at once
+    supports_fp8_kv = True  # on a GPU of compute capability 8.9 or newer (its e4m3 conversions), see usable
 
     def __init__(self, num_splits: int | None = None):
         self.num_splits = num_splits  # decode split count; None: heuristic
@@ -614,21 +684,28 @@ class TritonBackend(AttentionBackend):
     def usable(cls, device, dtype) -> bool:
         return device.type == "cuda"  # on a CPU only by name (the interpreter is for tests)
 
+    @classmethod
+    def fp8_kv_usable(cls, device) -> bool:
+        # Triton converts to and from e4m3 ("fp8e4nv") on compute capability 8.9 (Ada) and newer
+        return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
     def fuses_rope_store(self, device) -> bool:
         return True  # its kernels run anywhere it does (a GPU, or the interpreter)
 
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping) -> None:
+    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
         if k_cache is None or k_cache.numel() == 0:
             return
-        store_kvcache(k, v, k_cache, v_cache, slot_mapping)
+        store_kvcache(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
-    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
+                v_scale=None):
         if k_cache is None or k_cache.numel() == 0:  # no cache yet (a warm-up forward)
             return varlen_causal_attention(q, k, v, meta.cu_seqlens_q, scale)
         if not meta.is_prefill:
             # the split heuristic reads only shapes (block-table width x block size bounds the context),
             # so a captured CUDA graph and an eager step with the same shapes launch the same grid
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
-                                          num_splits=self.num_splits)
+                                          num_splits=self.num_splits, k_scale=k_scale, v_scale=v_scale)
         return paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
-                                       meta.block_tables, scale, meta.max_seqlen_q)
+                                       meta.block_tables, scale, meta.max_seqlen_q, k_scale=k_scale,
+                                       v_scale=v_scale)

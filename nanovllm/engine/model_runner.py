@@ -2,9 +2,10 @@
 
 It builds the model with the kernels ``nanovllm/kernels.py`` selects, owns the KV cache (one
 [2, layers, blocks, block_size, kv_heads, head_dim] tensor, each layer given its slice) and, on CUDA, the
-captured CUDA graphs of decode steps and short prefills (``cuda_graphs.py``).  ``forward`` (a graph's
-replay, or ``prepare`` + the model) + the LM head + ``sampler`` is the whole path of a step; overlapped
-execution (``overlap.py``) launches the same pieces without waiting.
+captured CUDA graphs of decode steps and short prefills (``cuda_graphs.py``).  With ``kv_cache_dtype="fp8"``
+the cache holds e4m3 bytes, and a calibration pass sets each layer's scales first (``attention/fp8.py``).
+``forward`` (a graph's replay, or ``prepare`` + the model) + the LM head + ``sampler`` is the whole path of a
+step; overlapped execution (``overlap.py``) launches the same pieces without waiting.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import numpy as np
 import torch
 
+from nanovllm.attention import fp8
 from nanovllm.attention.base import AttentionMetadata
 from nanovllm.config import EngineConfig
 from nanovllm.engine.cuda_graphs import DecodeGraphs, PrefillGraphs
@@ -114,6 +116,9 @@ class ModelRunner:
         self.sampler = Sampler(self.device, config.seed)
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.kv_dtype = fp8.kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
+        if self.kv_dtype == fp8.FP8_DTYPE:
+            self.calibrate_kv_scales()
         self.num_kvcache_blocks = self.allocate_kv_cache()
         if self.device.type == "cuda":
             self.warmup_prefill()
@@ -168,7 +173,25 @@ class ModelRunner:
     def kv_bytes_per_block(self) -> int:
         layer = self.attn_layers[0]
         return (2 * len(self.attn_layers) * self.block_size * layer.num_kv_heads * layer.head_dim
-                * self.dtype.itemsize)
+                * self.kv_dtype.itemsize)
+
+    @torch.inference_mode()
+    def calibrate_kv_scales(self) -> None:
+        """Set every layer's FP8 scales from one forward pass, without a cache, in the model's dtype, over
+        fixed pseudo-random tokens (``fp8.calibration_token_ids``): each KV head's largest |K| and |V|, with
+        ``fp8.SCALE_HEADROOM``.  Every tensor-parallel rank runs it at the same point, for its own heads."""
+        n = min(fp8.CALIBRATION_TOKENS, self.config.max_model_len, self.config.max_num_batched_tokens)
+        seq = Sequence(-1, fp8.calibration_token_ids(self.hf_config.vocab_size, n))
+        for layer in self.attn_layers:
+            layer.kv_amax = []
+        try:
+            self.forward(ScheduledBatch([seq], [n], is_prefill=True), warmup=True)
+            for layer in self.attn_layers:
+                k_amax, v_amax = (torch.stack(a).amax(0) for a in zip(*layer.kv_amax))
+                layer.k_scale, layer.v_scale = fp8.fp8_scale(k_amax), fp8.fp8_scale(v_amax)
+        finally:
+            for layer in self.attn_layers:
+                layer.kv_amax = None
 
     def allocate_kv_cache(self) -> int:
         per_block = self.kv_bytes_per_block()
@@ -182,7 +205,7 @@ class ModelRunner:
                                "max_num_batched_tokens or raise gpu_memory_utilization")
         layer = self.attn_layers[0]
         self.kv_cache = torch.zeros(2, len(self.attn_layers), num_blocks, self.block_size, layer.num_kv_heads,
-                                    layer.head_dim, dtype=self.dtype, device=self.device)
+                                    layer.head_dim, dtype=self.kv_dtype, device=self.device)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks

@@ -58,7 +58,8 @@ class DecoderAttention(nn.Module):
             q, k, v = self.qkv_rope_store(
                 qkv, positions, self.rotary.cos_sin, self.num_heads, self.num_kv_heads, self.head_dim,
                 self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
-                self.q_norm.eps if norm else 0.0, self.attn.k_cache, self.attn.v_cache, meta.slot_mapping)
+                self.q_norm.eps if norm else 0.0, self.attn.k_cache, self.attn.v_cache, meta.slot_mapping,
+                self.attn.k_scale, self.attn.v_scale)
             return self.o_proj(self.attn(q, k, v, meta, kv_stored=True).flatten(1))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)

@@ -1,0 +1,233 @@
+"""The FP8 KV cache on a CUDA GPU, in one go (not collected by pytest; run by hand on a GPU machine):
+
+    PYTHONPATH=. python3 tests/gpu/fp8_check.py                 # checks + the seed benchmark, auto vs fp8
+    PYTHONPATH=. python3 tests/gpu/fp8_check.py --cap-gib 8     # the same sized for an 8 GiB card
+    PYTHONPATH=. python3 tests/gpu/fp8_check.py --only kernels,embedded,qwen3,bench [--out DIR]
+
+1. kernels: the Triton store (and the fused RoPE + store) writes the reference's e4m3 bytes bit for bit in
+   bfloat16; decode (one split and several) and prefill over an FP8 cache match the reference;
+2. embedded: SmolLM2-135M-Instruct (real weights, bf16), kv_cache_dtype "auto" vs "fp8": the max |logit
+   difference| of a prefill, the first greedy token where they part, and the teacher-forced top-1 agreement
+   over a long greedy generation (does fp8 pick auto's next token at every position of auto's text); two
+   engines at once, small ones (the cap applies to the benchmark only);
+3. qwen3: the same on the Qwen3-0.6B shape with random weights (a 1,000-token random prompt);
+4. bench: the seed benchmark (``python -m nanovllm.bench``'s, 256 requests) with kv_cache_dtype auto, then fp8,
+   in this process, tok/s of each and the ratio.  ``--cap-gib 8`` sets gpu_memory_utilization to 8 GiB of
+   this card (the CUDA context, weights and activations included), so the cache is what an 8 GiB card holds.
+
+Every section prints PASS or FAIL with its numbers as soon as it ends, and a failure never stops the others;
+the numbers also go, one JSON line per section, to ``--out``/fp8_check.jsonl.  About 3 minutes on an H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
+
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.attention.fp8 import FP8_DTYPE, fp8_scale, quantize_fp8  # noqa: E402
+from nanovllm.bench import QWEN3_0_6B_CONFIG  # noqa: E402
+from nanovllm.engine.sequence import ScheduledBatch, Sequence  # noqa: E402
+
+FAILS: list[str] = []
+RESULTS: list[dict] = []
+TEXT = ("The printing press was invented in the fifteenth century by Johannes Gutenberg, a goldsmith from Mainz. "
+        "He combined movable metal type, an oil-based ink and a wooden press adapted from the ones used to make "
+        "wine. Within fifty years presses were running in more than two hundred cities, and books that had cost "
+        "a year's wages could be bought for a few days' pay.")
+
+
+def section(name, fn, *args):
+    t = time.perf_counter()
+    try:
+        numbers = fn(*args) or {}
+    except Exception:
+        FAILS.append(name)
+        print(f"FAIL {name} ({time.perf_counter() - t:.1f} s)\n{traceback.format_exc()}", flush=True)
+        numbers = {"failed": True}
+    else:
+        print(f"PASS {name} ({time.perf_counter() - t:.1f} s): "
+              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items()),
+              flush=True)
+    RESULTS.append({"section": name, **numbers})
+    torch.cuda.empty_cache()
+
+
+# -- 1. kernels ------------------------------------------------------------------------------------------------
+def kernels():
+    from nanovllm.attention import triton_kernels as tk
+    from nanovllm.attention.torch_ref import paged_attention_ref, paged_decode_ref, store_kvcache_ref
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    heads, kv_heads, dim, n, bs = 16, 8, 128, 300, 16
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * dim, device="cuda", generator=g, dtype=torch.bfloat16) * 4
+    k = qkv[:, heads * dim:(heads + kv_heads) * dim].view(n, kv_heads, dim)
+    v = qkv[:, (heads + kv_heads) * dim:].view(n, kv_heads, dim)
+    k_scale, v_scale = fp8_scale(k.abs().amax((0, 2))), fp8_scale(v.abs().amax((0, 2)) / 4)  # V clips a little
+    num_blocks = 40
+    slots = torch.randperm(num_blocks * bs, device="cuda", generator=g)[:n]
+    slots[::7] = -1
+    caches = [torch.zeros(num_blocks, bs, kv_heads, dim, dtype=FP8_DTYPE, device="cuda") for _ in range(4)]
+    store_kvcache_ref(k, v, caches[0], caches[1], slots, k_scale, v_scale)
+    tk.store_kvcache(k, v, caches[2], caches[3], slots, k_scale, v_scale)
+    torch.cuda.synchronize()
+    store_same = bool(torch.equal(caches[0].view(torch.uint8), caches[2].view(torch.uint8))
+                      and torch.equal(caches[1].view(torch.uint8), caches[3].view(torch.uint8)))
+    assert store_same, "the Triton FP8 store differs from the reference"
+    # attention over a full FP8 cache
+    x = torch.randn(num_blocks * bs, kv_heads, dim, device="cuda", generator=g) * 3
+    y = torch.randn(num_blocks * bs, kv_heads, dim, device="cuda", generator=g) * 0.3
+    ks, vs = fp8_scale(x.abs().amax((0, 2))), fp8_scale(y.abs().amax((0, 2)))
+    kc = quantize_fp8(x, ks).view(num_blocks, bs, kv_heads, dim)
+    vc = quantize_fp8(y, vs).view(num_blocks, bs, kv_heads, dim)
+    ctx = torch.tensor([1, 77, 300, 640], dtype=torch.int32, device="cuda")
+    tables = torch.randperm(num_blocks, device="cuda", generator=g).to(torch.int32).repeat(4, 1)
+    q = torch.randn(4, heads, dim, device="cuda", generator=g, dtype=torch.bfloat16)
+    ref = paged_decode_ref(q.float(), kc, vc, ctx, tables, dim ** -0.5, ks, vs)
+    worst = 0.0
+    for splits in (1, 4):
+        out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks, v_scale=vs)
+        worst = max(worst, (out.float() - ref).abs().max().item())
+    qp = torch.randn(int(ctx.sum()), heads, dim, device="cuda", generator=g, dtype=torch.bfloat16)
+    cu = torch.zeros(5, dtype=torch.int32, device="cuda")
+    cu[1:] = ctx.cumsum(0)
+    out = tk.paged_prefill_attention(qp, kc, vc, cu, ctx, tables, dim ** -0.5, int(ctx.max()), k_scale=ks, v_scale=vs)
+    refp = paged_attention_ref(qp.float(), kc, vc, cu, ctx, tables, dim ** -0.5, k_scale=ks, v_scale=vs)
+    worst_prefill = (out.float() - refp).abs().max().item()
+    assert worst < 3e-2 and worst_prefill < 3e-2, (worst, worst_prefill)
+    return dict(store_bit_exact=store_same, decode_max_diff=worst, prefill_max_diff=worst_prefill)
+
+
+# -- 2./3. accuracy ----------------------------------------------------------------------------------------------
+def prefill_logits(llm, ids):
+    seq = Sequence(-1, ids)
+    llm.block_manager.allocate(seq)
+    try:
+        return llm.runner.logits(ScheduledBatch([seq], [len(ids) - seq.num_computed_tokens], is_prefill=True))[0]
+    finally:
+        llm.block_manager.deallocate(seq)
+
+
+def compare(model, engine_args, prompt_ids, text_ids, new_tokens):
+    """auto vs fp8 on one model: prefill logits, free-running greedy, teacher-forced top-1 agreement."""
+    runs = {}
+    for kv in ("auto", "fp8"):
+        llm = LLM(model, kv_cache_dtype=kv, enable_prefix_caching=False, **engine_args)
+        try:
+            logits = prefill_logits(llm, text_ids)
+            greedy = llm.generate([prompt_ids], SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
+                                  use_tqdm=False)[0].token_ids
+            runs[kv] = dict(logits=logits, greedy=greedy, llm=llm, backend=llm.runner.backend.name)
+        except Exception:
+            llm.shutdown()
+            raise
+    try:
+        ref = runs["auto"]["greedy"]
+        full = prompt_ids + ref
+        lp = runs["fp8"]["llm"].generate([full], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1),
+                                         use_tqdm=False)[0].prompt_logprobs[len(prompt_ids):]
+        picks = [max(d, key=lambda t: d[t].logprob) for d in lp]
+        a, b = runs["auto"]["logits"], runs["fp8"]["logits"]
+        got = runs["fp8"]["greedy"]
+        return dict(backend=runs["fp8"]["backend"], logit_max_abs_diff=(a - b).abs().max().item(),
+                    logit_range=(a.max() - a.min()).item(), same_argmax=bool(a.argmax() == b.argmax()),
+                    first_greedy_difference=next((i for i, (x, y) in enumerate(zip(ref, got)) if x != y), len(ref)),
+                    greedy_tokens=len(ref),
+                    teacher_forced_agreement=sum(p == t for p, t in zip(picks, ref)) / len(ref))
+    finally:
+        for r in runs.values():
+            r["llm"].shutdown()
+
+
+def embedded():
+    from nanovllm.loading.embedded import embedded_model_dir
+    from nanovllm.loading.resolve import load_tokenizer
+
+    folder = embedded_model_dir()
+    tok = load_tokenizer(folder)
+    args = dict(dtype="bfloat16", max_num_seqs=8, max_model_len=2048)
+    return compare(folder, args, tok("The printing press was invented").input_ids, tok(TEXT).input_ids, 512)
+
+
+def qwen3():
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(QWEN3_0_6B_CONFIG.read_text())
+        g = torch.Generator().manual_seed(0)
+        vocab = json.loads(QWEN3_0_6B_CONFIG.read_text())["vocab_size"]
+        prompt = torch.randint(0, 10000, (1000,), generator=g).tolist()
+        args = dict(dtype="bfloat16", load_format="dummy", max_num_seqs=8, max_model_len=4096)
+        assert vocab > 10000
+        return compare(tmp, args, prompt[:200], prompt, 512)
+
+
+# -- 4. the seed benchmark -----------------------------------------------------------------------------------------
+def bench(cap, out):
+    from nanovllm import bench as nb
+
+    rates = {}
+    for kv in ("auto", "fp8"):
+        argv = ["--engine", "nanovllm", "--kv-cache-dtype", kv, "--json", str(out / "fp8_bench.jsonl")]
+        if cap:
+            argv += ["--gpu-memory-utilization", f"{cap['gpu_memory_utilization']:.4f}"]
+        try:
+            [r] = nb.main(argv)
+            rates[kv] = r.tok_per_s
+        except SystemExit as e:  # an engine failed: bench printed why; keep the other's number
+            rates[kv] = f"failed ({e.code})"
+        print(f"  seed benchmark, kv_cache_dtype={kv}: {rates[kv]}", flush=True)
+    if all(isinstance(v, float) for v in rates.values()):
+        rates["fp8_over_auto"] = rates["fp8"] / rates["auto"]
+    return {f"tok_per_s_{k}" if k in ("auto", "fp8") else k: v for k, v in rates.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="/tmp/nanovllm-fp8")
+    ap.add_argument("--only", default="kernels,embedded,qwen3,bench")
+    ap.add_argument("--cap-gib", type=float, default=None, help="size the engines for a card of this many GiB")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("fp8_check.py needs a CUDA GPU")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = {}
+    if args.cap_gib:
+        cap = dict(gpu_memory_utilization=min(1.0, args.cap_gib * (1 << 30) / total))
+    print(f"{torch.cuda.get_device_name(0)} ({total / (1 << 30):.0f} GiB, capability "
+          f"{torch.cuda.get_device_capability(0)}), torch {torch.__version__}"
+          + (f", capped at {args.cap_gib:g} GiB (gpu_memory_utilization={cap['gpu_memory_utilization']:.3f})"
+             if cap else ""), flush=True)
+    only = set(args.only.split(","))
+    t = time.perf_counter()
+    try:
+        if "kernels" in only:
+            section("kernels: Triton FP8 store, decode, prefill vs the reference", kernels)
+        if "embedded" in only:
+            section("embedded SmolLM2-135M bf16: fp8 vs auto", embedded)
+        if "qwen3" in only:
+            section("Qwen3-0.6B shape, random weights, bf16: fp8 vs auto", qwen3)
+        if "bench" in only:
+            section("seed benchmark: auto vs fp8" + (f" (capped at {args.cap_gib:g} GiB)" if cap else ""),
+                    bench, cap, out)
+    finally:
+        with open(out / "fp8_check.jsonl", "a") as f:
+            for r in RESULTS:
+                f.write(json.dumps({**r, "gpu": torch.cuda.get_device_name(0), "cap_gib": args.cap_gib,
+                                    "date": time.strftime("%Y-%m-%d")}, default=str) + "\n")
+        print(f"{time.perf_counter() - t:.0f} s; " + ("FAILED: " + ", ".join(FAILS) if FAILS else "ALL PASSED"),
+              flush=True)
+    sys.exit(1 if FAILS else 0)
+
+
+if __name__ == "__main__":
+    main()
