@@ -312,3 +312,31 @@ class SpecDecoder:
         self.num_accepted += sum(len(t) - 1 for t in accepted)
         self.num_emitted += sum(map(len, accepted))
         return accepted
+
+
+# -- a draft for experiments -----------------------------------------------------------------------------
+def save_layer_skip_draft(model_dir, out_dir, num_layers: int):
+    """Save a draft model made of a model's first ``num_layers`` decoder layers, its final norm and its LM
+    head (an early exit, as LayerSkip's self-speculation drafts): the same vocabulary, a fraction of the
+    cost, with no training.  ``model_dir``: an HF-style folder of safetensors.  Returns ``out_dir``."""
+    import json
+    import re
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = json.loads((model_dir / "config.json").read_text())
+    if not 1 <= num_layers <= config["num_hidden_layers"]:
+        raise ValueError(f"num_layers must be in [1, {config['num_hidden_layers']}], got {num_layers}")
+    config["num_hidden_layers"] = num_layers
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+    tensors = {}
+    for path in sorted(model_dir.glob("*.safetensors")):
+        for name, t in load_file(path).items():
+            layer = re.match(r"model\.layers\.(\d+)\.", name)
+            if layer is None or int(layer.group(1)) < num_layers:
+                tensors[name] = t
+    save_file(tensors, out_dir / "model.safetensors")
+    return out_dir
