@@ -43,3 +43,15 @@ def test_auto_never_picks_flash_attn_on_cpu(standin, tiny_qwen3):
     llm = LLM(tiny_qwen3[0], device="cpu", num_kvcache_blocks=8)
     assert llm.runner.backend.name == "torch"
     assert llm.config.kvcache_block_size == 16
+
+
+def test_auto_does_not_pick_flash_attn_until_it_has_run_on_hardware(standin, monkeypatch):
+    import torch
+
+    from nanovllm.attention import backend_class, resolve_backend_name
+
+    cls = backend_class("flash_attn")
+    monkeypatch.setattr(cls, "usable", classmethod(lambda c, device, dtype: True))  # as on a GPU it supports
+    assert cls.usable(torch.device("cpu"), torch.float16)
+    assert resolve_backend_name("auto", torch.device("cpu"), torch.float16) != "flash_attn"
+    assert resolve_backend_name("flash_attn", torch.device("cpu"), torch.float16) == "flash_attn"  # by name

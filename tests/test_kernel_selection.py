@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 def test_auto_picks_the_reference_on_a_cpu():
     assert resolve_backend_name("auto", CPU, torch.float32) == "torch"
     assert resolve_backend_name("auto", CPU, torch.bfloat16) == "torch"
-    assert set(AUTO_ORDER) == set(BACKENDS)
+    assert set(AUTO_ORDER) == set(BACKENDS) - {"flash_attn"}  # not until it has run on real hardware
 
 
 def test_unknown_backend_is_named():

@@ -191,3 +191,4 @@ def test_viewer_slider_drives_the_picture(tiny_llm):
     assert viewer.html.value == snapshot_html(snaps[-1])
     bundle = viewer._repr_mimebundle_()
     assert "application/vnd.jupyter.widget-view+json" in bundle
+    assert bundle["text/html"] == snapshot_html(snaps[-1])  # the static snapshot, for pages without widgets

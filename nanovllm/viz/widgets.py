@@ -75,4 +75,8 @@ class BlockTableViewer:
         self.slider.value = i
 
     def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+        # the live widget, plus the picture of the current step as plain HTML: what a page without a widget
+        # manager shows (GitHub, the rendered book, a notebook whose widget state was not saved)
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        bundle["text/html"] = self.render(self.slider.value)
+        return bundle

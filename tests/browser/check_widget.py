@@ -66,19 +66,24 @@ def wait_for(what: str, check, timeout: float, interval: float = 0.5):
 
 
 class DevTools:
-    """The smallest client of Chromium's DevTools protocol: send a command, wait for its answer."""
+    """The smallest client of Chromium's DevTools protocol: send a command, wait for its answer.  With
+    ``keep_events``, the events that arrive meanwhile (failed loads, console messages, ...) are kept in
+    ``self.events``; otherwise they are dropped."""
 
-    def __init__(self, ws_url: str):
+    def __init__(self, ws_url: str, keep_events: bool = False):
         import websocket  # websocket-client
 
         self.ws = websocket.create_connection(ws_url, timeout=60, suppress_origin=True)
         self.ids = itertools.count(1)
+        self.events: list[dict] | None = [] if keep_events else None
 
     def call(self, method: str, **params):
         msg_id = next(self.ids)
         self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
         while True:
             msg = json.loads(self.ws.recv())
+            if self.events is not None and "method" in msg:
+                self.events.append(msg)
             if msg.get("id") == msg_id:
                 if "error" in msg:
                     raise RuntimeError(f"{method}: {msg['error']}")
