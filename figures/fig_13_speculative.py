@@ -35,7 +35,8 @@ def main():
                     textcoords="offset points", xytext=(6, -10), fontsize=7, color=color)
     ax.set_xlabel("drafts per verify step (k)")
     ax.set_ylabel("tokens per verify step")
-    ax.set_title(f"Speculative decoding: tokens per step, theory and measured ({data['where']})", fontsize=9)
+    ax.set_title(f"Tokens per verify step: theory (grey, per-draft acceptance α) and measured\n{data['where']}",
+                 fontsize=8)
     ax.set_xlim(0, ks[-1] + 1.2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
