@@ -273,6 +273,8 @@ def nanovllm_throughput(llm, w: Workload, args) -> Result:
     params = [SamplingParams(temperature=w.temperature, ignore_eos=True, max_tokens=n) for n in w.max_tokens]
     llm.generate(prompts[:2], SamplingParams(temperature=w.temperature, max_tokens=8), use_tqdm=False)  # warm-up
     llm.reset_prefix_cache()  # the timed run must not find the warm-up's prompts in the cache
+    if llm.spec is not None:
+        llm.spec.reset_stats()
     sync(str(llm.device))
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=args.progress)
@@ -283,7 +285,17 @@ def nanovllm_throughput(llm, w: Workload, args) -> Result:
         raise RuntimeError(f"nanovllm produced {produced} tokens, expected {w.output_tokens}")
     print_step_summary(llm.step_log)
     return Result("nanovllm", w.name, len(prompts), produced, seconds, device_name(llm.device),
-                  f"backend={llm.runner.backend.name}")
+                  f"backend={llm.runner.backend.name}{spec_note(llm)}")
+
+
+def spec_note(llm) -> str:
+    """With speculative decoding, its acceptance since the last ``reset_stats``: the share of drafts accepted
+    and the tokens a sequence gained per verify step."""
+    if llm.spec is None:
+        return ""
+    c = llm.config
+    return (f" spec={c.speculative_method} k={c.num_speculative_tokens}: acceptance "
+            f"{llm.spec.acceptance_rate:.1%}, {llm.spec.tokens_per_step:.2f} tokens/step")
 
 
 def nanovllm_latency(llm, w: Workload, args) -> list[Result]:
@@ -322,8 +334,10 @@ def nanovllm_latency(llm, w: Workload, args) -> list[Result]:
     for b, (warmup, measured) in w.groups.items():
         for reqs in warmup:
             group(reqs)
+        if llm.spec is not None:
+            llm.spec.reset_stats()
         timings = [t for reqs in measured for t in group(reqs)]
-        results.append(latency_result("nanovllm", timings, device, note, b))
+        results.append(latency_result("nanovllm", timings, device, note + spec_note(llm), b))
         if b == 1:
             for reqs in warmup:
                 generate_ms(reqs[0][0])

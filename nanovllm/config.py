@@ -8,6 +8,7 @@ directory, so tests and widgets can make one.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import MISSING, dataclass, field, fields
 
 from nanovllm.utils import check_bool, check_int
@@ -23,6 +24,9 @@ def check_kv_cache_dtype(value) -> str:
         hint = " (only e4m3 is supported, as 'fp8')" if isinstance(value, str) and value.startswith("fp8") else ""
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {value!r}{hint}")
     return "fp8" if value.startswith("fp8") else "auto"
+
+
+SPECULATIVE_METHODS = ("ngram", "draft")
 
 
 def knob(default, help: str, cli_type=None, choices=None, cli: bool = True):
@@ -56,6 +60,15 @@ class EngineConfig:
     decode_longest_first: bool = knob(True, "order decode batches by context length (GPU load balance)")
     mixed_batches: bool = knob(False, "a step carries the running decodes together with prefill chunks "
                                "(Sarathi-Serve): new prompts no longer stall the requests already generating")
+    speculative_method: str | None = knob(None, "speculative decoding: 'ngram' (drafts copied from the sequence's "
+                                          "own earlier tokens, no draft model) or 'draft' (a smaller model with "
+                                          "the same vocabulary, speculative_model); None: off",
+                                          cli_type=str, choices=SPECULATIVE_METHODS)
+    num_speculative_tokens: int = knob(4, "draft tokens proposed per sequence and step, verified in one forward pass")
+    speculative_model: str | None = knob(None, "the draft model of speculative_method='draft' (a name, folder or "
+                                         "file, as LLM's model)", cli_type=str)
+    prompt_lookup_max: int = knob(4, "'ngram': the longest suffix of the sequence looked up in its earlier tokens")
+    prompt_lookup_min: int = knob(1, "'ngram': the shortest suffix looked up (shorter matches propose nothing)")
     eos_token_ids: tuple[int, ...] = knob((), "end-of-sequence ids (read from the model)", cli=False)
 
     def __post_init__(self):
@@ -81,6 +94,26 @@ class EngineConfig:
         self.kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        self._check_speculative()
+
+    def _check_speculative(self) -> None:
+        method = self.speculative_method
+        if method is not None and method not in SPECULATIVE_METHODS:
+            raise ValueError(f"speculative_method must be None, 'ngram' or 'draft', got {method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            setattr(self, name, check_int(name, getattr(self, name), 1))
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
+        if self.speculative_model is not None and not isinstance(self.speculative_model, (str, os.PathLike)):
+            raise TypeError(f"speculative_model must be a str or a path, got {type(self.speculative_model).__name__}")
+        if method == "draft" and self.speculative_model is None:
+            raise ValueError("speculative_method='draft' needs speculative_model (the draft model)")
+        if method != "draft" and self.speculative_model is not None:
+            raise ValueError(f"speculative_model is given but speculative_method is {method!r}: set "
+                             "speculative_method='draft' to use it")
+        if method is not None and self.tensor_parallel_size > 1:
+            raise ValueError("speculative_method is not supported with tensor_parallel_size > 1")
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

@@ -65,20 +65,44 @@ class LLM:
 
             self.runner = TensorParallelRunner(config, resolved)
         else:
-            self.runner = ModelRunner(config, resolved)
+            draft = self._resolve_draft(config) if config.speculative_method == "draft" else None
+            # a draft model's KV cache has as many blocks as the target's: sized together from the same memory
+            extra = 0 if draft is None else kv_bytes_per_token(draft.hf_config, self.dtype) * config.kvcache_block_size
+            self.runner = ModelRunner(config, resolved, extra_kv_bytes_per_block=extra)
         self.block_manager = BlockManager(self.runner.num_kvcache_blocks, config.kvcache_block_size,
                                           config.enable_prefix_caching)
         self.overlapped = None  # the overlapped loop generate() uses, where the runner allows it
-        if self.runner.supports_overlap:
+        self.spec = None  # speculative decoding (engine/spec_decode.py): the plain loop, each step through it
+        if self.runner.supports_overlap and config.speculative_method is None:
             self.scheduler = OverlapScheduler(config, self.block_manager)
             self.overlapped = OverlappedLoop(self.scheduler, self.runner)
         else:
             self.scheduler = Scheduler(config, self.block_manager)
+        if config.speculative_method is not None:
+            from nanovllm.engine.spec_decode import SpecDecoder
+
+            if draft is not None:  # the same device, dtype and block size, a cache of as many blocks
+                draft = ModelRunner(replace(config, num_kvcache_blocks=self.runner.num_kvcache_blocks,
+                                            load_format="auto", speculative_method=None, speculative_model=None),
+                                    draft)
+            self.spec = SpecDecoder(config, self.runner, self.scheduler, draft)
         self._ids = itertools.count()
         self._lock, self._driver = threading.Lock(), None  # see _exclusive
         self.step_log: list[tuple[bool, int, int, float]] = []
         self._closed = False  # see shutdown()
         self.startup_seconds = time.perf_counter() - started
+
+    def _resolve_draft(self, config: EngineConfig):
+        """The draft model (``speculative_model``), on the target's device and in its dtype; it must share the
+        target's vocabulary."""
+        from nanovllm.loading.resolve import ResolvedModel
+
+        draft = ResolvedModel.resolve(config.speculative_model, str(self.device), self.dtype)
+        if draft.hf_config.vocab_size != self.hf_config.vocab_size:
+            raise ValueError(f"speculative_model {str(config.speculative_model)!r} has a vocabulary of "
+                             f"{draft.hf_config.vocab_size} tokens, the model {self.hf_config.vocab_size}: a draft "
+                             "model must share the target's vocabulary")
+        return draft
 
     # -- validation ----------------------------------------------------------------------------------
     def _prompt_ids(self, prompts) -> tuple[list[list[int]], list[str | None]]:
@@ -279,6 +303,8 @@ class LLM:
     def _step(self):
         """The plain step of the engine loop (nano-vllm's): schedule, run, postprocess."""
         batch = self.scheduler.schedule()
+        if self.spec is not None:
+            return self.spec.step(batch)
         tokens = self.runner.run(batch)
         return batch, self.scheduler.postprocess(batch, tokens)
 
@@ -314,8 +340,9 @@ class LLM:
                 batch, finished = step()
                 dt = time.perf_counter() - t
                 if batch is not None:
-                    self.step_log.append((batch.is_prefill, sum(batch.num_new_tokens), len(batch.seqs), dt))
-                    if batch.is_prefill:
+                    prefill = batch.is_prefill and batch.draft_tokens is None  # (not a verify step)
+                    self.step_log.append((prefill, sum(batch.num_new_tokens), len(batch.seqs), dt))
+                    if prefill:
                         prefill_tok, prefill_s = prefill_tok + sum(batch.num_new_tokens), prefill_s + dt
                     else:
                         decode_tok, decode_s = decode_tok + len(batch.seqs), decode_s + dt
@@ -369,6 +396,8 @@ class LLM:
             self._abort_all()
             stop = getattr(self.runner, "shutdown", None)  # tensor-parallel: the workers, then rank 0's memory
             (stop or self.runner.close)()
+            if self.spec is not None and self.spec.draft is not None:
+                self.spec.draft.runner.close()
 
     def __enter__(self) -> LLM:
         return self
@@ -412,6 +441,13 @@ def no_full_gc():
             _gc_users -= 1
             if _gc_users == 0:
                 gc.set_threshold(*_gc_saved)
+
+
+def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
+    """Bytes of K and V one token takes in a model's cache (every layer)."""
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+    return 2 * hf_config.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
 
 
 def check_text(what: str, text: str) -> None:

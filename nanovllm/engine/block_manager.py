@@ -88,8 +88,8 @@ class BlockManager:
         reclaimed = sum(1 for b in hits if self.blocks[b].ref_count == 0)  # free cached blocks we would take
         return self.blocks_for(len(seq)) - len(hits) + reclaimed <= self.num_free_blocks
 
-    def can_append(self, seq: Sequence) -> bool:
-        return self.blocks_for(len(seq)) - len(seq.block_table) <= self.num_free_blocks
+    def can_append(self, seq: Sequence, lookahead: int = 0) -> bool:
+        return self.blocks_for(len(seq) + lookahead) - len(seq.block_table) <= self.num_free_blocks
 
     # -- changes -------------------------------------------------------------------------------------
     def _take_free_block(self) -> int:
@@ -115,10 +115,23 @@ class BlockManager:
         self.queried_tokens += len(seq)
         self.hit_tokens += seq.num_computed_tokens
 
-    def append_slot(self, seq: Sequence) -> None:
-        """Make sure the sequence has a block for its last token (a decode step)."""
-        while len(seq.block_table) < self.blocks_for(len(seq)):
+    def append_slot(self, seq: Sequence, lookahead: int = 0) -> None:
+        """Make sure the sequence has a block for its last token (a decode step), and for ``lookahead`` more
+        (the draft tokens of speculative decoding)."""
+        while len(seq.block_table) < self.blocks_for(len(seq) + lookahead):
             seq.block_table.append(self._take_free_block())
+
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past the sequence's tokens (taken for draft tokens that were rejected).  They
+        were never hashed: only computed tokens are (``register_computed``), and rejected ones never are."""
+        keep = self.blocks_for(len(seq))
+        for bid in reversed(seq.block_table[keep:]):
+            block = self.blocks[bid]
+            assert block.ref_count == 1 and block.hash is None, f"block {bid} is shared or cached"
+            block.ref_count = 0
+            self.free[bid] = None
+            self.free.move_to_end(bid, last=False)
+        del seq.block_table[keep:]
 
     def register_computed(self, seq: Sequence) -> None:
         """Hash the blocks that became full and computed, so later requests can share them."""

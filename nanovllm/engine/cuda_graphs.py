@@ -54,11 +54,12 @@ def graph_token_sizes(max_tokens: int) -> list[int]:
 
 
 def fill_prefill_inputs(seqs: list[Sequence], num_new_tokens: list[int], block_size: int, ints: np.ndarray,
-                        lens: np.ndarray, block_tables: np.ndarray) -> None:
+                        lens: np.ndarray, block_tables: np.ndarray, draft_tokens: list[list[int]] | None = None) -> None:
     """The host side of a padded prefill step: ``ints`` [3, t] gets the new tokens' ids, positions and cache
     slots, then padding (token 0, position 0, slot -1); ``lens`` [2S + 1] the query offsets ``cu_seqlens_q``
     [S + 1] (padding sequences: no new tokens) followed by the context lengths [S] (padding: 0);
-    ``block_tables`` [S, width] each sequence's block table (other entries are never read)."""
+    ``block_tables`` [S, width] each sequence's block table (other entries are never read).  ``draft_tokens``:
+    a verify step's draft tokens, computed after each sequence's own (``ScheduledBatch.draft_tokens``)."""
     n, num_seqs = len(seqs), block_tables.shape[0]
     cu_q, context_lens = lens[:num_seqs + 1], lens[num_seqs + 1:]
     q_lens = np.asarray(num_new_tokens, dtype=np.int64)
@@ -71,7 +72,8 @@ def fill_prefill_inputs(seqs: list[Sequence], num_new_tokens: list[int], block_s
     context_lens[n:] = 0
     for i, seq in enumerate(seqs):
         block_tables[i, :len(seq.block_table)] = seq.block_table
-        ints[0, cu_q[i]:cu_q[i + 1]] = seq.token_ids[starts[i]:starts[i] + q_lens[i]]
+        own = seq.token_ids[starts[i]:starts[i] + q_lens[i]]
+        ints[0, cu_q[i]:cu_q[i + 1]] = own + draft_tokens[i] if draft_tokens is not None else own
     positions = np.arange(total) - np.repeat(cu_q[:n] - starts, q_lens)
     owner = np.repeat(np.arange(n), q_lens)
     ints[1, :total] = positions
@@ -259,7 +261,7 @@ class PrefillGraphs:
             (h_ints, h_lens, h_tables), event = self.input_ring.next()
             h_ints, h_tables = h_ints[:3 * t].view(3, t), h_tables.view(self.max_seqs, -1)
         fill_prefill_inputs(batch.seqs, batch.num_new_tokens, self.block_size, h_ints.numpy(), h_lens.numpy(),
-                            h_tables.numpy())
+                            h_tables.numpy(), batch.draft_tokens)
         if self.input_ring is not None:
             self.ints[:, :t].copy_(h_ints, non_blocking=True)
             self.lens.copy_(h_lens, non_blocking=True)

@@ -94,8 +94,11 @@ def sampling_rows(batch: ScheduledBatch) -> list[int]:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, model: ResolvedModel):
+    def __init__(self, config: EngineConfig, model: ResolvedModel, extra_kv_bytes_per_block: int = 0):
+        """``extra_kv_bytes_per_block``: what another cache of as many blocks takes per block (a draft model's,
+        ``spec_decode.py``): a cache sized from free memory leaves room for it."""
         self.config, self.hf_config = config, model.hf_config
+        self.extra_kv_bytes_per_block = extra_kv_bytes_per_block
         self.device, self.dtype = model.device, model.dtype
         cls = model.model_class
         self.kernels = select_kernels(config.attention_backend, self.device, self.dtype, config.enforce_eager,
@@ -199,7 +202,8 @@ class ModelRunner:
             num_blocks = self.config.num_kvcache_blocks
         else:
             budget = self._gpu_kv_budget() if self.device.type == "cuda" else cpu_kv_budget(available_host_memory())
-            num_blocks = kv_cache_blocks(budget, per_block, self.config, self.block_size)
+            num_blocks = kv_cache_blocks(budget, per_block + self.extra_kv_bytes_per_block, self.config,
+                                         self.block_size)
         if num_blocks < 1:
             raise RuntimeError(f"no memory left for the KV cache ({per_block} bytes per block); lower "
                                "max_num_batched_tokens or raise gpu_memory_utilization")
@@ -244,7 +248,7 @@ class ModelRunner:
         offset = 0
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            ids.extend(seq.token_ids[start:end])
+            ids.extend(batch.new_token_ids(i))
             pos = np.arange(start, end)
             positions.append(pos)
             if not warmup:

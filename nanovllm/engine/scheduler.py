@@ -32,6 +32,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # speculative decoding (``spec_decode.py``): decode steps take cache slots for this many draft tokens
+        self.num_lookahead = config.num_speculative_tokens if config.speculative_method else 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -83,9 +85,18 @@ class Scheduler:
             budget -= n
         return ScheduledBatch(seqs, counts, is_prefill=True)
 
+    def draft_room(self, seq: Sequence) -> int:
+        """How many draft tokens a decode step may verify for the sequence (speculative decoding): the
+        lookahead, less near the end (a step adds at most its drafts + 1 tokens), so the slots it takes never
+        exceed what the request can use."""
+        room = min(self.num_lookahead, seq.params.max_tokens - seq.num_completion_tokens,
+                   self.config.max_model_len - len(seq)) - 1
+        return max(0, min(room, self.num_lookahead))
+
     def _schedule_decode(self) -> ScheduledBatch:
-        limit = min(self.config.max_num_seqs, self.config.max_num_batched_tokens)  # one token per sequence
-        scheduled = self._append_slots(self.running, limit)
+        # one token per sequence (with speculative decoding up to 1 + num_lookahead, all within the budget)
+        limit = min(self.config.max_num_seqs, max(1, self.config.max_num_batched_tokens // (1 + self.num_lookahead)))
+        scheduled = self._append_slots(self.running, limit, lookahead=self.num_lookahead > 0)
         chosen = set(map(id, scheduled))
         self.running = scheduled + [s for s in self.running
                                     if s.status == SequenceStatus.RUNNING and id(s) not in chosen]
@@ -97,15 +108,16 @@ class Scheduler:
             scheduled = sorted(scheduled, key=len, reverse=True)
         return ScheduledBatch(scheduled, [1] * len(scheduled), is_prefill=False)
 
-    def _append_slots(self, candidates: list[Sequence], limit: int) -> list[Sequence]:
-        """A cache slot for the next token of each candidate, in order, for at most ``limit`` of them.  When
-        no block is free, the last candidate is preempted (recomputed later), until the others fit.
-        Returns the candidates that got their slot."""
+    def _append_slots(self, candidates: list[Sequence], limit: int, lookahead: bool = False) -> list[Sequence]:
+        """A cache slot for the next token of each candidate (and with ``lookahead`` for its draft tokens,
+        ``draft_room``), in order, for at most ``limit`` of them.  When no block is free, the last candidate
+        is preempted (recomputed later), until the others fit.  Returns the candidates that got their slots."""
         bm = self.block_manager
         queue, scheduled = deque(candidates), []
         while queue and len(scheduled) < limit:
             seq = queue.popleft()
-            while not bm.can_append(seq):
+            extra = self.draft_room(seq) if lookahead else 0
+            while not bm.can_append(seq, extra):
                 if queue:
                     self._preempt(queue.pop())
                 else:
@@ -113,7 +125,7 @@ class Scheduler:
                     seq = None
                     break
             if seq is not None:
-                bm.append_slot(seq)
+                bm.append_slot(seq, extra)
                 scheduled.append(seq)
         return scheduled
 
@@ -142,6 +154,28 @@ class Scheduler:
             if seq.finish_reason is not None:
                 self._finish(seq)
                 finished.append(seq)
+        return finished
+
+    def postprocess_verified(self, batch: ScheduledBatch, accepted: list[list[int]]) -> list[Sequence]:
+        """Record a verify step (speculative decoding): sequence i gets ``accepted[i]``, its accepted draft
+        tokens then one token of the target's own.  They are appended one at a time with the stop checks, so
+        nothing past a stop or ``max_tokens`` is kept.  The K/V of every kept token but the last is computed;
+        the rejected drafts' K/V is left to be overwritten, and blocks taken for them are released (they were
+        never hashed: ``register_computed`` reaches only the computed tokens).  Returns the finished ones."""
+        finished = []
+        for seq, tokens in zip(batch.seqs, accepted):
+            for token in tokens:
+                seq.token_ids.append(token)
+                seq.finish_reason = self._finish_reason(seq, token, len(seq) - 1)
+                if seq.finish_reason is not None:
+                    break
+            seq.num_computed_tokens = len(seq) - 1
+            self.block_manager.register_computed(seq)
+            if seq.finish_reason is not None:
+                self._finish(seq)
+                finished.append(seq)
+            else:
+                self.block_manager.trim(seq)
         return finished
 
     def _queue_children(self, seq: Sequence) -> None:

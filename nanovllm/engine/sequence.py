@@ -90,8 +90,19 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]  # tokens computed this step, per sequence
     is_prefill: bool
+    # a verify step of speculative decoding (``engine/spec_decode.py``): each sequence's draft tokens, computed
+    # after its last token (and counted in ``num_new_tokens``); they are not in ``token_ids`` until accepted
+    draft_tokens: list[list[int]] | None = None
 
     def samples(self, i: int) -> bool:
         """Does sequence i finish computing its tokens this step (and so sample a new one)?"""
         seq = self.seqs[i]
-        return seq.num_computed_tokens + self.num_new_tokens[i] == len(seq)
+        drafts = len(self.draft_tokens[i]) if self.draft_tokens is not None else 0
+        return seq.num_computed_tokens + self.num_new_tokens[i] - drafts == len(seq)
+
+    def new_token_ids(self, i: int) -> list[int]:
+        """The ids of the tokens sequence i computes this step (its draft tokens last)."""
+        seq, start = self.seqs[i], self.seqs[i].num_computed_tokens
+        if self.draft_tokens is None:
+            return seq.token_ids[start:start + self.num_new_tokens[i]]
+        return seq.token_ids[start:] + self.draft_tokens[i]

@@ -136,6 +136,36 @@ def record_prompt_logprobs(compute_logits, hidden: torch.Tensor, batch) -> None:
         offset += n
 
 
+def sampling_probs(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor | None = None,
+                   top_p: torch.Tensor | None = None, min_p: torch.Tensor | None = None) -> torch.Tensor:
+    """The distribution ``sample`` draws from: [S, V] float32 (a greedy row, temperature 0, gets its
+    distribution at temperature 1; greedy callers take the argmax of the logits instead).  The verify step
+    of speculative decoding reads the same distribution, so both keep the same sampling semantics."""
+    greedy = temperatures == 0
+    # shift the row maximum to 0 first (softmax does not change): a tiny temperature then sends the other
+    # logits to -inf instead of sending the best ones to inf, where softmax would give NaN
+    scaled = (logits - logits.amax(-1, keepdim=True)) / torch.where(greedy, 1.0, temperatures).unsqueeze(1)
+    if min_p is not None:
+        scaled = apply_min_p(scaled, min_p)
+    if top_k is not None or top_p is not None:
+        scaled = apply_top_k_top_p(scaled, top_k, top_p)
+    return scaled.softmax(-1)
+
+
+def sampling_tensors(params, device: torch.device):
+    """(temperatures, top_k, top_p, min_p) of a batch's ``SamplingParams`` as [S] tensors on ``device``;
+    each of the last three is None when no request uses it."""
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(device)
+    top_k = top_p = min_p = None
+    if any(p.top_k > 0 for p in params):
+        top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64).to(device)
+    if any(p.top_p < 1 for p in params):
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(device)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32).to(device)
+    return temps, top_k, top_p, min_p
+
+
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor | None = None,
            top_p: torch.Tensor | None = None, generators: list | None = None,
            default_generator: torch.Generator | None = None, min_p: torch.Tensor | None = None) -> torch.Tensor:
@@ -145,14 +175,7 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, top_k: torch.Tensor
     greedy = temperatures == 0
     if bool(greedy.all()):
         return logits.argmax(-1)
-    # shift the row maximum to 0 first (softmax does not change): a tiny temperature then sends the other
-    # logits to -inf instead of sending the best ones to inf, where softmax would give NaN
-    scaled = (logits - logits.amax(-1, keepdim=True)) / torch.where(greedy, 1.0, temperatures).unsqueeze(1)
-    if min_p is not None:
-        scaled = apply_min_p(scaled, min_p)
-    if top_k is not None or top_p is not None:
-        scaled = apply_top_k_top_p(scaled, top_k, top_p)
-    probs = scaled.softmax(-1)
+    probs = sampling_probs(logits, temperatures, top_k, top_p, min_p)
     noise = torch.empty_like(probs).exponential_(generator=default_generator)
     if generators:
         for i, g in enumerate(generators):
@@ -214,14 +237,7 @@ class Sampler:
             if any(p.logprobs is not None for p in params):
                 logprobs = logits.float().log_softmax(-1)  # of the raw logits (vLLM's raw_logprobs)
             logits = process_logits(logits.float(), seqs)
-        temps = torch.tensor([p.temperature for p in params], dtype=torch.float32).to(self.device)
-        top_k = top_p = min_p = None
-        if any(p.top_k > 0 for p in params):
-            top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64).to(self.device)
-        if any(p.top_p < 1 for p in params):
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32).to(self.device)
-        if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32).to(self.device)
+        temps, top_k, top_p, min_p = sampling_tensors(params, self.device)
         generators = [s.generator for s in seqs] if any(s.generator is not None for s in seqs) else None
         tokens = sample(logits, temps, top_k, top_p, generators, self.generator, min_p)
         if logprobs is not None:
