@@ -24,7 +24,8 @@ NORM, ATTN, MLP, IO = "#f9d9b0", "#c9d9ec", "#cfe8cf", "#eeeeee"
 def read_config(folder: Path) -> dict:
     raw = json.loads((folder / "config.json").read_text())
     heads = raw["num_attention_heads"]
-    return dict(name=re.sub(r"-[0-9a-f]{12}$", "", folder.name), layers=raw["num_hidden_layers"], hidden=raw["hidden_size"], heads=heads,
+    return dict(name=re.sub(r"-[0-9a-f]{12}$", "", folder.name), layers=raw["num_hidden_layers"],
+                hidden=raw["hidden_size"], heads=heads,
                 kv_heads=raw.get("num_key_value_heads") or heads,
                 head_dim=raw.get("head_dim") or raw["hidden_size"] // heads, inter=raw["intermediate_size"],
                 vocab=raw["vocab_size"], tied=bool(raw.get("tie_word_embeddings", False)))
@@ -35,7 +36,8 @@ def steps(c: dict) -> list[tuple[str, str, str, str]]:
     d, h, kv, hd = c["hidden"], c["heads"], c["kv_heads"], c["head_dim"]
     return [
         ("in", "token ids", "[T]", IO),
-        ("in", "embedding lookup" + (" (shares its matrix with the LM head)" if c["tied"] else ""), f"[T, {d}]", IO),
+        ("in", "embedding lookup" + (" (shares its matrix with the LM head)" if c["tied"] else ""), f"[T, {d}]",
+         IO),
         ("layer", "RMSNorm", f"[T, {d}]", NORM),
         ("layer", "Q, K, V projections", f"q [T, {h}, {hd}]   k, v [T, {kv}, {hd}]", ATTN),
         ("layer", "RoPE: rotate q and k by position", f"q [T, {h}, {hd}]   k [T, {kv}, {hd}]", ATTN),

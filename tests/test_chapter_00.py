@@ -92,7 +92,8 @@ def test_a_wrong_generate_until_fails_the_check(smollm2):
         results = []
         for o in outs:
             found = [(i, s) for s in stop if (i := o.text.find(s)) >= 0]
-            results.append((o.text[:min(found)[0] + len(min(found)[1])], "stop") if found else (o.text, o.finish_reason))
+            end = min(found)[0] + len(min(found)[1]) if found else None
+            results.append((o.text[:end], "stop") if found else (o.text, o.finish_reason))
         return results
 
     with pytest.raises(AssertionError):

@@ -31,9 +31,6 @@ def tokens_processed(P, n):
 
 
 # %% exercise 4
-import torch
-
-
 def add_rms_norm(x, residual, weight, eps):
     stream = x + residual  # the residual stream, handed on unnormalized
     h = stream.float()  # the mean of squares in float32, whatever the model's dtype

@@ -32,9 +32,6 @@ def preempted_seq_ids():
 
 
 # %% exercise 5
-import torch
-
-
 def batch_slot_mapping(block_tables, query_lens, context_lens, block_size):
     # sequence i computes its last query_lens[i] positions: context_lens[i] - query_lens[i] ... context_lens[i] - 1
     device = block_tables.device
