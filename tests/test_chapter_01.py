@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import hf_greedy, make_tiny_model
+from conftest import attempted, hf_greedy, make_tiny_model
 from nbimport import load_chapter
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -107,3 +107,84 @@ def test_smollm2_logits_match_hf(ch01):
     with torch.no_grad():
         torch.testing.assert_close(ours, hf(torch.tensor([ids])).logits[0], **TOL)
     assert int(ours[-1].argmax()) == 7042  # " Paris"
+
+
+# -- the lab: exercise 4 puts the reader's add_rms_norm into the engine's model ---------------------------
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_llama):
+    from nanovllm import LLM
+
+    path, _ = tiny_llama
+    llm = LLM(str(path), num_kvcache_blocks=16, dtype="float32", device="cpu", enforce_eager=True)
+    yield llm
+    llm.shutdown()
+
+
+def check_add_rms_norm(fn, llm, hf):
+    """The chapter's check: the package's add_rms_norm on random tensors (float32 and bfloat16), and in the
+    engine's model HF's greedy tokens and last-token logits."""
+    from nanovllm import SamplingParams
+    from nanovllm.engine.sequence import ScheduledBatch, Sequence
+    from nanovllm.layers.norm import RMSNorm, add_rms_norm
+
+    torch.manual_seed(0)
+    x, r, g = torch.randn(4, 64), torch.randn(4, 64), torch.rand(64) + 0.5
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        args = (x.to(dtype), r.to(dtype), g.to(dtype), 1e-5)
+        (normed, stream), (want_normed, want_stream) = fn(*args), add_rms_norm(*args)
+        assert normed.dtype == stream.dtype == dtype
+        torch.testing.assert_close(stream.float(), want_stream.float(), atol=tol, rtol=0)
+        torch.testing.assert_close(normed.float(), want_normed.float(), atol=10 * tol, rtol=0)
+    norms = [m for m in llm.runner.model.modules() if isinstance(m, RMSNorm)]
+    saved = [m.add_fn for m in norms]
+    prompt = [1, 20, 300, 4, 55]
+    try:
+        for m in norms:
+            m.add_fn = fn
+        out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+        seq = Sequence(-1, prompt)
+        llm.block_manager.allocate(seq)
+        try:
+            logits = llm.runner.logits(ScheduledBatch([seq], [len(seq)], is_prefill=True))[0]
+        finally:
+            llm.block_manager.deallocate(seq)
+    finally:
+        for m, f in zip(norms, saved):
+            m.add_fn = f
+    assert out[0].token_ids == hf_greedy(hf, prompt, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, hf(torch.tensor([prompt])).logits[0, -1], **TOL)
+
+
+def test_add_rms_norm_in_the_engine_gives_hf_logits(lab_code, tiny_llama, tiny_engine):
+    ch = load_chapter("01_naive_attention", code=lab_code)
+    with attempted(lab_code):
+        check_add_rms_norm(ch.add_rms_norm, tiny_engine, tiny_llama[1])
+
+
+def test_a_wrong_add_rms_norm_fails_the_check(tiny_llama, tiny_engine):
+    from nanovllm.layers.norm import rms_norm
+
+    def keeps_the_old_stream(x, residual, weight, eps):  # normalizes the sum but hands on the old residual
+        return rms_norm(x + residual, weight, eps), residual
+
+    def normalizes_before_adding(x, residual, weight, eps):  # a right stream, but the norm of x alone
+        return rms_norm(x, weight, eps), x + residual
+
+    for wrong in (keeps_the_old_stream, normalizes_before_adding):
+        with pytest.raises(AssertionError):
+            check_add_rms_norm(wrong, tiny_engine, tiny_llama[1])
+
+
+def test_decoder_figure_script_reads_the_config(tmp_path, tiny_llama):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path, _ = tiny_llama
+    out = tmp_path / "decoder.png"
+    script = Path(__file__).resolve().parent.parent / "figures" / "fig_01_decoder.py"
+    result = subprocess.run([sys.executable, str(script), str(path), str(out)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size > 10_000

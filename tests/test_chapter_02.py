@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import hf_greedy, make_tiny_model
+from conftest import attempted, hf_greedy, make_tiny_model
 from nbimport import load_chapter
 
 TOL = dict(rtol=1e-4, atol=1e-4)
@@ -116,3 +116,57 @@ def test_simulation_paged_preempts_under_pressure(ch02):
     steps = ch02.simulate(prompts, outputs, capacity=640, policy="paged")
     assert max(s["held"] for s in steps) <= 640
     assert len(steps) > max(outputs)  # it had to take turns
+
+
+# -- the lab: exercise 4, a cache that grows, in the chapter's forward_cached --------------------------------
+def check_growing_cache(cls, ch, cfg, w):
+    """The chapter's check: the logits of a prefill and decode steps, the capacity doubling gives, and the
+    greedy tokens of generate_with_cache."""
+    cache = cls(cfg, initial=4)
+    assert cache.length == 0 and cache.capacity == 4
+    ids = [7, 1, 99, 240, 3, 18, 5, 77, 300]
+    parts = [ch.forward_cached(w, cfg, ids[:5], cache)] + [ch.forward_cached(w, cfg, [t], cache) for t in ids[5:]]
+    assert cache.length == len(ids) and cache.capacity == 16
+    torch.testing.assert_close(torch.cat(parts), ch.forward(w, cfg, ids), **TOL)
+    per_token = ch.kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, 4)
+    assert cache.nbytes == 16 * per_token
+    long = cls(cfg, initial=2)
+    ch.forward_cached(w, cfg, list(range(11)), long)  # one append that needs three doublings
+    assert long.capacity == 16 and long.length == 11
+    prompt = [5, 6, 7, 300, 12]
+    assert ch.generate_with_cache(w, cfg, prompt, 12, cache=cls(cfg)) == ch.generate_no_cache(w, cfg, prompt, 12)
+
+
+def test_growing_cache_gives_the_same_logits(lab_code, tiny):
+    _, _, cfg, w = tiny
+    ch = load_chapter("02_kv_cache", code=lab_code)
+    with attempted(lab_code):
+        check_growing_cache(ch.GrowingKVCache, ch, cfg, w)
+
+
+def test_a_wrong_growing_cache_fails_the_check(tiny):
+    _, _, cfg, w = tiny
+    ch = load_chapter("02_kv_cache", code="solutions")
+
+    class ForgetsToCopy(ch.GrowingKVCache):  # grows, but the new tensors start empty
+        def append(self, layer, k, v):
+            if self.length + k.shape[0] > self.capacity:
+                old = self.capacity
+                self.k, self.v = self.k.new_zeros(self.k.shape[0], 2 * old, *self.k.shape[2:]), self.v.new_zeros(
+                    self.v.shape[0], 2 * old, *self.v.shape[2:])
+            return super().append(layer, k, v)
+
+    class GrowsByOne(ch.GrowingKVCache):  # right values, but a copy of the whole cache at every step
+        def append(self, layer, k, v):
+            end = self.length + k.shape[0]
+            if end > self.capacity:
+                for name in ("k", "v"):
+                    old = getattr(self, name)
+                    new = old.new_zeros(old.shape[0], end, *old.shape[2:])
+                    new[:, :self.length] = old[:, :self.length]
+                    setattr(self, name, new)
+            return super().append(layer, k, v)
+
+    for wrong in (ForgetsToCopy, GrowsByOne):
+        with pytest.raises(AssertionError):
+            check_growing_cache(wrong, ch, cfg, w)

@@ -22,8 +22,22 @@ def preemptions_by_cache_size():
 
 
 # %% exercise 4
-def first_preempted_seq_id():
-    # the first snapshot after which a sequence lost its blocks and went back to waiting
-    before, after = snaps[first_preemption - 1], snaps[first_preemption]
-    return next(q["seq_id"] for q, r in zip(before["seqs"], after["seqs"])
-                if q["block_table"] and not r["block_table"] and r["status"] == "waiting")
+def preempted_seq_ids():
+    # between two snapshots, a preemption shows as a sequence that lost its blocks and went back to waiting
+    found = []
+    for before, after in zip(snaps, snaps[1:]):
+        found += [q["seq_id"] for q, r in zip(before["seqs"], after["seqs"])
+                  if q["block_table"] and not r["block_table"] and r["status"] == "waiting"]
+    return found
+
+
+# %% exercise 5
+def batch_slot_mapping(block_tables, query_lens, context_lens, block_size):
+    # sequence i computes its last query_lens[i] positions: context_lens[i] - query_lens[i] ... context_lens[i] - 1
+    device = block_tables.device
+    q = torch.as_tensor(query_lens, device=device)
+    rows = torch.repeat_interleave(torch.arange(len(query_lens), device=device), q)  # each token's sequence
+    ends = torch.as_tensor(context_lens, device=device)
+    first = torch.cumsum(q, 0) - q  # where each sequence's tokens start in the step
+    pos = torch.arange(int(q.sum()), device=device) - first[rows] + (ends - q)[rows]
+    return block_tables[rows, pos // block_size].long() * block_size + pos % block_size
