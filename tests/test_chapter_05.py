@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from conftest import attempted
 from nbimport import load_chapter
 
 
@@ -80,3 +81,73 @@ def test_my_scheduler_in_the_engine(ch05, tiny_llm):
     roomy = tiny_llm.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in roomy] == tokens
     assert [len(t) for t in tokens] == [p.max_tokens for p in params]
+
+
+# -- the capstone: the book's pieces (chapter 03's attention, chapter 04's allocator, MyScheduler) as an engine ------
+def test_capstone_mini_engine_gives_the_package_tokens(ch05, tiny_llm):
+    from nanovllm import SamplingParams
+    from nanovllm.engine.scheduler import Scheduler
+
+    rng = random.Random(11)
+    shared = [rng.randint(0, 500) for _ in range(20)]  # a prefix of more than one block: found in the cache
+    prompts = [shared + [rng.randint(0, 500) for _ in range(rng.randint(1, 30))] for _ in range(7)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randint(10, 40)) for _ in prompts]
+    knobs = dict(max_num_seqs=3, max_num_batched_tokens=16, num_blocks=8)  # chunked, tight enough to preempt
+    tokens, scheduler = ch05.mini_generate(tiny_llm, prompts, params, **knobs)
+    assert scheduler.num_preemptions > 0 and scheduler.block_manager.alloc.hit_tokens > 0
+    ch05.configure(tiny_llm, Scheduler, **knobs)
+    outs = tiny_llm.generate(prompts, params, use_tqdm=False)
+    assert tokens == [o.token_ids for o in outs]
+
+
+# -- exercise 1, a build: StaticScheduler in the engine, the reader's (--lab notebook) and the solution's -----------
+def check_static(ch, cls, llm):
+    """Static batching in the engine: groups of max_num_seqs requests in arrival order, each group one prefill
+    step then decode steps until its longest request is done; the same tokens as continuous batching."""
+    from nanovllm import SamplingParams
+    from nanovllm.engine.scheduler import Scheduler
+
+    rng = random.Random(3)
+    prompts = [[rng.randint(0, 500) for _ in range(rng.randint(3, 30))] for _ in range(7)]
+    max_tokens = [3, 8, 2, 5, 7, 1, 4]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in max_tokens]
+    ch.configure(llm, cls, max_num_seqs=3, max_num_batched_tokens=4096, num_blocks=64)
+    tokens, steps = ch.drive(llm, prompts, params)
+    expected = []
+    for g in range(0, len(prompts), 3):
+        group = list(range(g, min(g + 3, len(prompts))))
+        expected.append(("prefill", group))
+        for t in range(1, max(max_tokens[g:g + 3])):
+            expected.append(("decode", sorted(r for r in group if t < max_tokens[r])))
+    got = [(s["kind"], sorted(r for r, _ in s["work"])) for s in steps]
+    assert got == expected, f"steps (kind, requests): {got}"
+    ch.configure(llm, Scheduler, max_num_seqs=3, max_num_batched_tokens=4096, num_blocks=64)
+    assert tokens == ch.drive(llm, prompts, params)[0]  # the schedule does not change the tokens
+
+
+def test_static_scheduler_in_the_engine(lab_code, tiny_llm):
+    ch = load_chapter("05_scheduler", code=lab_code)
+    with attempted(lab_code):
+        check_static(ch, ch.StaticScheduler, tiny_llm)
+
+
+def test_continuous_batching_fails_the_static_checks(ch05, tiny_llm):
+    with pytest.raises(AssertionError, match="steps"):
+        check_static(ch05, ch05.MyScheduler, tiny_llm)
+
+
+# -- the chapter's figures: each script runs and draws its PNG (in a copy of figures/, so the committed PNG stays) --
+@pytest.mark.parametrize("name", ["fig_05_batching"])
+def test_figure_script_runs(name, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    figures = Path(__file__).resolve().parent.parent / "figures"
+    shutil.copytree(figures / "data", tmp_path / "data")
+    shutil.copy(figures / f"{name}.py", tmp_path)
+    result = subprocess.run([sys.executable, str(tmp_path / f"{name}.py")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
