@@ -34,7 +34,7 @@ def repetitive_prompts(count: int, seed: int = 0) -> list[list[int]]:
     """Prompts with repeated stretches, so that n-gram lookup finds something to propose."""
     rng = np.random.default_rng(seed)
     out = []
-    for i in range(count):
+    for _ in range(count):
         motif = rng.integers(0, VOCAB, rng.integers(4, 10)).tolist()
         out.append(rng.integers(0, VOCAB, 3).tolist() + motif * int(rng.integers(2, 5))
                    + rng.integers(0, VOCAB, int(rng.integers(1, 12))).tolist())
@@ -109,7 +109,7 @@ def test_rejection_sampling_keeps_the_target_distribution(point_mass):
     p_chain, q_chain = _chain(vocab, 0, 1.5), _chain(vocab, 1, 0.5)
     gen = torch.Generator().manual_seed(0)
     counts = torch.zeros(vocab, vocab)
-    for t in range(trials):
+    for _ in range(trials):
         prev, drafts, q = vocab, [], []
         for _ in range(k):
             if point_mass:

@@ -54,7 +54,8 @@ def graph_token_sizes(max_tokens: int) -> list[int]:
 
 
 def fill_prefill_inputs(seqs: list[Sequence], num_new_tokens: list[int], block_size: int, ints: np.ndarray,
-                        lens: np.ndarray, block_tables: np.ndarray, draft_tokens: list[list[int]] | None = None) -> None:
+                        lens: np.ndarray, block_tables: np.ndarray,
+                        draft_tokens: list[list[int]] | None = None) -> None:
     """The host side of a padded prefill step: ``ints`` [3, t] gets the new tokens' ids, positions and cache
     slots, then padding (token 0, position 0, slot -1); ``lens`` [2S + 1] the query offsets ``cu_seqlens_q``
     [S + 1] (padding sequences: no new tokens) followed by the context lengths [S] (padding: 0);
