@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from conftest import attempted
 from nbimport import load_chapter
 
 from nanovllm import LLM, SamplingParams
@@ -187,6 +188,57 @@ def test_serve_workload_shows_the_stall(ch11, tiny_qwen3, mixed):
     else:  # three prefill steps of the 40-token prompt, the generating requests waiting
         assert max(gaps) == 4
         assert [s["prefill_tokens"] for s in run["steps"][2:5]] == [16, 16, 8]
+
+
+# -- the lab's build exercise: a detokenizer that flushes an incomplete character at the end ------------------
+def check_flush(cls, tokenizer, completions, prompt):
+    """The exercise's contract: flush() sends what IncrementalDetokenizer.flush sends, the pieces and the flush
+    add up to decoding the whole completion, and a second flush() sends nothing."""
+    from nanovllm.detokenizer import IncrementalDetokenizer
+
+    for completion in completions:
+        ours, theirs = cls(tokenizer, prompt), IncrementalDetokenizer(tokenizer, prompt)
+        pieces = [ours.add([t]) for t in completion]
+        assert pieces == [theirs.add([t]) for t in completion]
+        last = ours.flush()
+        assert last == theirs.flush(), (completion, last)
+        assert "".join(pieces) + last == tokenizer.decode(completion, skip_special_tokens=True), completion
+        assert ours.flush() == "", completion
+
+
+def flush_cases(tokenizer, smol):
+    """Completions cut in the middle of emoji, random token ids, and the engine's own sampled completions."""
+    emoji = [tokenizer(t, add_special_tokens=False).input_ids for t in TEXTS[3:]]
+    cases = [ids[:k] for ids in emoji for k in range(1, len(ids) + 1)]
+    rng = random.Random(2)
+    cases += [[rng.randrange(len(tokenizer)) for _ in range(rng.randint(1, 16))] for _ in range(30)]
+    outs = smol.generate(["Write three emoji:", "Say hello in Japanese:"],
+                         SamplingParams(temperature=1.2, seed=0, max_tokens=7, n=3), use_tqdm=False)
+    cases += [o.token_ids for out in outs for o in out.outputs]
+    return cases
+
+
+def test_flushing_detokenizer_ends_like_the_package(lab_code, tokenizer, smol):
+    ch = load_chapter("11_serving", code=lab_code)
+    prompt = tokenizer("Reply with emoji only:").input_ids
+    with attempted(lab_code):
+        check_flush(ch.FlushingDetokenizer, tokenizer, flush_cases(tokenizer, smol), prompt)
+
+
+def test_wrong_flushes_fail_the_checks(ch11, tokenizer, smol):
+    class NeverFlushes(ch11.MyDetokenizer):  # the incomplete character is lost
+        def flush(self):
+            return ""
+
+    class FlushesTwice(ch11.MyDetokenizer):  # sends the rest, but leaves the offsets where they were
+        def flush(self):
+            sent, rest = self.decode(self.tokens[self.prefix:self.read]), self.decode(self.tokens[self.prefix:])
+            return rest[len(sent):]
+
+    prompt = tokenizer("Reply with emoji only:").input_ids
+    for wrong in (NeverFlushes, FlushesTwice):
+        with pytest.raises(AssertionError):
+            check_flush(wrong, tokenizer, flush_cases(tokenizer, smol), prompt)
 
 
 # -- the committed notebook ------------------------------------------------------------------------------------

@@ -97,4 +97,4 @@ def test_chapter_06_runs_without_triton():
 
     assert "seeded: the same tokens alone, in a batch of three, and alone again" in out
     assert out.count(NO_TRITON_NOTE) == 4  # the kernel cells: defined, then a note where they would run
-    assert "exercise 3: correct" in out
+    assert "Exercise 3: not attempted" in out  # the lab's check runs without Triton too
