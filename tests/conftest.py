@@ -106,3 +106,20 @@ class attempted:
         if kind is NotImplementedError and self.code == "notebook":
             pytest.skip("exercise not attempted: its stub still raises NotImplementedError")
         return False
+
+
+def run_figure_script(name: str, tmp_path) -> None:
+    """Run ``figures/<name>.py`` in a copy of figures/ (its data beside it, so the committed PNG stays as it is)
+    and assert it draws ``<name>.png``."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    figures = Path(__file__).resolve().parent.parent / "figures"
+    shutil.copytree(figures / "data", tmp_path / "data")
+    shutil.copy(figures / f"{name}.py", tmp_path)
+    result = subprocess.run([sys.executable, str(tmp_path / f"{name}.py")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -139,15 +139,6 @@ def test_continuous_batching_fails_the_static_checks(ch05, tiny_llm):
 # -- the chapter's figures: each script runs and draws its PNG (in a copy of figures/, so the committed PNG stays) --
 @pytest.mark.parametrize("name", ["fig_05_batching"])
 def test_figure_script_runs(name, tmp_path):
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
+    from conftest import run_figure_script
 
-    figures = Path(__file__).resolve().parent.parent / "figures"
-    shutil.copytree(figures / "data", tmp_path / "data")
-    shutil.copy(figures / f"{name}.py", tmp_path)
-    result = subprocess.run([sys.executable, str(tmp_path / f"{name}.py")], capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    run_figure_script(name, tmp_path)
