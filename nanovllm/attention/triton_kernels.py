@@ -242,17 +242,21 @@ def _rope_key_heads_store(row, tok, kw_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs
             vptr = kptr + NUM_KV * HEAD_DIM
             v1 = tl.load(vptr, mask=kmask, other=0.0)
             v2 = tl.load(vptr + HALF, mask=kmask, other=0.0)
+            # the values the cache stores, in its dtype (new names: inside this runtime `if`, Triton's compiler
+            # refuses a variable of the enclosing scope redefined with another type)
+            ct = kc_ptr.dtype.element_ty
+            ck1, ck2, cv1, cv2 = k1.to(ct), k2.to(ct), v1.to(ct), v2.to(ct)
             if FP8:  # the rounded K (k1, k2: what the model attends with) and V, scaled per KV head
                 ks = tl.load(ks_ptr + offs_k, mask=offs_k < NUM_KV, other=1.0)[:, None]
                 vs = tl.load(vs_ptr + offs_k, mask=offs_k < NUM_KV, other=1.0)[:, None]
-                k1, k2 = _to_e4m3(k1.to(tl.float32), ks), _to_e4m3(k2.to(tl.float32), ks)
-                v1, v2 = _to_e4m3(v1.to(tl.float32), vs), _to_e4m3(v2.to(tl.float32), vs)
+                ck1, ck2 = _to_e4m3(k1.to(tl.float32), ks).to(ct), _to_e4m3(k2.to(tl.float32), ks).to(ct)
+                cv1, cv2 = _to_e4m3(v1.to(tl.float32), vs).to(ct), _to_e4m3(v2.to(tl.float32), vs).to(ct)
             dst = ((slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
                    + offs_k[:, None].to(tl.int64) * stride_ch + offs_d[None, :] * stride_cd)
-            tl.store(kc_ptr + dst, k1.to(kc_ptr.dtype.element_ty), mask=kmask)
-            tl.store(kc_ptr + dst + HALF * stride_cd, k2.to(kc_ptr.dtype.element_ty), mask=kmask)
-            tl.store(vc_ptr + dst, v1.to(vc_ptr.dtype.element_ty), mask=kmask)
-            tl.store(vc_ptr + dst + HALF * stride_cd, v2.to(vc_ptr.dtype.element_ty), mask=kmask)
+            tl.store(kc_ptr + dst, ck1, mask=kmask)
+            tl.store(kc_ptr + dst + HALF * stride_cd, ck2, mask=kmask)
+            tl.store(vc_ptr + dst, cv1, mask=kmask)
+            tl.store(vc_ptr + dst + HALF * stride_cd, cv2, mask=kmask)
 
 
 def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, num_heads: int,
