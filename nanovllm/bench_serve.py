@@ -218,14 +218,46 @@ def run_nanovllm(w: Workload, folder, device: str, args) -> list[Result]:
 
 
 # -- transformers serve --------------------------------------------------------------------------------------------
-def hf_serve_command(folder, port: int, device: str) -> list[str]:
+def hf_serve_command(folder, port: int, device: str, cache_blocks: int | None = None) -> list[str]:
     """``transformers serve`` on ``folder`` with continuous batching (paged attention; without it, it runs one
-    ``generate`` per request, one after another): float32 on a CPU; bfloat16 and CUDA graphs on a GPU."""
+    ``generate`` per request, one after another): float32 on a CPU; bfloat16 and CUDA graphs on a GPU.
+    ``cache_blocks``: its KV cache's size in blocks (``--cb-num-blocks``); left out, it zero-fills 90% of the
+    free memory for its cache at start-up, a minute and more on a CPU, where it takes the machine's RAM."""
     cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--host", "127.0.0.1",
            "--port", str(port), "--device", device, "--log-level", "warning", "--continuous-batching"]
+    if cache_blocks is not None:
+        cmd += ["--cb-num-blocks", str(cache_blocks)]
     if device.startswith("cuda"):
         return cmd + ["--dtype", "bfloat16", "--cb-use-cuda-graph"]
     return cmd + ["--dtype", "float32"]
+
+
+def hf_cache_blocks(w: Workload, tokenizer) -> int | None:
+    """Blocks enough for every request of the workload's largest round at once (each its prompt and output,
+    rounded up to whole blocks), as the installed ``transformers serve`` counts them; None where it takes no
+    ``--cb-num-blocks`` (older versions: it sizes its cache itself)."""
+    import inspect
+
+    from transformers.generation import ContinuousBatchingConfig
+
+    try:
+        from transformers.cli.serve import Serve
+    except ImportError:
+        return None
+    if "cb_num_blocks" not in inspect.signature(Serve.__init__).parameters:
+        return None
+    config = ContinuousBatchingConfig()
+    page = getattr(config, "page_size", None) or getattr(config, "block_size", None) or 256
+
+    def prompt_len(prompt) -> int:
+        if isinstance(prompt, str):  # a chat question: its tokens with the template around it
+            return len(tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=True,
+                                                     add_generation_prompt=True))
+        return len(prompt) + 8  # token ids sent as text may re-encode a little differently
+
+    rounds = w.rounds or [(None, list(zip(w.prompts, w.max_tokens)), None)]
+    need = max(sum(-(-(prompt_len(p) + n) // page) for p, n in reqs) for _, reqs, _ in rounds)
+    return need + 2  # (and a little room)
 
 
 def run_hf(w: Workload, folder, device: str, args) -> list[Result]:
@@ -243,8 +275,9 @@ def run_hf(w: Workload, folder, device: str, args) -> list[Result]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}  # a local folder: no network
     t = time.perf_counter()
     log = tempfile.TemporaryFile("w+")  # (a pipe nobody reads would fill and stop the server)
-    proc = subprocess.Popen(hf_serve_command(folder, port, device), env=env, stdout=log, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+    blocks = hf_cache_blocks(w, tokenizer)
+    proc = subprocess.Popen(hf_serve_command(folder, port, device, blocks), env=env, stdout=log,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
         model = wait_for_server(proc, log, base, timeout=600.0)

@@ -164,6 +164,23 @@ def test_hf_serve_command():
     assert cpu[-12:] == ["/m", "--host", "127.0.0.1", "--port", "1234", "--device", "cpu", "--log-level", "warning",
                          "--continuous-batching", "--dtype", "float32"]
     assert bench_serve.hf_serve_command("/m", 1, "cuda")[-3:] == ["--dtype", "bfloat16", "--cb-use-cuda-graph"]
+    assert "--cb-num-blocks" not in cpu
+    sized = bench_serve.hf_serve_command("/m", 1234, "cpu", cache_blocks=7)
+    assert sized[sized.index("--cb-num-blocks") + 1] == "7"
+
+
+def test_hf_cache_blocks_fit_the_largest_round():
+    """transformers serve's cache is sized for the workload (else it zero-fills 90% of the free memory at
+    start-up): every request of the largest round, each rounded up to whole pages, plus two."""
+    pytest.importorskip("transformers.cli.serve")
+    from transformers.generation import ContinuousBatchingConfig
+
+    page = ContinuousBatchingConfig().page_size
+    # round 1: prompts of 3 pages + 1 token and of 1 token (+8 for re-encoding, + outputs); round 2: one short one
+    small = [(list(range(3 * page - 8 + 1)), 4), ([1], 4)]
+    rounds = [(4.0, small, [0.0, 0.1]), (8.0, [([1, 2], 4)], [0.0])]
+    w = bench.Workload("serve", [], [], 0.0, "m", True, rounds=rounds, prompt_kind="random")
+    assert bench_serve.hf_cache_blocks(w, tokenizer=None) == (4 + 1) + 2
 
 
 @pytest.mark.slow
