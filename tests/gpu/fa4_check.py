@@ -1,8 +1,9 @@
 """The flash-attn 4 backend (``attention_backend="flash_attn4"``) on a Hopper/Blackwell GPU, in one go (not
-collected by pytest; run by hand on the GPU machine, with flash-attn-4 installed by ``tests/gpu/fa4_wheels.sh``):
+collected by pytest; run by hand on the GPU machine, with flash-attn-4 installed by ``tests/gpu/fa4_wheels.sh``,
+whose ``run`` puts the checkout and the install on the path):
 
-    PYTHONPATH=.:/tmp/fa4-site python3 tests/gpu/fa4_check.py
-    PYTHONPATH=.:/tmp/fa4-site python3 tests/gpu/fa4_check.py --only kernels,graphs,engine,decode,bench [--out DIR]
+    bash tests/gpu/fa4_wheels.sh run python3 tests/gpu/fa4_check.py
+    bash tests/gpu/fa4_wheels.sh run python3 tests/gpu/fa4_check.py --only kernels,graphs,engine,decode,bench [--out D]
 
 1. kernels: the backend's three calls (prefill without a prefix, prefill over a paged prefix, decode) against
    ``nanovllm.attention.torch_ref`` on random bf16 inputs of the Qwen3-0.6B shape (16 query heads, 8 KV heads,
