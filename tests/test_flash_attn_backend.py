@@ -55,3 +55,19 @@ def test_auto_does_not_pick_flash_attn_until_it_has_run_on_hardware(standin, mon
     assert cls.usable(torch.device("cpu"), torch.float16)
     assert resolve_backend_name("auto", torch.device("cpu"), torch.float16) != "flash_attn"
     assert resolve_backend_name("flash_attn", torch.device("cpu"), torch.float16) == "flash_attn"  # by name
+
+
+def test_flash_attn4_alone_is_not_flash_attn_2(tmp_path, monkeypatch):
+    """flash-attn 4's wheel installs flash_attn/cute/ without flash_attn/__init__.py: ``import flash_attn``
+    then works (a namespace package) but flash-attn 2's functions are not there."""
+    import torch
+
+    from nanovllm.attention.flash_attn import flash_attn_usable
+
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in [m for m in sys.modules if m == "flash_attn" or m.startswith("flash_attn.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert not flash_attn_usable(torch.device("cuda"))

@@ -19,7 +19,7 @@ CPU = torch.device("cpu")
 def test_auto_picks_the_reference_on_a_cpu():
     assert resolve_backend_name("auto", CPU, torch.float32) == "torch"
     assert resolve_backend_name("auto", CPU, torch.bfloat16) == "torch"
-    assert set(AUTO_ORDER) == set(BACKENDS) - {"flash_attn"}  # not until it has run on real hardware
+    assert set(AUTO_ORDER) == set(BACKENDS) - {"flash_attn", "flash_attn4"}  # not until they have run on hardware
 
 
 def test_unknown_backend_is_named():
@@ -28,7 +28,8 @@ def test_unknown_backend_is_named():
 
 
 @pytest.mark.parametrize("name,requested,expected", [("torch", 16, 16), ("torch", 1, 1), ("flash_attn", 16, 256),
-                                                     ("flash_attn", 512, 512), ("flash_attn", 300, 256)])
+                                                     ("flash_attn", 512, 512), ("flash_attn", 300, 256),
+                                                     ("flash_attn4", 16, 16), ("flash_attn4", 128, 128)])
 def test_backends_say_the_block_size_they_need(name, requested, expected):
     assert backend_class(name).block_size(requested) == expected
 

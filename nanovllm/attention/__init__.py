@@ -16,9 +16,11 @@ BACKENDS = {
     "torch": ("nanovllm.attention.torch_ref", "TorchRefBackend"),
     "triton": ("nanovllm.attention.triton_kernels", "TritonBackend"),
     "flash_attn": ("nanovllm.attention.flash_attn", "FlashAttnBackend"),
+    "flash_attn4": ("nanovllm.attention.flash_attn4", "FlashAttn4Backend"),
 }
-# flash_attn is left out of "auto" until it has run on real hardware (its plumbing is tested on a CPU through a
-# stand-in only): it is used when asked for by name.
+# flash_attn (flash-attn 2) and flash_attn4 (flash-attn 4, Hopper/Blackwell) are left out of "auto" until they
+# have run on real hardware (their plumbing is tested on a CPU through stand-ins only, tests/flash_attn_standin/):
+# each is used when asked for by name.
 AUTO_ORDER = ("triton", "torch")
 
 
@@ -45,10 +47,11 @@ def resolve_backend_name(name: str, device: torch.device, dtype: torch.dtype, kv
     raise AssertionError("the torch backend is always usable")
 
 
-def check_runs_here(name: str, device: torch.device, kv_cache_dtype: str = "auto") -> None:
-    """Refuse, with a ValueError, a concrete backend that could be built on ``device`` but would fail at its
-    first step (or cannot hold the ``kv_cache_dtype`` asked for).  ``LLM`` asks before loading the model.
-    (The registry itself builds any backend anywhere: tests take them apart on a CPU.)"""
+def check_runs_here(name: str, device: torch.device, kv_cache_dtype: str = "auto",
+                    dtype: torch.dtype | None = None) -> None:
+    """Refuse, with a ValueError, a concrete backend that could be built on ``device`` (for a model in ``dtype``)
+    but would fail at its first step (or cannot hold the ``kv_cache_dtype`` asked for).  ``LLM`` asks before
+    loading the model.  (The registry itself builds any backend anywhere: tests take them apart on a CPU.)"""
     if kv_cache_dtype != "auto" and not backend_class(name).fp8_kv_usable(device):
         why = ("its kernels read 16-bit caches only" if not backend_class(name).supports_fp8_kv
                else f"it needs a GPU of compute capability 8.9 or newer for e4m3, and {str(device)!r} is older")
@@ -59,6 +62,14 @@ def check_runs_here(name: str, device: torch.device, kv_cache_dtype: str = "auto
             f"attention_backend='triton' on device {str(device)!r}: its kernels need a CUDA GPU, or on a CPU "
             "Triton's interpreter (slow; the tests use it), which is off: set TRITON_INTERPRET=1 in the "
             "environment before the kernels are first imported, or use attention_backend='torch' (or 'auto')")
+    if name == "flash_attn4":
+        from nanovllm.attention.flash_attn4 import NEEDS, why_not_here
+
+        why = why_not_here(device, dtype)
+        if why is not None:
+            raise ValueError(f"attention_backend='flash_attn4' cannot run on device {str(device)!r}: {why}. It "
+                             f"needs {NEEDS}; use attention_backend='auto' (it picks one that runs here), 'triton' "
+                             "or 'torch'")
 
 
 def triton_interpreted() -> bool:

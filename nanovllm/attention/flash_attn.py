@@ -21,8 +21,8 @@ from nanovllm.attention.torch_ref import store_kvcache_ref
 def flash_attn_usable(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
-    try:
-        import flash_attn  # noqa: F401
+    try:  # the function, not just the package: flash-attn 4's wheel makes flash_attn a namespace of its own
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
     except ImportError:
         return False
     return torch.cuda.get_device_capability(device) >= (8, 0)
