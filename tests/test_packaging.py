@@ -119,3 +119,11 @@ def test_light_imports_stay_light(modules):
 
 def test_the_probe_sees_a_heavy_import():
     assert heavy_modules_after_importing(["nanovllm.config", "transformers"]) == ["transformers"]
+
+
+def test_lint_is_clean():
+    """``ruff check .`` (the README's lint command) passes: package, tests, figures, chapters and solutions."""
+    ruff = pytest.importorskip("ruff")
+    proc = subprocess.run([ruff.find_ruff_bin(), "check", "--no-cache", "."], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]

@@ -22,7 +22,8 @@ ROOT = HERE.parents[1]
 
 
 def stage(src: Path) -> None:
-    """The site's sources: the front page, every chapter (with the files it links to, the exercises' solutions among them), the figures."""
+    """The site's sources: the front page, every chapter (with the files it links to, the exercises'
+    solutions among them), the figures."""
     shutil.copy(HERE / "index.md", src / "index.md")
     (src / "chapters").mkdir()
     for path in sorted((ROOT / "chapters").glob("[0-9]*.ipynb")) + sorted((ROOT / "chapters").glob("*.py")):
