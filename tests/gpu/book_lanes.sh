@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The book on the GPU machine in parallel lanes, within one device call (after the two calls of the GPU
+# notes' `prepare`: the model and the notebook tools are in .gpu/ and /tmp/stash).  From the repository root:
+#
+#   DEADLINE=420 bash tests/gpu/book_lanes.sh "8:00 01 02" ":03 04" "8:12 13" ":12 13"
+#
+# Each argument is one lane, "GIB:CHAPTERS": the chapters run one after another through nbval (book.sh), with
+# the GPU's memory capped at GIB GiB (`--gib`; empty: the whole card); the lanes run at the same time, so the
+# times they report are inflated.  Wheels that `prepare` left in the first call's part (.gpu/a, stashed in
+# /tmp/stash) join the second's before the install.  Before the lanes start, one engine converts the embedded
+# model (once per machine, so the lanes do not all do it at once).  Logs: $OUT/laneN/chNN.log; printed: a line
+# per chapter, then the failing cells' lines of every log (what a device call's reply shows).
+set -u
+root=$(pwd)
+B=$root/.gpu/bin
+[ -x "$B/book.sh" ] || { echo "no .gpu/bin/book.sh: run the GPU notes' prepare first"; exit 3; }
+OUT=${OUT:-/tmp/book-lanes}; mkdir -p "$OUT"
+cp -n /tmp/stash/*.whl "$root"/.gpu/b/whl/ 2>/dev/null
+s=$(date +%s)
+bash "$B"/env.sh python3 -c "from nanovllm import LLM; LLM(max_model_len=256).shutdown()" > "$OUT"/warm.log 2>&1 \
+  || { echo "warm-up failed:"; tail -20 "$OUT"/warm.log; exit 3; }
+echo "model ready in $(( $(date +%s) - s )) s"
+i=0
+for lane in "$@"; do
+  i=$((i + 1)); gib=${lane%%:*}; chapters=${lane#*:}
+  mkdir -p "$OUT/lane$i"
+  # shellcheck disable=SC2086  # the chapters are words
+  OUT=$OUT/lane$i bash "$B"/book.sh ${gib:+--gib $gib} --deadline "${DEADLINE:-420}" $chapters \
+    > "$OUT/lane$i/summary.txt" 2>&1 &
+done
+wait
+for d in "$OUT"/lane*; do cat "$d"/summary.txt; done
+for log in "$OUT"/lane*/ch*.log; do
+  if grep -qE "^FAILED|[0-9]+ failed" "$log"; then
+    echo "== $log"; grep -E "^FAILED|Error|error:|assert" "$log" | head -30
+  fi
+done
