@@ -3,7 +3,7 @@ chapter's exercises ship unanswered; filled in with the solutions, every check s
 
 from __future__ import annotations
 
-import json
+import copy
 from pathlib import Path
 
 import nbformat
@@ -102,10 +102,74 @@ def test_chapter_ships_unanswered(path):
         assert not cell.get("outputs"), "an exercise cell ships without outputs"
     stored = statuses(nb)
     assert stored == dict.fromkeys(blocks, NOT_ATTEMPTED)
-    text = json.dumps([c.source for c in nb.cells])
-    for block in blocks.values():  # no solution in the notebook itself
-        body = [line for line in block.splitlines() if line.strip() and not line.startswith(("def ", "class ", "#"))]
-        assert not any(json.dumps(line)[1:-1] in text for line in body[:3] if len(line.strip()) > 20), block
+    assert solutions_left_in(nb, blocks) == []  # no solution in the notebook itself
+
+
+# what a stub may share with its solution: headers (at any indentation: a class's methods), decorators, imports,
+# comments; docstrings are skipped too
+SHARED_WITH_STUBS = ("def ", "async def ", "class ", "@", "import ", "from ", "#")
+
+
+def answer_lines(block: str) -> list[str]:
+    """The lines of a solution block that are its answer: code, stripped of its indentation, longer than 20
+    characters, and none of the lines a stub shares with it."""
+    lines, in_docstring = [], False
+    for line in block.splitlines():
+        code = line.strip()
+        if in_docstring or code.startswith(('"""', "'''")):
+            in_docstring ^= (code.count('"""') + code.count("'''")) % 2 == 1  # opened or closed here
+        elif len(code) > 20 and not code.startswith(SHARED_WITH_STUBS):
+            lines.append(code)
+    return lines
+
+
+def solutions_left_in(nb, blocks: dict[str, str]) -> list[str]:
+    """Where the notebook holds a solution: a line of its answer in its own exercise cell, or the whole answer in
+    any cell, code or prose.  (One line of an answer elsewhere is no leak: a solution may reuse a line that the
+    chapter wrote.)"""
+    found = []
+    for cell in nb.cells:
+        lines = {line.strip() for line in cell.source.splitlines()}
+        own = str(cell.metadata.get("exercise")) if "exercise" in cell.metadata.get("tags", []) else None
+        for key, block in blocks.items():
+            answer = answer_lines(block)
+            there = [line for line in answer if line in lines]
+            if there and (key == own or len(there) == len(answer)):
+                found.append(f"exercise {key}'s solution in cell {cell.get('id')}: {there[0]!r}")
+    return found
+
+
+@pytest.mark.parametrize("path", LAB_CHAPTERS, ids=lambda p: p.stem[:2])
+def test_the_no_solution_check_catches_a_solution(path):
+    """The check can fail: each solution block, left in its exercise cell or pasted whole into a cell of its own,
+    is found."""
+    nb = nbformat.read(path, as_version=4)
+    blocks = solution_blocks(path.stem[:2])
+    for i, cell in enumerate(nb.cells):
+        if "exercise" not in cell.metadata.get("tags", []):
+            continue
+        key = str(cell.metadata["exercise"])
+        assert answer_lines(blocks[key]), f"exercise {key}: no line of its solution can be told from a stub"
+        filled, pasted = copy.deepcopy(nb), copy.deepcopy(nb)
+        filled.cells[i].source = blocks[key]
+        pasted.cells.append(nbformat.v4.new_code_cell(blocks[key]))
+        for notebook in (filled, pasted):
+            assert any(f.startswith(f"exercise {key}'s") for f in solutions_left_in(notebook, blocks)), key
+
+
+def test_the_no_solution_check_lets_a_stub_share_headers_with_its_solution():
+    # a method's header, indented in its class, is in the stub as in the solution: only the method's body is answer
+    stub = ("class FIFOAllocator(PagedAllocator):\n    def take_free_block(self) -> int:\n"
+            "        raise NotImplementedError\n")
+    solution = ("class FIFOAllocator(PagedAllocator):\n    def take_free_block(self) -> int:\n"
+                "        # the block cached first\n        return self.free.pop(next(iter(self.cached_order)))\n")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(stub, metadata={"tags": ["exercise"],
+                                                                                   "exercise": 1})])
+    assert answer_lines(solution) == ["return self.free.pop(next(iter(self.cached_order)))"]
+    assert solutions_left_in(nb, {"1": solution}) == []
+    nb.cells[0].source = solution
+    [found] = solutions_left_in(nb, {"1": solution})
+    assert found.startswith("exercise 1's solution") and found.endswith("self.free.pop(next(iter(self.cached_order)))'")
 
 
 @pytest.mark.slow
