@@ -100,11 +100,14 @@ def serve_result(engine: str, rate: float, timings: list[Timing], expected_token
 def request_body(kind: str, model: str, prompt, max_tokens: int, text_only: bool, tokenizer=None) -> tuple[str, dict]:
     """(path, JSON body) of one streaming request: greedy, EOS ignored.  ``text_only``: a server that takes
     neither token-id prompts nor ``ignore_eos`` (``transformers serve``): the ids decoded to text, and
-    ``generation_config`` to keep EOS from ending the answer early."""
+    ``generation_config`` to keep EOS from ending the answer early (no EOS token, and ``min_new_tokens``)."""
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
             "stream_options": {"include_usage": True}}
     if text_only:
-        body["generation_config"] = json.dumps({"min_new_tokens": max_tokens})
+        # its continuous batching takes a request's eos_token_id (-1: none, so EOS ends nothing) but drops
+        # min_new_tokens (its per-request processors are only temperature, top-k and top-p); one-at-a-time
+        # generate honours min_new_tokens
+        body["generation_config"] = json.dumps({"eos_token_id": -1, "min_new_tokens": max_tokens})
     else:
         body["ignore_eos"] = True
     if kind == "chat":

@@ -186,13 +186,14 @@ def test_hf_cache_blocks_fit_the_largest_round():
 @pytest.mark.slow
 def test_transformers_serve_on_the_embedded_model(monkeypatch):
     """``transformers serve`` (a subprocess, continuous batching) driven by the same client, chat prompts, EOS
-    ignored through generation_config; the subprocess is gone afterwards."""
+    ignored through generation_config (8 answers of 16 tokens: with EOS honoured, one of them ends early); the
+    subprocess is gone afterwards."""
     pytest.importorskip("fastapi")
     procs, stop = [], bench_serve.stop
     monkeypatch.setattr(bench_serve, "stop", lambda proc: (procs.append(proc), stop(proc)))
     results = bench.main(["--workload", "serve", "--device", "cpu", "--engine", "hf", "--prompt-kind", "chat",
-                          "--num-requests", "2", "--request-rate", "inf", "--output-len", "4", "4"])
+                          "--num-requests", "8", "--request-rate", "inf", "--output-len", "16", "16"])
     (r,) = results
-    assert (r.engine, r.requests, r.output_tokens, r.prompt_kind) == ("hf", 2, 8, "chat")
+    assert (r.engine, r.requests, r.output_tokens, r.prompt_kind) == ("hf", 8, 128, "chat")
     assert r.ttft_ms_median > 0 and r.itl_ms_median > 0 and "transformers" in r.note
     assert len(procs) == 1 and procs[0].poll() is not None
