@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# The book on the GPU machine in parallel lanes, within one device call (after the two calls of the GPU
-# notes' `prepare`: the model and the notebook tools are in .gpu/ and /tmp/stash).  From the repository root:
+# The book on the GPU machine in parallel lanes, within one device call (after the GPU notes' `prepare` and
+# their first call, stash.sh: the model and the notebook tools are in .gpu/ and in the folder stash.sh filled,
+# passed as STASH).  From the repository root:
 #
-#   DEADLINE=420 bash tests/gpu/book_lanes.sh "8:00 01 02" ":03 04" "8:12 13" ":12 13"
+#   STASH=<that folder> DEADLINE=420 bash tests/gpu/book_lanes.sh "8:00 01 02" ":03 04" "8:12 13" ":12 13"
 #
 # Each argument is one lane, "GIB:CHAPTERS": the chapters run one after another through nbval (book.sh), with
 # the GPU's memory capped at GIB GiB (`--gib`; empty: the whole card); the lanes run at the same time, so the
-# times they report are inflated.  Wheels that `prepare` left in the first call's part (.gpu/a, stashed in
-# /tmp/stash) join the second's before the install.  Before the lanes start, one engine converts the embedded
-# model (once per machine, so the lanes do not all do it at once).  Logs: $OUT/laneN/chNN.log; printed: a line
+# times they report are inflated.  Wheels that `prepare` left in the first call's part (.gpu/a, now in
+# STASH) join the second's before the install.  Before the lanes start, one engine converts the embedded
+# model (once per machine, so the lanes do not all do it at once).  Logs: $OUT/laneN/chNN.log (OUT defaults to
+# .gpu/lanes in the checkout); printed: a line
 # per chapter, then the failing cells' lines of every log (what a device call's reply shows).
 set -u
 root=$(pwd)
 B=$root/.gpu/bin
 [ -x "$B/book.sh" ] || { echo "no .gpu/bin/book.sh: run the GPU notes' prepare first"; exit 3; }
-OUT=${OUT:-/tmp/book-lanes}; mkdir -p "$OUT"
-cp -n /tmp/stash/*.whl "$root"/.gpu/b/whl/ 2>/dev/null
+STASH=${STASH:?set STASH to the folder the first call (stash.sh) filled}
+OUT=${OUT:-$root/.gpu/lanes}; mkdir -p "$OUT"
+cp -n "$STASH"/*.whl "$root"/.gpu/b/whl/ 2>/dev/null
 s=$(date +%s)
 bash "$B"/env.sh python3 -c "from nanovllm import LLM; LLM(max_model_len=256).shutdown()" > "$OUT"/warm.log 2>&1 \
   || { echo "warm-up failed:"; tail -20 "$OUT"/warm.log; exit 3; }
