@@ -295,8 +295,14 @@ def test_backend_choice():
     with pytest.raises(ValueError, match="kv_cache_dtype='fp8'.*flash_attn"):
         check_runs_here("flash_attn", CPU, "fp8")
     check_runs_here("torch", CPU, "fp8")
-    with pytest.raises(ValueError, match="flash_attn backend does not support kv_cache_dtype"):
-        FlashAttnBackend.forward(None, None, None, None, None, None, None, 1.0, torch.ones(1), torch.ones(1))
+    from nanovllm.attention.flash_attn4 import FlashAttn4Backend
+
+    for cls in (FlashAttnBackend, FlashAttn4Backend):  # (built without __init__: no flash-attn needed)
+        backend = cls.__new__(cls)
+        with pytest.raises(ValueError, match=f"{cls.name} backend does not support kv_cache_dtype"):
+            backend.forward(None, None, None, None, None, None, 1.0, torch.ones(1), torch.ones(1))
+        with pytest.raises(ValueError, match=f"{cls.name} backend does not support kv_cache_dtype"):
+            backend.store_kv(None, None, None, None, None, torch.ones(1), torch.ones(1))
 
 
 def test_llm_refuses_flash_attn_with_fp8(tiny_qwen3):

@@ -55,7 +55,7 @@ class FlashAttnBackend(AttentionBackend):
 
     def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
         if k_scale is not None:
-            raise ValueError("the flash_attn backend does not support kv_cache_dtype='fp8'")
+            raise ValueError(f"the {self.name} backend does not support kv_cache_dtype='fp8'")
         if k.is_cuda:
             from nanovllm.attention.triton_kernels import store_kvcache
 
@@ -66,7 +66,7 @@ class FlashAttnBackend(AttentionBackend):
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
                 v_scale=None):
         if k_scale is not None:
-            raise ValueError("the flash_attn backend does not support kv_cache_dtype='fp8'")
+            raise ValueError(f"the {self.name} backend does not support kv_cache_dtype='fp8'")
         if k_cache is None or k_cache.numel() == 0 or (meta.is_prefill and not meta.has_prefix):
             return self.varlen(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q,
                                meta.max_seqlen_q, softmax_scale=scale, causal=True)

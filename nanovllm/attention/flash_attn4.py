@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import torch
 
-from nanovllm.attention.base import AttentionBackend, AttentionMetadata
-from nanovllm.attention.torch_ref import store_kvcache_ref
+from nanovllm.attention.base import AttentionMetadata
+from nanovllm.attention.flash_attn import FlashAttnBackend
 
 NEEDS = ("the flash-attn-4 package (module flash_attn.cute) and a CUDA GPU of compute capability 9.x (Hopper) or "
          "10.x (Blackwell), in float16 or bfloat16")
@@ -69,7 +69,8 @@ def _first(result):
     return result[0] if isinstance(result, tuple) else result
 
 
-class FlashAttn4Backend(AttentionBackend):
+class FlashAttn4Backend(FlashAttnBackend):
+    # flash-attn 2's backend gives it the KV store (Triton on a GPU) and the refusal of an FP8 cache
     name = "flash_attn4"
     block_size_multiple = 1  # any page size works (see the module's docstring); 128 takes the TMA path
     cuda_graph_safe = True  # reasoned from the interface's code (module docstring), not yet run
@@ -91,23 +92,10 @@ class FlashAttn4Backend(AttentionBackend):
 
         self.varlen = flash_attn_varlen_func
 
-    def fuses_rope_store(self, device) -> bool:
-        return device.type == "cuda"  # it stores with Triton on a GPU, with the reference elsewhere
-
-    def store_kv(self, k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
-        if k_scale is not None:
-            raise ValueError("the flash_attn4 backend does not support kv_cache_dtype='fp8'")
-        if k.is_cuda:
-            from nanovllm.attention.triton_kernels import store_kvcache
-
-            store_kvcache(k, v, k_cache, v_cache, slot_mapping)
-        else:
-            store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
-
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale=None,
                 v_scale=None):
         if k_scale is not None:
-            raise ValueError("the flash_attn4 backend does not support kv_cache_dtype='fp8'")
+            raise ValueError(f"the {self.name} backend does not support kv_cache_dtype='fp8'")
         if k_cache is None or k_cache.numel() == 0 or (meta.is_prefill and not meta.has_prefix):
             return _first(self.varlen(q, k, v, cu_seqlens_q=meta.cu_seqlens_q, cu_seqlens_k=meta.cu_seqlens_q,
                                       max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_q,

@@ -42,33 +42,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
+from checklib import FAILS, RESULTS, section  # noqa: E402  (beside this script)
+
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.attention.base import AttentionMetadata  # noqa: E402
 from nanovllm.bench import QWEN3_0_6B_CONFIG  # noqa: E402
 from nanovllm.engine.sequence import ScheduledBatch, Sequence  # noqa: E402
 from nanovllm.utils import cdiv  # noqa: E402
 
-FAILS: list[str] = []
-RESULTS: list[dict] = []
 HEADS, KV_HEADS, DIM = 16, 8, 128  # Qwen3-0.6B
 SCALE = DIM ** -0.5
 DEVICE = "cuda"
-
-
-def section(name, fn, *args):
-    t = time.perf_counter()
-    try:
-        numbers = fn(*args) or {}
-    except Exception:
-        FAILS.append(name)
-        print(f"FAIL {name} ({time.perf_counter() - t:.1f} s)\n{traceback.format_exc()}", flush=True)
-        numbers = {"failed": True}
-    else:
-        print(f"PASS {name} ({time.perf_counter() - t:.1f} s): "
-              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items()),
-              flush=True)
-    RESULTS.append({"section": name, **numbers})
-    torch.cuda.empty_cache()
 
 
 def fa4():

@@ -26,40 +26,23 @@ import json
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
+from checklib import FAILS, RESULTS, section  # noqa: E402  (beside this script)
+
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.attention.fp8 import FP8_DTYPE, fp8_scale, quantize_fp8  # noqa: E402
 from nanovllm.bench import QWEN3_0_6B_CONFIG  # noqa: E402
 from nanovllm.engine.sequence import ScheduledBatch, Sequence  # noqa: E402
 
-FAILS: list[str] = []
-RESULTS: list[dict] = []
 TEXT = ("The printing press was invented in the fifteenth century by Johannes Gutenberg, a goldsmith from Mainz. "
         "He combined movable metal type, an oil-based ink and a wooden press adapted from the ones used to make "
         "wine. Within fifty years presses were running in more than two hundred cities, and books that had cost "
         "a year's wages could be bought for a few days' pay.")
-
-
-def section(name, fn, *args):
-    t = time.perf_counter()
-    try:
-        numbers = fn(*args) or {}
-    except Exception:
-        FAILS.append(name)
-        print(f"FAIL {name} ({time.perf_counter() - t:.1f} s)\n{traceback.format_exc()}", flush=True)
-        numbers = {"failed": True}
-    else:
-        print(f"PASS {name} ({time.perf_counter() - t:.1f} s): "
-              + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in numbers.items()),
-              flush=True)
-    RESULTS.append({"section": name, **numbers})
-    torch.cuda.empty_cache()
 
 
 # -- 1. kernels ------------------------------------------------------------------------------------------------

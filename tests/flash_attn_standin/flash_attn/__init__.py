@@ -14,7 +14,9 @@ __version__ = "2.0.0-standin"
 
 
 def _attend(q, k, v, scale, causal):
-    """q: [Lq, H, D], k/v: [Lk, Hkv, D] -> [Lq, H, D]."""
+    """q: [Lq, H, D], k/v: [Lk, Hkv, D] -> [Lq, H, D] (zeros when there are no keys)."""
+    if k.shape[0] == 0:
+        return torch.zeros_like(q)
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, 1).float()
     v = v.repeat_interleave(group, 1).float()
