@@ -97,7 +97,10 @@ def _to_e4m3(x, scale):
     q += ((rem > half) | ((rem == half) & ((q & 1) == 1))).to(tl.int32)
     unit = (tl.maximum(drop + exp - 23, 1) << 23).to(tl.float32, bitcast=True)  # 2**(drop + exp - 150)
     y = tl.where(q == 0, 0.0, q.to(tl.float32) * unit)
-    return tl.where(x.to(tl.int32, bitcast=True) < 0, -y, y)  # the sign bit: -0.0 stays -0.0
+    # x's sign bit onto y, as bits: a negative x that rounds to zero gives -0.0, as the reference's cast does
+    # (not ``-y``: Triton before 3.7 compiles that as ``0 - y``, which turns -0.0 into +0.0)
+    sign = (x.to(tl.int32, bitcast=True) >> 31) << 31  # 0x80000000 or 0
+    return (y.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 # ----------------------------------------------------------------------------------------------
