@@ -227,7 +227,7 @@ def hf_serve_command(folder, port: int, device: str, cache_blocks: int | None = 
     ``cache_blocks``: its KV cache's size in blocks (``--cb-num-blocks``); left out, it zero-fills 90% of the
     free memory for its cache at start-up, a minute and more on a CPU, where it takes the machine's RAM."""
     cmd = [sys.executable, "-m", "transformers.cli.transformers", "serve", str(folder), "--host", "127.0.0.1",
-           "--port", str(port), "--device", device, "--log-level", "warning", "--continuous-batching"]
+           "--port", str(port), "--device", device, "--log-level", "info", "--continuous-batching"]
     if cache_blocks is not None:
         cmd += ["--cb-num-blocks", str(cache_blocks)]
     if device.startswith("cuda"):
@@ -332,26 +332,40 @@ def add_word_tokenizer(folder, vocab_size: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
 
 
-def wait_for_server(proc, log, base_url: str, timeout: float) -> str:
-    """Poll ``/v1/models`` until the server answers; returns the model's id.  A server that exits first
-    fails with the last line it wrote."""
+def wait_for_server(proc, log, base_url: str, timeout: float, every: float = 30.0) -> str:
+    """Poll ``/v1/models`` until the server answers; returns the model's id.  Every ``every`` seconds it says on
+    stderr how long it has waited and the server's last line; a server that exits first, or does not answer
+    within ``timeout`` seconds, fails with its last lines."""
     import httpx
 
-    end = time.time() + timeout
-    while time.time() < end:
+    def last_lines(n: int) -> list[str]:
+        log.seek(0, os.SEEK_SET)
+        lines = [line for line in log.read().splitlines() if line.strip()]
+        log.seek(0, os.SEEK_END)  # (the server appends; keep the file's position at its end)
+        return lines[-n:]
+
+    start = time.time()
+    told = start
+    while time.time() < start + timeout:
         if proc.poll() is not None:
-            log.seek(0)
-            lines = [line for line in log.read().splitlines() if line.strip()]
+            lines = last_lines(5)
             raise RuntimeError(f"transformers serve exited with status {proc.returncode}: "
-                               f"{lines[-1] if lines else '(no output)'}")
+                               + (" | ".join(lines) if lines else "(no output)"))
         try:
             models = httpx.get(base_url + "/v1/models", timeout=5.0).json()["data"]
             if models:
                 return models[0]["id"]
         except (httpx.HTTPError, ValueError, KeyError):
             pass
+        if time.time() - told >= every:
+            told = time.time()
+            lines = last_lines(1)
+            print(f"hf: waiting for transformers serve, {told - start:.0f} s; its last line: "
+                  f"{lines[0] if lines else '(none yet)'}", file=sys.stderr, flush=True)
         time.sleep(0.5)
-    raise RuntimeError(f"transformers serve did not answer within {timeout:.0f} s")
+    lines = last_lines(5)
+    raise RuntimeError(f"transformers serve did not answer within {timeout:.0f} s; its last lines: "
+                       + (" | ".join(lines) if lines else "(no output)"))
 
 
 def stop(proc) -> None:

@@ -161,12 +161,39 @@ def test_print_ratios_per_rate(capsys):
 
 def test_hf_serve_command():
     cpu = bench_serve.hf_serve_command("/m", 1234, "cpu")
-    assert cpu[-12:] == ["/m", "--host", "127.0.0.1", "--port", "1234", "--device", "cpu", "--log-level", "warning",
+    assert cpu[-12:] == ["/m", "--host", "127.0.0.1", "--port", "1234", "--device", "cpu", "--log-level", "info",
                          "--continuous-batching", "--dtype", "float32"]
     assert bench_serve.hf_serve_command("/m", 1, "cuda")[-3:] == ["--dtype", "bfloat16", "--cb-use-cuda-graph"]
     assert "--cb-num-blocks" not in cpu
     sized = bench_serve.hf_serve_command("/m", 1234, "cpu", cache_blocks=7)
     assert sized[sized.index("--cb-num-blocks") + 1] == "7"
+
+
+def test_waiting_for_a_server_reports_its_last_lines(capsys):
+    """A server that never answers: progress on stderr with its last line, then an error naming its last lines;
+    one that exits: its status and last lines."""
+    import subprocess
+    import sys
+    import tempfile
+
+    port = bench_serve.free_port()  # nothing listens there
+    code = "import sys, time; print('loading weights', flush=True); print('compiling', flush=True); time.sleep(30)"
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            last = r"did not answer within 3 s; its last lines: loading weights \| compiling"
+            with pytest.raises(RuntimeError, match=last):
+                bench_serve.wait_for_server(proc, log, f"http://127.0.0.1:{port}", timeout=3.0, every=1.0)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert "hf: waiting for transformers serve, 1 s; its last line: compiling" in capsys.readouterr().err
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-c", "print('CUDA out of memory'); raise SystemExit(3)"],
+                                stdout=log, stderr=subprocess.STDOUT, text=True)
+        proc.wait()
+        with pytest.raises(RuntimeError, match="exited with status 3: CUDA out of memory"):
+            bench_serve.wait_for_server(proc, log, f"http://127.0.0.1:{port}", timeout=30.0)
 
 
 def test_hf_cache_blocks_fit_the_largest_round():
