@@ -3,6 +3,7 @@ pytest module).
 
     PYTHONPATH=. python3 tests/gpu/decode_sweep.py [--out DIR] [--steps 20,200,...]
     PYTHONPATH=. python3 tests/gpu/decode_sweep.py --graph  # the engine's settings vs alternatives, as decode runs them
+    PYTHONPATH=. python3 tests/gpu/decode_sweep.py --graph --fp8  # the same over an FP8 cache
     PYTHONPATH=. python3 tests/gpu/decode_sweep.py --read   # the GPU's streaming-read ceiling
 
 The batches are the seed benchmark's own: at decode step ``s`` the running sequences are those asking
@@ -101,7 +102,9 @@ def read_bandwidth() -> None:
     print(f"torch copy: {x.numel() * 4 / us / 1e6:.2f} TB/s (read + write)", flush=True)
 
 
-def graph_sweep(w, steps: list[int]) -> None:
+def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
+    """``fp8``: an e4m3 cache (scales of 1), and 256-token tiles among the alternatives (a tile of half the
+    bytes may want twice the tokens)."""
     from gemm_check import LAYERS, chain, graph_us
 
     sms = tk.num_sms(torch.device("cuda"))
@@ -114,6 +117,12 @@ def graph_sweep(w, steps: list[int]) -> None:
         nb = sum(per_seq)
         k = torch.randn(nb * LAYERS + 8, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
+        scales = {}
+        if fp8:
+            k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
+            ones = torch.ones(HKV, device="cuda")
+            scales = dict(k_scale=ones, v_scale=ones)
+        tile_sizes = (64, 128, 256) if fp8 else (64, 128)
         tables = []
         for layer in range(LAYERS):
             t = torch.zeros(bucket, 4096 // BS, dtype=torch.int32)
@@ -128,22 +137,22 @@ def graph_sweep(w, steps: list[int]) -> None:
         heur = tk.pick_num_splits(bucket, HKV, 4096, sms)
         opts = [("engine", {})]
         if heur == 1:
-            for bn, st, hf in itertools.product((64, 128), (2, 3), (False, True)):
+            for bn, st, hf in itertools.product(tile_sizes, (2, 3), (False, True)):
                 opts.append((f"bn{bn} st{st}{' heads-first' if hf else ''}",
                              dict(block_n=bn, num_stages=st, heads_first=hf)))
         else:
-            for sp, bn, st in itertools.product(sorted({heur, 2, 4, 8, 16}), (64, 128), (2, 3, 4)):
+            for sp, bn, st in itertools.product(sorted({heur, 2, 4, 8, 16}), tile_sizes, (2, 3, 4)):
                 opts.append((f"splits {sp} bn{bn} st{st}", dict(num_splits=sp, block_n=bn, num_stages=st)))
         res = []
         for name, kw in opts:
-            def call(t, kw=kw, q=q, k=k, v=v, lens=lens):
-                tk.paged_decode_attention(q, k, v, t, lens, D ** -0.5, **kw)
+            def call(t, kw=kw, q=q, k=k, v=v, lens=lens, scales=scales):
+                tk.paged_decode_attention(q, k, v, t, lens, D ** -0.5, **kw, **scales)
             try:
                 res.append((graph_us(chain(tables, call)), name))
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
                 print(f"  {name}: {type(e).__name__} {str(e)[:80]}")
         engine = res[0][0]
-        nbytes = sum(ctx) * HKV * D * 4
+        nbytes = sum(ctx) * HKV * D * 2 * k.element_size()
         res.sort()
         print(f"step {step:>4} batch {len(ctx):>3} (bucket {bucket}, {heur} split(s)): engine {engine:.1f} us "
               f"({nbytes / engine / 1e6:.2f} TB/s); fastest: " + "; ".join(f"{u:.1f} us {n}" for u, n in res[:3]),
@@ -158,6 +167,7 @@ def main():
     ap.add_argument("--steps", default="20,200,400,600,800,900,960")
     ap.add_argument("--read", action="store_true", help="only the streaming-read bandwidth of the GPU")
     ap.add_argument("--graph", action="store_true", help="engine settings vs alternatives, in a CUDA graph")
+    ap.add_argument("--fp8", action="store_true", help="with --graph: an FP8 (e4m3) cache")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -168,7 +178,7 @@ def main():
     w = seed_workload(256)
     if args.graph:
         steps = "20,200,400,600,800,900,940,960,980,1000,1015" if args.steps == ap.get_default("steps") else args.steps
-        graph_sweep(w, [int(s) for s in steps.split(",")])
+        graph_sweep(w, [int(s) for s in steps.split(",")], fp8=args.fp8)
         return
     lines = ["step,batch,sum_ctx,layout,block_n,num_warps,num_stages,num_splits,us,tb_per_s"]
     best_per_step = {}
