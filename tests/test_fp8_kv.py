@@ -257,6 +257,22 @@ def test_triton_decode_fp8(tk, num_splits):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_decode_fp8_float16_products(tk, num_splits):
+    """``f16_dot``: the same attention with the products in float16 (q rounded to it; the weights too)."""
+    k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, 64, seed=5)
+    q = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    out = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, num_splits=num_splits,
+                                    k_scale=k_scale, v_scale=v_scale, f16_dot=True)
+    ref = paged_decode_ref(q, k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)  # float16: 11 bits of the weights
+    exact = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, num_splits=num_splits,
+                                      k_scale=k_scale, v_scale=v_scale)
+    assert not torch.equal(out, exact)  # it did take the float16 path
+    with pytest.raises(ValueError, match="f16_dot=True is for an FP8 cache"):
+        tk.paged_decode_attention(q, k_cache.float(), v_cache.float(), tables, ctx, 0.125, f16_dot=True)
+
+
 def test_triton_prefill_fp8(tk):
     k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([20, 37], 16, 2, 32, seed=7)
     q_lens = [20, 9]  # a whole prompt, and a chunk after a cached prefix

@@ -323,7 +323,7 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
-    FP8: tl.constexpr = False,
+    FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False,
 ):
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
         kvh = tl.program_id(0)
@@ -348,6 +348,8 @@ def _decode_split_kernel(
 
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
+    if F16_DOT:  # K and V (below: .to(q.dtype)) widen from e4m3 to float16, one instruction per pair of values
+        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -466,16 +468,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            max_context_len: int | None = None, block_n: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None,
                            heads_first: bool | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None, f16_dot: bool = False) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
     ``num_splits=None`` picks the split count from B, Hkv and ``max_context_len`` (an int from the
     host; default: the block-table width times the block size, an upper bound).  Any split count is
     correct for any context lengths, so the launch can be captured in a CUDA graph and replayed.
-    An FP8 cache is read with its per-KV-head ``k_scale``/``v_scale``.
+    An FP8 cache is read with its per-KV-head ``k_scale``/``v_scale``.  ``f16_dot`` (an FP8 cache only; off by
+    default, not yet measured): the products in float16 rather than in q's dtype.  On sm_90 Triton widens e4m3 to
+    bfloat16 through float16 (one conversion per pair of values, then one more per value); float16 skips the
+    second.  q is rounded to float16 (exact for bfloat16 values between 2**-14 and 65504, clamped beyond), and
+    the softmax weights are rounded to float16, finer than bfloat16.
     """
     fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
+    if f16_dot and not fp8:
+        raise ValueError("f16_dot=True is for an FP8 cache (a model-dtype cache is read in its own dtype)")
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
     assert cache_dim == head_dim and num_heads % num_kv_heads == 0
@@ -505,7 +513,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
     key = ("decode", q.device.index, q.dtype, k_cache.dtype, block_n, block_d, group, heads_first, single,
-           num_warps, num_stages)
+           num_warps, num_stages, f16_dot)
     launch_fitting_stages(
         _decode_split_kernel, grid, key, num_stages,
         q, k_cache, v_cache, block_tables, context_lens, k_scale if fp8 else context_lens,
@@ -521,7 +529,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
-        num_warps=num_warps,
+        F16_DOT=f16_dot, num_warps=num_warps,
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](
