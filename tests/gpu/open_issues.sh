@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# What the open issues still need from a GPU, in one device call of at most 10 minutes (not run by CI). After the
+# GPU notes' `prepare` and their first call (stash.sh), from the repository root, carrying .gpu/b and .gpu/bin:
+#
+#   STASH=/tmp/stash bash tests/gpu/open_issues.sh [PART ...]
+#
+# PARTS (all when none, in this order; each under its own time limit, its result printed as it ends):
+#   book    chapter 12 through nbval on the full card and at 8 GiB, at once (book_lanes.sh)
+#   fp8     fp8_check.py's kernels section (the Triton FP8 store bit for bit, decode, prefill)
+#   sweep   decode_sweep.py --graph --fp8 at three decode steps: the engine's FP8 launch vs 256-token tiles and
+#           float16 products (f16_dot)
+#   spec    spec_check.py --skip-equality: acceptance and speed-up at batch 1 and 16, fixed-length runs
+#   serve   the serve bench, nanovllm and `transformers serve`, 16 chat requests of 16 tokens at 4 and inf req/s
+# Logs go to $OUT (the device call's output folder) or .gpu/open_issues.
+set -u
+root=$(pwd)
+OUT=${OUT:-$root/.gpu/open_issues}; mkdir -p "$OUT"
+env_sh=${ENV_SH:-$root/.gpu/bin/env.sh}  # (ENV_SH: another wrapper, to try this script without a GPU)
+[ -f "$env_sh" ] || { echo "no $env_sh: run the GPU notes' prepare first"; exit 3; }
+parts=${*:-book fp8 sweep spec serve}
+run() {  # NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.log, say how it ended
+  local name=$1 limit=$2; shift 2
+  local s; s=$(date +%s)
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name rc=$rc $(( $(date +%s) - s ))s$([ $rc -eq 124 ] && echo " (timed out after ${limit}s)")"
+}
+for part in $parts; do
+  case $part in
+    book)
+      run book 200 env OUT="$OUT/lanes" DEADLINE=170 bash tests/gpu/book_lanes.sh ":12" "8:12"
+      cat "$OUT/book.log" ;;
+    fp8)
+      run fp8 90 bash "$env_sh" python3 tests/gpu/fp8_check.py --only kernels --out "$OUT/fp8"
+      grep -E "^(PASS|FAIL)|Error" "$OUT/fp8.log" ;;
+    sweep)
+      run sweep 150 bash "$env_sh" python3 tests/gpu/decode_sweep.py --graph --fp8 --steps 200,600,900
+      grep -E "^step|Error" "$OUT/sweep.log" ;;
+    spec)
+      run spec 120 bash "$env_sh" python3 tests/gpu/spec_check.py --skip-equality
+      grep -E "batch|PASS|FAIL|done" "$OUT/spec.log" ;;
+    serve)
+      run serve 200 bash "$env_sh" python3 -m nanovllm.bench --workload serve --engine nanovllm,hf \
+        --prompt-kind chat --num-requests 16 --request-rate 4 inf --output-len 16 16 --json "$OUT/serve.jsonl"
+      grep -E "serve chat|hf:|FAILED|Error" "$OUT/serve.log" | tail -20 ;;
+    *) echo "unknown part $part (book, fp8, sweep, spec, serve)"; exit 2 ;;
+  esac
+done
