@@ -339,10 +339,10 @@ def wait_for_server(proc, log, base_url: str, timeout: float, every: float = 30.
     import httpx
 
     def last_lines(n: int) -> list[str]:
-        log.seek(0, os.SEEK_SET)
-        lines = [line for line in log.read().splitlines() if line.strip()]
-        log.seek(0, os.SEEK_END)  # (the server appends; keep the file's position at its end)
-        return lines[-n:]
+        # pread: the server writes through the same open file, so moving its offset would misplace its output
+        fd = log.fileno()
+        text = os.pread(fd, os.fstat(fd).st_size, 0).decode(errors="replace")
+        return [line for line in text.splitlines() if line.strip()][-n:]
 
     start = time.time()
     told = start
