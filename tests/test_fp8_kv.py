@@ -206,8 +206,9 @@ def test_triton_store_is_the_reference_bit_for_bit(tk):
     # values at every e4m3 tie, so that rounding mistakes show
     k[0, 0, :16] = torch.tensor([0.5 * (a + b) for a, b in zip(range(16), range(1, 17))], device=DEVICE)
     k_scale, v_scale = fp8_scale(k.abs().amax((0, 2))), fp8_scale(v.abs().amax((0, 2)) / 8)  # V clips
-    # signed zeros: a negative value that rounds to zero is stored as -0 (byte 0x80), as the reference does (a
-    # GPU's Triton before 3.7 compiled a float's unary minus as 0 - x and stored +0 there: the H100 check saw it)
+    # signed zeros: a negative value that rounds to zero is stored as -0 (byte 0x80), as the reference does (Triton
+    # releases before a 2026 fix compile a float's unary minus as 0 - x, which would store +0: the likely cause of
+    # the difference the H100 check saw)
     k[1, 1, :4] = torch.tensor([-1e-6, -0.0, 1e-6, 0.0], device=DEVICE) * k_scale[1]
     slots = torch.randperm(4 * 16, generator=gen)[:n].to(DEVICE)
     slots[[2, 9]] = -1

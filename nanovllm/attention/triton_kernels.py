@@ -98,7 +98,7 @@ def _to_e4m3(x, scale):
     unit = (tl.maximum(drop + exp - 23, 1) << 23).to(tl.float32, bitcast=True)  # 2**(drop + exp - 150)
     y = tl.where(q == 0, 0.0, q.to(tl.float32) * unit)
     # x's sign bit onto y, as bits: a negative x that rounds to zero gives -0.0, as the reference's cast does
-    # (not ``-y``: Triton before 3.7 compiles that as ``0 - y``, which turns -0.0 into +0.0)
+    # (not ``-y``: Triton releases before a 2026 fix compile that as ``0 - y``, which turns -0.0 into +0.0)
     sign = (x.to(tl.int32, bitcast=True) >> 31) << 31  # 0x80000000 or 0
     return (y.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 

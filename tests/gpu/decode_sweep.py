@@ -140,13 +140,11 @@ def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
             for bn, st, hf in itertools.product(tile_sizes, (2, 3), (False, True)):
                 opts.append((f"bn{bn} st{st}{' heads-first' if hf else ''}",
                              dict(block_n=bn, num_stages=st, heads_first=hf)))
-            if fp8:
-                opts += [(f"f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts]
         else:
             for sp, bn, st in itertools.product(sorted({heur, 2, 4, 8, 16}), tile_sizes, (2, 3, 4)):
                 opts.append((f"splits {sp} bn{bn} st{st}", dict(num_splits=sp, block_n=bn, num_stages=st)))
-            if fp8:
-                opts += [(f"f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts]
+        if fp8:  # every alternative (and the engine's own launch) also with float16 products
+            opts += [(f"f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts]
         res = []
         for name, kw in opts:
             def call(t, kw=kw, q=q, k=k, v=v, lens=lens, scales=scales):
