@@ -274,6 +274,29 @@ def test_triton_decode_fp8_float16_products(tk, num_splits):
         tk.paged_decode_attention(q, k_cache.float(), v_cache.float(), tables, ctx, 0.125, f16_dot=True)
 
 
+def test_triton_backend_decodes_fp8_with_float16_products_for_bf16_queries(tk):
+    """The backend's decode over an FP8 cache takes the float16 products for bfloat16 queries (faster on an H100),
+    the q-dtype products for float32 ones, and ``fp8_f16_dot=False`` turns them off."""
+    from nanovllm.attention.base import AttentionMetadata
+
+    k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, 64, seed=9)
+    meta = AttentionMetadata(is_prefill=False, cu_seqlens_q=torch.arange(4, dtype=torch.int32, device=DEVICE),
+                             context_lens=ctx, slot_mapping=torch.zeros(3, dtype=torch.int64, device=DEVICE),
+                             block_tables=tables, max_seqlen_q=1, max_seqlen_k=40)
+    q32 = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    for q in (q32.bfloat16(), q32):
+        def kernel(f16_dot, q=q):
+            return tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, k_scale=k_scale,
+                                             v_scale=v_scale, f16_dot=f16_dot)
+        on, off = kernel(True), kernel(False)
+        assert not torch.equal(on, off)  # the two paths differ on these inputs, so the checks below can fail
+        got = tk.TritonBackend().forward(q, None, None, k_cache, v_cache, meta, 0.125, k_scale, v_scale)
+        assert torch.equal(got, on if q.dtype == torch.bfloat16 else off)
+        got = tk.TritonBackend(fp8_f16_dot=False).forward(q, None, None, k_cache, v_cache, meta, 0.125,
+                                                          k_scale, v_scale)
+        assert torch.equal(got, off)
+
+
 def test_triton_prefill_fp8(tk):
     k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([20, 37], 16, 2, 32, seed=7)
     q_lens = [20, 9]  # a whole prompt, and a chunk after a cached prefix

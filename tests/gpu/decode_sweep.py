@@ -104,7 +104,8 @@ def read_bandwidth() -> None:
 
 def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
     """``fp8``: an e4m3 cache (scales of 1), 256-token tiles among the alternatives (a tile of half the bytes
-    may want twice the tokens), and each alternative also with ``f16_dot`` (products in float16)."""
+    may want twice the tokens), and each alternative also with ``f16_dot`` (products in float16, as the engine's
+    own launch over an FP8 cache has them)."""
     from gemm_check import LAYERS, chain, graph_us
 
     sms = tk.num_sms(torch.device("cuda"))
@@ -143,8 +144,9 @@ def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
         else:
             for sp, bn, st in itertools.product(sorted({heur, 2, 4, 8, 16}), tile_sizes, (2, 3, 4)):
                 opts.append((f"splits {sp} bn{bn} st{st}", dict(num_splits=sp, block_n=bn, num_stages=st)))
-        if fp8:  # every alternative (and the engine's own launch) also with float16 products
-            opts += [(f"f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts]
+        if fp8:  # every alternative also with float16 products; the engine's own launch has them (bf16 q)
+            opts = [("engine", dict(f16_dot=True)), ("bf16 products, engine's tiles", {})] + \
+                [(f"f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]] + opts[1:]
         res = []
         for name, kw in opts:
             def call(t, kw=kw, q=q, k=k, v=v, lens=lens, scales=scales):
