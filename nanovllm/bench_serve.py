@@ -276,6 +276,8 @@ def run_hf(w: Workload, folder, device: str, args) -> list[Result]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}  # a local folder: no network
+    if not os.path.isdir(hf_hub_cache()):  # /v1/models scans the hub's cache; some versions fail (500) without one
+        env["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="hf-cache-")
     t = time.perf_counter()
     log = tempfile.TemporaryFile("w+")  # (a pipe nobody reads would fill and stop the server)
     blocks = hf_cache_blocks(w, tokenizer)
@@ -283,7 +285,7 @@ def run_hf(w: Workload, folder, device: str, args) -> list[Result]:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        model = wait_for_server(proc, log, base, timeout=600.0)
+        model = wait_for_server(proc, log, base, timeout=600.0, model=str(folder))
         print(f"hf: transformers serve ready in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         import transformers
 
@@ -332,10 +334,20 @@ def add_word_tokenizer(folder, vocab_size: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
 
 
-def wait_for_server(proc, log, base_url: str, timeout: float, every: float = 30.0) -> str:
-    """Poll ``/v1/models`` until the server answers; returns the model's id.  Every ``every`` seconds it says on
-    stderr how long it has waited and the server's last line; a server that exits first, or does not answer
-    within ``timeout`` seconds, fails with its last lines."""
+def hf_hub_cache() -> str:
+    """The folder the hub's cache is in, as huggingface_hub finds it (HF_HUB_CACHE, HF_HOME, the default)."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+        return HF_HUB_CACHE
+    except ImportError:
+        return os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")
+
+
+def wait_for_server(proc, log, base_url: str, timeout: float, every: float = 30.0, model: str | None = None) -> str:
+    """Poll ``/v1/models`` until the server answers; returns the model's id.  Where ``/v1/models`` fails with a
+    server error while ``/health`` answers (a server that is up but cannot list its models), ``model`` is the id.
+    Every ``every`` seconds it says on stderr how long it has waited and the server's last line; a server that
+    exits first, or does not answer within ``timeout`` seconds, fails with its last lines."""
     import httpx
 
     def last_lines(n: int) -> list[str]:
@@ -352,7 +364,11 @@ def wait_for_server(proc, log, base_url: str, timeout: float, every: float = 30.
             raise RuntimeError(f"transformers serve exited with status {proc.returncode}: "
                                + (" | ".join(lines) if lines else "(no output)"))
         try:
-            models = httpx.get(base_url + "/v1/models", timeout=5.0).json()["data"]
+            reply = httpx.get(base_url + "/v1/models", timeout=5.0)
+            if reply.status_code >= 500 and model is not None:
+                if httpx.get(base_url + "/health", timeout=5.0).status_code == 200:
+                    return model
+            models = reply.json()["data"]
             if models:
                 return models[0]["id"]
         except (httpx.HTTPError, ValueError, KeyError):

@@ -197,6 +197,37 @@ def test_waiting_for_a_server_reports_its_last_lines(capsys):
             bench_serve.wait_for_server(proc, log, f"http://127.0.0.1:{port}", timeout=30.0)
 
 
+def test_waiting_for_a_server_whose_model_list_fails():
+    """A server that is up (/health answers) but fails /v1/models with a 500 (transformers serve without a hub
+    cache, seen on the GPU machine): the id we launched it with; without one, it is not taken as ready."""
+    import subprocess
+    import sys
+    import tempfile
+
+    port = bench_serve.free_port()
+    code = f"""
+import http.server
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 500)
+        self.end_headers()
+        self.wfile.write(b'{{"status": "ok"}}' if self.path == "/health" else b"Internal Server Error")
+    def log_message(self, *a):
+        print(self.requestline, flush=True)
+http.server.HTTPServer(("127.0.0.1", {port}), H).serve_forever()
+"""
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            assert bench_serve.wait_for_server(proc, log, base, timeout=30.0, model="/ckpt") == "/ckpt"
+            with pytest.raises(RuntimeError, match="did not answer within 2 s; its last lines: .*GET /v1/models"):
+                bench_serve.wait_for_server(proc, log, base, timeout=2.0)
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 def test_hf_cache_blocks_fit_the_largest_round():
     """transformers serve's cache is sized for the workload (else it zero-fills 90% of the free memory at
     start-up): every request of the largest round, each rounded up to whole pages, plus two."""
