@@ -344,8 +344,8 @@ def hf_hub_cache() -> str:
 
 
 def wait_for_server(proc, log, base_url: str, timeout: float, every: float = 30.0, model: str | None = None) -> str:
-    """Poll ``/v1/models`` until the server answers; returns the model's id.  Where ``/v1/models`` fails with a
-    server error while ``/health`` answers (a server that is up but cannot list its models), ``model`` is the id.
+    """Poll ``/v1/models`` until the server answers; returns the model's id.  Where ``/v1/models`` lists no model
+    or fails while ``/health`` answers (a server that is up but lists only its hub cache), ``model`` is the id.
     Every ``every`` seconds it says on stderr how long it has waited and the server's last line; a server that
     exits first, or does not answer within ``timeout`` seconds, fails with its last lines."""
     import httpx
@@ -365,12 +365,12 @@ def wait_for_server(proc, log, base_url: str, timeout: float, every: float = 30.
                                + (" | ".join(lines) if lines else "(no output)"))
         try:
             reply = httpx.get(base_url + "/v1/models", timeout=5.0)
-            if reply.status_code >= 500 and model is not None:
-                if httpx.get(base_url + "/health", timeout=5.0).status_code == 200:
-                    return model
-            models = reply.json()["data"]
+            models = reply.json()["data"] if reply.status_code == 200 else []
             if models:
                 return models[0]["id"]
+            # up, but no model listed (a hub cache without it) or the list failed: /health decides
+            if model is not None and httpx.get(base_url + "/health", timeout=5.0).status_code == 200:
+                return model
         except (httpx.HTTPError, ValueError, KeyError):
             pass
         if time.time() - told >= every:
