@@ -19,6 +19,10 @@ B=$root/.gpu/bin
 STASH=${STASH:?set STASH to the folder the first call (stash.sh) filled}
 OUT=${OUT:-$root/.gpu/lanes}; mkdir -p "$OUT"
 cp -n "$STASH"/*.whl "$root"/.gpu/b/whl/ 2>/dev/null
+# the serve extra (chapter 11, the serve bench), where tests/gpu/serve_wheels.sh stashed it on this machine
+if [ -d /tmp/serve-stash ]; then
+  bash "$root"/tests/gpu/serve_wheels.sh install && export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 s=$(date +%s)
 bash "$B"/env.sh python3 -c "from nanovllm import LLM; LLM(max_model_len=256).shutdown()" > "$OUT"/warm.log 2>&1 \
   || { echo "warm-up failed:"; tail -20 "$OUT"/warm.log; exit 3; }

@@ -18,6 +18,10 @@ OUT=${OUT:-$root/.gpu/open_issues}; mkdir -p "$OUT"
 env_sh=${ENV_SH:-$root/.gpu/bin/env.sh}  # (ENV_SH: another wrapper, to try this script without a GPU)
 [ -f "$env_sh" ] || { echo "no $env_sh: run the GPU notes' prepare first"; exit 3; }
 parts=${*:-book fp8 sweep spec serve}
+# the serve extra (chapter 11, the serve bench), where tests/gpu/serve_wheels.sh stashed it on this machine
+if [ -d /tmp/serve-stash ]; then
+  bash "$root"/tests/gpu/serve_wheels.sh install && export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}
+fi
 run() {  # NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.log, say how it ended
   local name=$1 limit=$2; shift 2
   local s; s=$(date +%s)
