@@ -10,8 +10,8 @@ whose ``run`` puts the checkout and the install on the path):
    head dim 128), for several block sizes (a page of 128 tokens is loaded by TMA, others by cp.async); the
    max |difference| of each;
 2. graphs: a decode call captured in a CUDA graph, then replayed with other lengths, block tables and queries
-   (what ``cuda_graph_safe`` claims), and the same for a padded prefill call (what the engine does not yet
-   capture for this backend: ``prefill_graph_safe`` is off);
+   (what ``cuda_graph_safe`` claims), and the same for a padded prefill call (what ``prefill_graph_safe``
+   claims);
 3. engine: greedy tokens of the Qwen3-0.6B shape with random weights in bf16, flash_attn4 (each block size)
    vs triton, with the torch reference vs triton beside them as the noise of bf16; the fraction of equal
    tokens, whole sequences equal, where they first part, and the max |logit difference| of one prefill;
@@ -261,14 +261,15 @@ def engine(block_sizes, prefill_graphs):
         numbers["torch_vs_triton"] = agreement(ref, want) | dict(
             logit_max_abs_diff=(ref_logits - want_logits).abs().max().item())
         print(f"  torch vs triton (the noise of bf16): {numbers['torch_vs_triton']}", flush=True)
-        variants = [(f"flash_attn4_bs{bs}", dict(kvcache_block_size=bs), False) for bs in block_sizes]
-        if prefill_graphs:
-            variants.append((f"flash_attn4_bs{block_sizes[0]}_prefill_graphs",
-                             dict(kvcache_block_size=block_sizes[0]), True))
         from nanovllm.attention.flash_attn4 import FlashAttn4Backend
 
+        default = FlashAttn4Backend.prefill_graph_safe  # the package's: prefill steps captured too
+        variants = [(f"flash_attn4_bs{bs}", dict(kvcache_block_size=bs), default) for bs in block_sizes]
+        if prefill_graphs:  # the other setting beside it
+            variants.append((f"flash_attn4_bs{block_sizes[0]}_prefill_graphs_{'off' if default else 'on'}",
+                             dict(kvcache_block_size=block_sizes[0]), not default))
         for name, kw, capture_prefill in variants:
-            FlashAttn4Backend.prefill_graph_safe = capture_prefill  # an experiment: off in the package
+            FlashAttn4Backend.prefill_graph_safe = capture_prefill
             try:
                 info, got, logits = run_engine(tmp, prompts, params, attention_backend="flash_attn4", **kw)
             except Exception as e:
@@ -276,7 +277,7 @@ def engine(block_sizes, prefill_graphs):
                 print(f"  {name}: {numbers[name]}\n{traceback.format_exc()}", flush=True)
                 continue
             finally:
-                FlashAttn4Backend.prefill_graph_safe = False
+                FlashAttn4Backend.prefill_graph_safe = default
             assert info["backend"] == "flash_attn4" and info["decode_graphs"], info
             assert info["prefill_graphs"] == capture_prefill, info
             numbers[name] = info | agreement(got, want) | dict(
@@ -360,7 +361,7 @@ def main():
     ap.add_argument("--engine-block-sizes", default="16,128",
                     help="block sizes of the engine, decode and bench sections")
     ap.add_argument("--no-prefill-graphs", action="store_true",
-                    help="engine: skip the experimental run with prefill CUDA graphs on")
+                    help="engine: skip the run with the other prefill_graph_safe setting")
     args = ap.parse_args()
     only = set(args.only.split(","))
     unknown = only - {"kernels", "graphs", "engine", "decode", "bench"}
