@@ -480,8 +480,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     Triton widens e4m3 to bfloat16 through float16 (one conversion per pair of values, then one more per value);
     float16 skips the second.  q is rounded to float16 (exact for bfloat16 values between 2**-14 and 65504,
     clamped beyond), and the softmax weights are rounded to float16, finer than bfloat16.  Measured on an H100
-    (``tests/gpu/decode_sweep.py --graph --fp8``, 28 layers from a CUDA graph): 4-17% less time per decode step
-    at batches 218, 101 and 37 of the seed benchmark.
+    (``tests/gpu/decode_sweep.py --graph --fp8``, 28 layers from a CUDA graph): at batches 218, 101 and 37 of the
+    seed benchmark the fastest launches all had float16 products, 4-17% faster than the bfloat16 ones'.
     """
     fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
     if f16_dot and not fp8:
