@@ -104,8 +104,9 @@ def read_bandwidth() -> None:
 
 def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
     """``fp8``: an e4m3 cache (scales of 1), 256-token tiles among the alternatives (a tile of half the bytes
-    may want twice the tokens), and each alternative also with ``f16_dot`` (products in float16, as the engine's
-    own launch over an FP8 cache has them)."""
+    may want twice the tokens), each alternative also with ``f16_dot`` (products in float16, as the engine's own
+    launch over an FP8 cache has them) and with 8 warps; then the engine's launch over a bfloat16 cache on the
+    same batch, for what FP8 saves."""
     from gemm_check import LAYERS, chain, graph_us
 
     sms = tk.num_sms(torch.device("cuda"))
@@ -145,8 +146,10 @@ def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
             for sp, bn, st in itertools.product(sorted({heur, 2, 4, 8, 16}), tile_sizes, (2, 3, 4)):
                 opts.append((f"splits {sp} bn{bn} st{st}", dict(num_splits=sp, block_n=bn, num_stages=st)))
         if fp8:  # every alternative also with float16 products; the engine's own launch has them (bf16 q)
-            opts = [("engine", dict(f16_dot=True)), ("bf16 products, engine's tiles", {})] + \
-                [(f"f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]] + opts[1:]
+            opts = [("engine", dict(f16_dot=True)), ("bf16 products, engine's tiles", {}),
+                    ("engine, 8 warps", dict(f16_dot=True, num_warps=8))] + \
+                [(f"f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]] + \
+                [(f"f16 {name} 8 warps", dict(kw, f16_dot=True, num_warps=8)) for name, kw in opts[1:]] + opts[1:]
         res = []
         for name, kw in opts:
             def call(t, kw=kw, q=q, k=k, v=v, lens=lens, scales=scales):
@@ -163,6 +166,17 @@ def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
               flush=True)
         del k, v
         torch.cuda.empty_cache()
+        if fp8:  # the same batch over a bfloat16 cache, as the engine launches it: what FP8 saves per layer
+            k = torch.randn(nb * LAYERS + 8, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
+            v = torch.randn_like(k)
+
+            def call16(t, q=q, k=k, v=v, lens=lens):
+                tk.paged_decode_attention(q, k, v, t, lens, D ** -0.5)
+            us = graph_us(chain(tables, call16))
+            print(f"           the same over a bfloat16 cache: {us:.1f} us ({2 * nbytes / us / 1e6:.2f} TB/s); "
+                  f"FP8 saves {1 - engine / us:.0%}", flush=True)
+            del k, v
+            torch.cuda.empty_cache()
 
 
 def main():
