@@ -274,6 +274,28 @@ def test_triton_decode_fp8_float16_products(tk, num_splits):
         tk.paged_decode_attention(q, k_cache.float(), v_cache.float(), tables, ctx, 0.125, f16_dot=True)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("head_dim", [64, 80])
+def test_triton_decode_fp8_read_as_words_equals_reading_bytes(tk, num_splits, head_dim):
+    """``fp8_words``: the V tile read as 16-bit words and widened by Triton's conversion ("convert") or by moving
+    bits ("bits"; exact, 2**-8 folded into the output's scale) give the attention of the byte-reading launch
+    (head_dim 80: a tile wider than the head, its masked words); bad values are refused."""
+    k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, head_dim, seed=11)
+    q = torch.randn(3, 6, head_dim, generator=torch.Generator().manual_seed(12)).to(DEVICE).bfloat16()
+    run = dict(num_splits=num_splits, k_scale=k_scale, v_scale=v_scale, f16_dot=True)
+    by_bytes = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run)
+    ref = paged_decode_ref(q.float(), k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
+    for words in ("convert", "bits"):
+        got = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_words=words)
+        torch.testing.assert_close(got, by_bytes, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)  # a bfloat16 output
+    with pytest.raises(ValueError, match="fp8_words must be None, 'convert' or 'bits'"):
+        tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_words="bytes")
+    with pytest.raises(ValueError, match="needs f16_dot=True"):
+        tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, k_scale=k_scale, v_scale=v_scale,
+                                  fp8_words="bits")
+
+
 def test_triton_backend_decodes_fp8_with_float16_products_for_bf16_queries(tk):
     """The backend's decode over an FP8 cache takes the float16 products for bfloat16 queries (faster on an H100),
     the q-dtype products for float32 ones, and ``fp8_f16_dot=False`` turns them off."""

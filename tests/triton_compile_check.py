@@ -154,11 +154,12 @@ def attention_configs(tk, label, heads, kv_heads, head_dim, dtype, cache_dtype, 
         yield (f"paged_decode_attention batch={batch} {label}",
                lambda q=q, t=tables, n=lens: tk.paged_decode_attention(q, k_cache, v_cache, t, n, 0.1,
                                                                       k_scale=scales[0], v_scale=scales[1]))
-        if fp8:  # the float16-products variant (not the default yet)
-            yield (f"paged_decode_attention f16_dot batch={batch} {label}",
-                   lambda q=q, t=tables, n=lens: tk.paged_decode_attention(q, k_cache, v_cache, t, n, 0.1,
-                                                                          k_scale=scales[0], v_scale=scales[1],
-                                                                          f16_dot=True))
+        if fp8:  # float16 products (the backend's for bfloat16 queries), reading bytes or words
+            for words in (None, "convert", "bits"):
+                yield (f"paged_decode_attention f16_dot words={words} batch={batch} {label}",
+                       lambda q=q, t=tables, n=lens, words=words: tk.paged_decode_attention(
+                           q, k_cache, v_cache, t, n, 0.1, k_scale=scales[0], v_scale=scales[1], f16_dot=True,
+                           fp8_words=words))
     q = torch.zeros(tokens, heads, head_dim, dtype=dtype)
     cu = torch.tensor([0, 10, tokens], dtype=torch.int32)
     tables = torch.zeros(2, width, dtype=torch.int32)

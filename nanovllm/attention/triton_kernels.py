@@ -309,6 +309,23 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
 # ----------------------------------------------------------------------------------------------
 
 
+@triton.jit
+def _e4m3_words_to_f16(w, BITS: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """A tile of e4m3 values read as 16-bit words, two values each ([ROWS, COLS // 2] uint16), widened to float16
+    ([ROWS, COLS]).  For the decode kernel's V tile, whose products run over its rows: read as bytes, it leaves
+    shared memory a byte per instruction; as words, in vector loads and ``ldmatrix`` (``tests/ptx_ops.py``).
+    ``BITS``: by moving bits, the sign to bit 15 and exponent and mantissa to bits 13..7, so that float16's
+    exponent bias of 15 reads e4m3's of 7: values 2**-8 of the true ones (the caller folds 2**8 into its
+    scale), exact for every byte but NaN's, with integer operations only; else Triton's conversion."""
+    if BITS:
+        lo = (((w & 0x7F) << 7) | ((w & 0x80) << 8)).to(tl.float16, bitcast=True)  # the low byte: even columns
+        hi = (((w >> 1) & 0x3F80) | (w & 0x8000)).to(tl.float16, bitcast=True)
+    else:
+        lo = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        hi = (w >> 8).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+    return tl.reshape(tl.join(lo, hi), [ROWS, COLS])
+
+
 @triton.jit(do_not_specialize=["stride_btb"])  # the block-table width varies step to step
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, ks_ptr, vs_ptr,
@@ -317,13 +334,14 @@ def _decode_split_kernel(
     num_heads, num_splits,
     stride_qb, stride_qh, stride_qd,
     stride_cb, stride_cs, stride_ch, stride_cd,
+    stride_wb, stride_ws, stride_wh,  # (FP8_WORDS) the cache's strides in 16-bit words
     stride_btb,
     stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
-    FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False,
+    FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False, FP8_WORDS: tl.constexpr = 0,
 ):
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
         kvh = tl.program_id(0)
@@ -359,6 +377,8 @@ def _decode_split_kernel(
     head_off = kvh.to(tl.int64) * stride_ch
     if FP8:  # K's scale goes into the softmax scale, V's onto the output
         qk_scale = qk_scale * tl.load(ks_ptr + kvh)
+    offs_w = tl.arange(0, BLOCK_D // 2)  # (FP8_WORDS) the tile's 16-bit words: two values each
+    w_mask = offs_w < HEAD_DIM // 2
     for t in range(t_start, t_end):
         pos = t * BLOCK_N + offs_n
         n_mask = pos < ctx
@@ -367,6 +387,10 @@ def _decode_split_kernel(
         kv_off = tok_off[:, None] + offs_d[None, :] * stride_cd
         kv_mask = n_mask[:, None] & d_mask[None, :]
 
+        if FP8_WORDS:  # V's tile as 16-bit words (K's bytes already leave shared memory in vector loads)
+            w_row = phys * stride_wb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ws + kvh.to(tl.int64) * stride_wh
+            w_off = w_row[:, None] + offs_w[None, :]  # a contiguous head of even length: whole words
+            w_msk = n_mask[:, None] & w_mask[None, :]
         k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
         qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
@@ -374,7 +398,11 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        if FP8_WORDS:
+            v = _e4m3_words_to_f16(tl.load(vc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
+                                   FP8_WORDS == 2, BLOCK_N, BLOCK_D)
+        else:
+            v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -382,6 +410,8 @@ def _decode_split_kernel(
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if FP8:
         o = o * tl.load(vs_ptr + kvh)
+    if FP8_WORDS == 2:  # V widened by moving bits: float16 values 2**-8 of its own (_e4m3_words_to_f16)
+        o = o * 256.0
     if SINGLE_SPLIT:
         tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
@@ -468,7 +498,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            max_context_len: int | None = None, block_n: int | None = None,
                            num_warps: int = 4, num_stages: int | None = None,
                            heads_first: bool | None = None, k_scale: torch.Tensor | None = None,
-                           v_scale: torch.Tensor | None = None, f16_dot: bool = False) -> torch.Tensor:
+                           v_scale: torch.Tensor | None = None, f16_dot: bool = False,
+                           fp8_words: str | None = None) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -482,10 +513,22 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     clamped beyond), and the softmax weights are rounded to float16, finer than bfloat16.  Measured on an H100
     (``tests/gpu/decode_sweep.py --graph --fp8``, 28 layers from a CUDA graph): at batches 218, 101 and 37 of the
     seed benchmark the fastest launches all had float16 products, 4-17% faster than the bfloat16 ones'.
+    ``fp8_words`` (with ``f16_dot``; None, the default, reads bytes): "convert" or "bits" read the V tile as
+    16-bit words and widen it by Triton's conversion or by moving bits (``_e4m3_words_to_f16``).  Compiled for
+    sm_90, the V tile read as bytes leaves shared memory a byte per instruction, as words in vector loads and
+    ``ldmatrix``; an experiment for ``decode_sweep.py`` until it is timed on a GPU.
     """
     fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
     if f16_dot and not fp8:
         raise ValueError("f16_dot=True is for an FP8 cache (a model-dtype cache is read in its own dtype)")
+    words = {None: 0, "convert": 1, "bits": 2}.get(fp8_words)
+    if words is None:
+        raise ValueError(f"fp8_words must be None, 'convert' or 'bits', got {fp8_words!r}")
+    if words and not f16_dot:
+        raise ValueError("fp8_words widens the FP8 cache to float16, for float16 products: it needs f16_dot=True")
+    if words and (v_cache.stride() != k_cache.stride() or v_cache.stride(-1) != 1 or v_cache.shape[-1] % 2
+                  or any(x % 2 for x in v_cache.stride()[:-1])):
+        raise ValueError("fp8_words reads each head as 16-bit words: it needs a contiguous head of even length")
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
     assert cache_dim == head_dim and num_heads % num_kv_heads == 0
@@ -515,7 +558,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
     key = ("decode", q.device.index, q.dtype, k_cache.dtype, block_n, block_d, group, heads_first, single,
-           num_warps, num_stages, f16_dot)
+           num_warps, num_stages, f16_dot, words)
     launch_fitting_stages(
         _decode_split_kernel, grid, key, num_stages,
         q, k_cache, v_cache, block_tables, context_lens, k_scale if fp8 else context_lens,
@@ -525,13 +568,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_heads, num_splits,
         q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride(),
+        *(x // 2 for x in v_cache.stride()[:3]),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         GROUP=group, GROUP_PAD=max(next_pow2(group), 16),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
-        F16_DOT=f16_dot, num_warps=num_warps,
+        F16_DOT=f16_dot, FP8_WORDS=words, num_warps=num_warps,
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](

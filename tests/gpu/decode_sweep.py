@@ -105,8 +105,8 @@ def read_bandwidth() -> None:
 def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
     """``fp8``: an e4m3 cache (scales of 1), 256-token tiles among the alternatives (a tile of half the bytes
     may want twice the tokens), each alternative also with ``f16_dot`` (products in float16, as the engine's own
-    launch over an FP8 cache has them) and with 8 warps; then the engine's launch over a bfloat16 cache on the
-    same batch, for what FP8 saves."""
+    launch over an FP8 cache has them) and with 8 warps, the V tile read as 16-bit words (``fp8_words``) with a
+    few tilings; then the engine's launch over a bfloat16 cache on the same batch, for what FP8 saves."""
     from gemm_check import LAYERS, chain, graph_us
 
     sms = tk.num_sms(torch.device("cuda"))
@@ -146,8 +146,13 @@ def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
             for sp, bn, st in itertools.product(sorted({heur, 2, 4, 8, 16}), tile_sizes, (2, 3, 4)):
                 opts.append((f"splits {sp} bn{bn} st{st}", dict(num_splits=sp, block_n=bn, num_stages=st)))
         if fp8:  # every alternative also with float16 products; the engine's own launch has them (bf16 q)
+            words = [(f"V as words ({how}){tiles}", dict(f16_dot=True, fp8_words=how, **kw))
+                     for how in ("convert", "bits")
+                     for tiles, kw in (("", {}), (" bn128 st2", dict(block_n=128, num_stages=2)),
+                                       (" bn128 st2 heads-first", dict(block_n=128, num_stages=2, heads_first=True)),
+                                       (" 8 warps", dict(num_warps=8)))]
             opts = [("engine", dict(f16_dot=True)), ("bf16 products, engine's tiles", {}),
-                    ("engine, 8 warps", dict(f16_dot=True, num_warps=8))] + \
+                    ("engine, 8 warps", dict(f16_dot=True, num_warps=8))] + words + \
                 [(f"f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]] + \
                 [(f"f16 {name} 8 warps", dict(kw, f16_dot=True, num_warps=8)) for name, kw in opts[1:]] + opts[1:]
         res = []

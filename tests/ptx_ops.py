@@ -1,0 +1,88 @@
+"""What the decode-attention kernel compiles to, without a GPU: its launches compiled for a GPU architecture (as
+``triton_compile_check.py`` does, never run), and for each the count of the PTX instructions that move and
+convert the K/V tiles (global and shared-memory loads and stores, ``cp.async``, ``ldmatrix``, conversions,
+``mma``), per launch as written in the kernel's text (the loop body once, not per iteration).  A tool for kernel
+work on the FP8 cache; not collected by pytest.
+
+    python tests/ptx_ops.py [--arch 90] [--batch 1024]
+
+Where a launch reads its tiles from shared memory a byte at a time (``ld.shared.b8``) rather than with
+``ldmatrix``, the tile's bytes cost an instruction each: so the FP8 cache's V tile read as bytes, not as 16-bit
+words (``fp8_words``; ``figures/data/kernel_measurements.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # triton_compile_check, beside this file
+sys.path.insert(0, str(HERE.parent))  # the repository root
+
+KINDS = ("ld", "st", "cp", "ldmatrix", "cvt", "mma", "wgmma", "prmt", "and", "or", "shl", "shr", "lop3")
+OPCODE = re.compile(r"\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)")
+
+
+def count_ops(ptx: str) -> collections.Counter:
+    """PTX opcodes of the kinds above, by their first three dotted parts (``ld.shared.b8``, ``cvt.rn.f16x2``)."""
+    ops = collections.Counter()
+    for line in ptx.splitlines():
+        m = OPCODE.match(line)
+        if m is None or line.lstrip().startswith(("//", ".", "$")):
+            continue
+        op = m.group(1)
+        if op.split(".")[0] in KINDS and not op.startswith("ld.param"):
+            ops[".".join(op.split(".")[:3])] += 1
+    return ops
+
+
+def launches(batch: int):
+    """(label, thunk): the decode kernel as the engine launches it over a bfloat16 and an FP8 cache (Qwen3-0.6B's
+    heads), and the FP8 variants ``decode_sweep.py`` times."""
+    import torch
+
+    from nanovllm.attention import triton_kernels as tk
+
+    heads, kv_heads, dim, bs = 16, 8, 128, 16
+    q = torch.zeros(batch, heads, dim, dtype=torch.bfloat16)
+    tables = torch.zeros(batch, 8, dtype=torch.int32)
+    lens = torch.full((batch,), 8 * bs, dtype=torch.int32)
+    bf16 = [torch.zeros(64, bs, kv_heads, dim, dtype=torch.bfloat16) for _ in range(2)]
+    fp8 = [torch.zeros(64, bs, kv_heads, dim, dtype=torch.float8_e4m3fn) for _ in range(2)]
+    scales = dict(k_scale=torch.ones(kv_heads), v_scale=torch.ones(kv_heads))
+    yield "bfloat16 cache", lambda: tk.paged_decode_attention(q, *bf16, tables, lens, 0.1)
+    yield "FP8 cache, bfloat16 products", lambda: tk.paged_decode_attention(q, *fp8, tables, lens, 0.1, **scales)
+    yield "FP8 cache, float16 products (the backend's)", lambda: tk.paged_decode_attention(
+        q, *fp8, tables, lens, 0.1, **scales, f16_dot=True)
+    for words in ("convert", "bits"):
+        yield f"FP8 cache, float16 products, read as words ({words})", lambda words=words: tk.paged_decode_attention(
+            q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words=words)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default: 90, Hopper)")
+    ap.add_argument("--batch", type=int, default=1024, help="decode batch (default 1024: one split, big tiles)")
+    args = ap.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    import triton_compile_check as tcc
+
+    compiled = tcc.install_compile_only(args.arch)
+    for label, launch in launches(args.batch):
+        compiled.clear()
+        launch()
+        name, kernel = compiled[0]
+        ops = count_ops(kernel.asm["ptx"])
+        print(f"{label}: {name}, {kernel.metadata.num_warps} warps, {kernel.metadata.num_stages} stages, "
+              f"{kernel.metadata.shared} B shared")
+        print("   " + ", ".join(f"{op} {n}" for op, n in ops.most_common(12)))
+
+
+if __name__ == "__main__":
+    main()
