@@ -276,8 +276,6 @@ def run_hf(w: Workload, folder, device: str, args) -> list[Result]:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1"}  # a local folder: no network
-    if not os.path.isdir(hf_hub_cache()):  # /v1/models scans the hub's cache; some versions fail (500) without one
-        env["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="hf-cache-")
     t = time.perf_counter()
     log = tempfile.TemporaryFile("w+")  # (a pipe nobody reads would fill and stop the server)
     blocks = hf_cache_blocks(w, tokenizer)
@@ -334,18 +332,10 @@ def add_word_tokenizer(folder, vocab_size: int) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok).save_pretrained(folder)
 
 
-def hf_hub_cache() -> str:
-    """The folder the hub's cache is in, as huggingface_hub finds it (HF_HUB_CACHE, HF_HOME, the default)."""
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-        return HF_HUB_CACHE
-    except ImportError:
-        return os.path.join(os.path.expanduser("~"), ".cache", "huggingface", "hub")
-
-
 def wait_for_server(proc, log, base_url: str, timeout: float, every: float = 30.0, model: str | None = None) -> str:
     """Poll ``/v1/models`` until the server answers; returns the model's id.  Where ``/v1/models`` lists no model
-    or fails while ``/health`` answers (a server that is up but lists only its hub cache), ``model`` is the id.
+    or fails while ``/health`` answers, ``model`` is the id: ``transformers serve`` lists the hub's cache, so on a
+    machine without one it answers 500 (version 5.17) or an empty list, and serves its folder all the same.
     Every ``every`` seconds it says on stderr how long it has waited and the server's last line; a server that
     exits first, or does not answer within ``timeout`` seconds, fails with its last lines."""
     import httpx

@@ -526,8 +526,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError(f"fp8_words must be None, 'convert' or 'bits', got {fp8_words!r}")
     if words and not f16_dot:
         raise ValueError("fp8_words widens the FP8 cache to float16, for float16 products: it needs f16_dot=True")
-    if words and (v_cache.stride() != k_cache.stride() or v_cache.stride(-1) != 1 or v_cache.shape[-1] % 2
-                  or any(x % 2 for x in v_cache.stride()[:-1])):
+    if words and (v_cache.stride(-1) != 1 or v_cache.shape[-1] % 2 or any(x % 2 for x in v_cache.stride()[:-1])):
         raise ValueError("fp8_words reads each head as 16-bit words: it needs a contiguous head of even length")
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
