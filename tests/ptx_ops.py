@@ -62,6 +62,8 @@ def launches(batch: int):
     for words in ("convert", "bits"):
         yield f"FP8 cache, float16 products, read as words ({words})", lambda words=words: tk.paged_decode_attention(
             q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words=words)
+    yield "FP8 cache, float32 products on the CUDA cores (fma)", lambda: tk.paged_decode_attention(
+        q, *fp8, tables, lens, 0.1, **scales, fma=True)
 
 
 def main() -> None:

@@ -102,11 +102,13 @@ def read_bandwidth() -> None:
     print(f"torch copy: {x.numel() * 4 / us / 1e6:.2f} TB/s (read + write)", flush=True)
 
 
-def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
+def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None) -> None:
     """``fp8``: an e4m3 cache (scales of 1), 256-token tiles among the alternatives (a tile of half the bytes
-    may want twice the tokens), each alternative also with ``f16_dot`` (products in float16, as the engine's own
-    launch over an FP8 cache has them) and with 8 warps, the V tile read as 16-bit words (``fp8_words``) with a
-    few tilings; then the engine's launch over a bfloat16 cache on the same batch, for what FP8 saves."""
+    may want twice the tokens), each alternative with ``f16_dot`` (products in float16, as the engine's own
+    launch over an FP8 cache has them; bfloat16 products at the engine's tiles only), also with 8 warps; the V
+    tile (and K's) read as 16-bit words (``fp8_words``, ``fp8_words_k``) with a few tilings; float32 products
+    on the CUDA cores (``fma``); then the engine's launch over a bfloat16 cache on the same batch, for what FP8
+    saves.  ``out``: every launch's time, fastest first, in ``graph_sweep_fp8.txt`` there."""
     from gemm_check import LAYERS, chain, graph_us
 
     sms = tk.num_sms(torch.device("cuda"))
@@ -146,15 +148,22 @@ def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
             for sp, bn, st in itertools.product(sorted({heur, 2, 4, 8, 16}), tile_sizes, (2, 3, 4)):
                 opts.append((f"splits {sp} bn{bn} st{st}", dict(num_splits=sp, block_n=bn, num_stages=st)))
         if fp8:  # every alternative also with float16 products; the engine's own launch has them (bf16 q)
-            words = [(f"V as words ({how}){tiles}", dict(f16_dot=True, fp8_words=how, **kw))
-                     for how in ("convert", "bits")
+            words = [(f"{'K and ' if both else ''}V as words ({how}){tiles}",
+                      dict(f16_dot=True, fp8_words=how, fp8_words_k=both, **kw))
+                     for how in ("convert", "bits", "asm") for both in (False, True)
                      for tiles, kw in (("", {}), (" bn128 st2", dict(block_n=128, num_stages=2)),
                                        (" bn128 st2 heads-first", dict(block_n=128, num_stages=2, heads_first=True)),
-                                       (" 8 warps", dict(num_warps=8)))]
+                                       (" bn256 st2", dict(block_n=256, num_stages=2)),
+                                       (" bn64 st4", dict(block_n=64, num_stages=4)),
+                                       (" 8 warps", dict(num_warps=8)),
+                                       (" bn256 8 warps", dict(block_n=256, num_stages=2, num_warps=8)))
+                     if how == "asm" or not (both or "bn256" in tiles or "bn64" in tiles)]
+            fma = [(f"fma{name}", dict(fma=True, **kw)) for name, kw in (
+                ("", {}), (" bn32", dict(block_n=32)), (" bn32 2 warps", dict(block_n=32, num_warps=2)))]
             opts = [("engine", dict(f16_dot=True)), ("bf16 products, engine's tiles", {}),
-                    ("engine, 8 warps", dict(f16_dot=True, num_warps=8))] + words + \
+                    ("engine, 8 warps", dict(f16_dot=True, num_warps=8))] + words + fma + \
                 [(f"f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]] + \
-                [(f"f16 {name} 8 warps", dict(kw, f16_dot=True, num_warps=8)) for name, kw in opts[1:]] + opts[1:]
+                [(f"f16 {name} 8 warps", dict(kw, f16_dot=True, num_warps=8)) for name, kw in opts[1:]]
         res = []
         for name, kw in opts:
             def call(t, kw=kw, q=q, k=k, v=v, lens=lens, scales=scales):
@@ -169,6 +178,9 @@ def graph_sweep(w, steps: list[int], fp8: bool = False) -> None:
         print(f"step {step:>4} batch {len(ctx):>3} (bucket {bucket}, {heur} split(s)): engine {engine:.1f} us "
               f"({nbytes / engine / 1e6:.2f} TB/s); fastest: " + "; ".join(f"{u:.1f} us {n}" for u, n in res[:3]),
               flush=True)
+        if out:  # every launch, fastest first
+            with open(Path(out, f"graph_sweep{'_fp8' if fp8 else ''}.txt"), "a") as f:
+                f.write(f"step {step} batch {len(ctx)}\n" + "".join(f"  {u:7.1f} us  {n}\n" for u, n in res))
         del k, v
         torch.cuda.empty_cache()
         if fp8:  # the same batch over a bfloat16 cache, as the engine launches it: what FP8 saves per layer
@@ -201,7 +213,7 @@ def main():
     w = seed_workload(256)
     if args.graph:
         steps = "20,200,400,600,800,900,940,960,980,1000,1015" if args.steps == ap.get_default("steps") else args.steps
-        graph_sweep(w, [int(s) for s in steps.split(",")], fp8=args.fp8)
+        graph_sweep(w, [int(s) for s in steps.split(",")], fp8=args.fp8, out=args.out)
         return
     lines = ["step,batch,sum_ctx,layout,block_n,num_warps,num_stages,num_splits,us,tb_per_s"]
     best_per_step = {}

@@ -80,14 +80,26 @@ def kernels():
     for splits in (1, 4):
         out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks, v_scale=vs)
         worst = max(worst, (out.float() - ref).abs().max().item())
+    # float16 products, the tiles read as bytes or as words (widened three ways; K too): every launch vs the reference
+    worst_f16 = {}
+    for words, k_words in ((None, False), ("convert", False), ("bits", False), ("asm", False), ("convert", True),
+                           ("bits", True), ("asm", True)):
+        name = f"{words}{'+K' if k_words else ''}"
+        for splits in (1, 4):
+            out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks,
+                                            v_scale=vs, f16_dot=True, fp8_words=words, fp8_words_k=k_words)
+            worst_f16[name] = max(worst_f16.get(name, 0.0), (out.float() - ref).abs().max().item())
+    print("  decode, float16 products, max |diff| from the reference: "
+          + ", ".join(f"{n} {d:.4f}" for n, d in worst_f16.items()), flush=True)
     qp = torch.randn(int(ctx.sum()), heads, dim, device="cuda", generator=g, dtype=torch.bfloat16)
     cu = torch.zeros(5, dtype=torch.int32, device="cuda")
     cu[1:] = ctx.cumsum(0)
     out = tk.paged_prefill_attention(qp, kc, vc, cu, ctx, tables, dim ** -0.5, int(ctx.max()), k_scale=ks, v_scale=vs)
     refp = paged_attention_ref(qp.float(), kc, vc, cu, ctx, tables, dim ** -0.5, k_scale=ks, v_scale=vs)
     worst_prefill = (out.float() - refp).abs().max().item()
-    assert worst < 3e-2 and worst_prefill < 3e-2, (worst, worst_prefill)
-    return dict(store_bit_exact=store_same, decode_max_diff=worst, prefill_max_diff=worst_prefill)
+    assert worst < 3e-2 and worst_prefill < 3e-2 and max(worst_f16.values()) < 3e-2, (worst, worst_prefill, worst_f16)
+    return dict(store_bit_exact=store_same, decode_max_diff=worst, prefill_max_diff=worst_prefill,
+                decode_f16_max_diff=worst_f16)
 
 
 # -- 2./3. accuracy ----------------------------------------------------------------------------------------------
@@ -153,23 +165,34 @@ def qwen3():
 
 
 # -- 4. the seed benchmark -----------------------------------------------------------------------------------------
-def bench(cap, out):
+def bench(cap, out, words_variants=()):
+    """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K", ...:
+    ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run), to compare the decode kernel's launches."""
     from nanovllm import bench as nb
+    from nanovllm.attention.triton_kernels import TritonBackend
 
+    default = (TritonBackend.fp8_words, TritonBackend.fp8_words_k)
     rates = {}
-    for kv in ("auto", "fp8"):
+    runs = [("auto", "auto", default), ("fp8", "fp8", default)]
+    runs += [(f"fp8_{v}", "fp8", (None if v.split("+")[0] == "bytes" else v.split("+")[0], v.endswith("+K")))
+             for v in words_variants]
+    for name, kv, (words, k_words) in runs:
         argv = ["--engine", "nanovllm", "--kv-cache-dtype", kv, "--json", str(out / "fp8_bench.jsonl")]
         if cap:
             argv += ["--gpu-memory-utilization", f"{cap['gpu_memory_utilization']:.4f}"]
+        TritonBackend.fp8_words, TritonBackend.fp8_words_k = words, k_words
         try:
             [r] = nb.main(argv)
-            rates[kv] = r.tok_per_s
+            rates[name] = r.tok_per_s
         except SystemExit as e:  # an engine failed: bench printed why; keep the other's number
-            rates[kv] = f"failed ({e.code})"
-        print(f"  seed benchmark, kv_cache_dtype={kv}: {rates[kv]}", flush=True)
+            rates[name] = f"failed ({e.code})"
+        finally:
+            TritonBackend.fp8_words, TritonBackend.fp8_words_k = default
+        print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={words}, fp8_words_k={k_words}): "
+              f"{rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
-        rates["fp8_over_auto"] = rates["fp8"] / rates["auto"]
-    return {f"tok_per_s_{k}" if k in ("auto", "fp8") else k: v for k, v in rates.items()}
+        rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
+    return {f"tok_per_s_{k}" if "over" not in k else k: v for k, v in rates.items()}
 
 
 def main():
@@ -177,6 +200,7 @@ def main():
     ap.add_argument("--out", default="/tmp/nanovllm-fp8")
     ap.add_argument("--only", default="kernels,embedded,qwen3,bench")
     ap.add_argument("--cap-gib", type=float, default=None, help="size the engines for a card of this many GiB")
+    ap.add_argument("--words", default="", help="bench: also fp8 with these decode reads, e.g. bytes,convert,asm+K")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("fp8_check.py needs a CUDA GPU")
@@ -201,7 +225,7 @@ def main():
             section("Qwen3-0.6B shape, random weights, bf16: fp8 vs auto", qwen3)
         if "bench" in only:
             section("seed benchmark: auto vs fp8" + (f" (capped at {args.cap_gib:g} GiB)" if cap else ""),
-                    bench, cap, out)
+                    bench, cap, out, [w for w in args.words.split(",") if w])
     finally:
         with open(out / "fp8_check.jsonl", "a") as f:
             for r in RESULTS:
