@@ -343,6 +343,26 @@ def test_triton_backend_decodes_fp8_with_float16_products_for_bf16_queries(tk):
         assert torch.equal(got, off)
 
 
+def test_triton_backend_reads_the_fp8_v_tile_as_words_widened_by_ptx(tk, monkeypatch):
+    """With float16 products the backend reads V as words widened by the GPU's instruction ("asm", the fastest on
+    an H100; "convert" in the interpreter, the same values), K as bytes; not with float32 queries."""
+    from nanovllm.attention.base import AttentionMetadata
+
+    k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, 64, seed=9)
+    meta = AttentionMetadata(is_prefill=False, cu_seqlens_q=torch.arange(4, dtype=torch.int32, device=DEVICE),
+                             context_lens=ctx, slot_mapping=torch.zeros(3, dtype=torch.int64, device=DEVICE),
+                             block_tables=tables, max_seqlen_q=1, max_seqlen_k=40)
+    seen = []
+    real = tk.paged_decode_attention
+    monkeypatch.setattr(tk, "paged_decode_attention", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    q = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    for q_, words in ((q.bfloat16(), "asm"), (q, None)):
+        got = tk.TritonBackend().forward(q_, None, None, k_cache, v_cache, meta, 0.125, k_scale, v_scale)
+        assert (seen[-1]["fp8_words"], seen[-1]["fp8_words_k"]) == (words, False)
+        ref = paged_decode_ref(q_.float(), k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
+        torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
+
+
 def test_triton_prefill_fp8(tk):
     k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([20, 37], 16, 2, 32, seed=7)
     q_lens = [20, 9]  # a whole prompt, and a chunk after a cached prefix

@@ -773,8 +773,9 @@ class TritonBackend(AttentionBackend):
     prefill_graph_safe = True  # prefill programs past a sequence's new tokens return at once
     supports_fp8_kv = True  # on a GPU of compute capability 8.9 or newer (its e4m3 conversions), see usable
 
-    # decode over an FP8 cache with float16 products: how the tiles are read and widened (paged_decode_attention)
-    fp8_words: str | None = None
+    # decode over an FP8 cache with float16 products: how the tiles are read and widened (paged_decode_attention):
+    # V as 16-bit words widened by the GPU's e4m3 instruction, the fastest on an H100 (kernel_measurements.md)
+    fp8_words: str | None = "asm"
     fp8_words_k: bool = False
 
     def __init__(self, num_splits: int | None = None, fp8_f16_dot: bool = True):

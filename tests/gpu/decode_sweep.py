@@ -156,8 +156,11 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None) 
                                        (" bn256 st2", dict(block_n=256, num_stages=2)),
                                        (" bn64 st4", dict(block_n=64, num_stages=4)),
                                        (" 8 warps", dict(num_warps=8)),
-                                       (" bn256 8 warps", dict(block_n=256, num_stages=2, num_warps=8)))
-                     if how == "asm" or not (both or "bn256" in tiles or "bn64" in tiles)]
+                                       (" bn256 8 warps", dict(block_n=256, num_stages=2, num_warps=8)),
+                                       (" splits 2", dict(num_splits=2)), (" splits 3", dict(num_splits=3)),
+                                       (" splits 4", dict(num_splits=4)),
+                                       (" splits 2 bn128 st3", dict(num_splits=2, block_n=128, num_stages=3)))
+                     if how == "asm" or not (both or "bn256" in tiles or "bn64" in tiles or "splits" in tiles)]
             fma = [(f"fma{name}", dict(fma=True, **kw)) for name, kw in (
                 ("", {}), (" bn32", dict(block_n=32)), (" bn32 2 warps", dict(block_n=32, num_warps=2)))]
             opts = [("engine", dict(f16_dot=True)), ("bf16 products, engine's tiles", {}),

@@ -166,30 +166,35 @@ def qwen3():
 
 # -- 4. the seed benchmark -----------------------------------------------------------------------------------------
 def bench(cap, out, words_variants=()):
-    """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K", ...:
-    ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run), to compare the decode kernel's launches."""
+    """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
+    "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
+    splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches."""
     from nanovllm import bench as nb
-    from nanovllm.attention.triton_kernels import TritonBackend
+    from nanovllm.attention import triton_kernels as tk
 
-    default = (TritonBackend.fp8_words, TritonBackend.fp8_words_k)
+    backend = tk.TritonBackend
+    default = (backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES)
     rates = {}
     runs = [("auto", "auto", default), ("fp8", "fp8", default)]
-    runs += [(f"fp8_{v}", "fp8", (None if v.split("+")[0] == "bytes" else v.split("+")[0], v.endswith("+K")))
-             for v in words_variants]
-    for name, kv, (words, k_words) in runs:
+    for v in words_variants:
+        how, _, waves = v.partition("@w")
+        words = how.split("+")[0]
+        runs.append((f"fp8_{v}", "fp8", (None if words == "bytes" else words, how.endswith("+K"),
+                                         int(waves) if waves else default[2])))
+    for name, kv, (words, k_words, waves) in runs:
         argv = ["--engine", "nanovllm", "--kv-cache-dtype", kv, "--json", str(out / "fp8_bench.jsonl")]
         if cap:
             argv += ["--gpu-memory-utilization", f"{cap['gpu_memory_utilization']:.4f}"]
-        TritonBackend.fp8_words, TritonBackend.fp8_words_k = words, k_words
+        backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = words, k_words, waves
         try:
             [r] = nb.main(argv)
             rates[name] = r.tok_per_s
         except SystemExit as e:  # an engine failed: bench printed why; keep the other's number
             rates[name] = f"failed ({e.code})"
         finally:
-            TritonBackend.fp8_words, TritonBackend.fp8_words_k = default
-        print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={words}, fp8_words_k={k_words}): "
-              f"{rates[name]}", flush=True)
+            backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = default
+        print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={words}, fp8_words_k={k_words}, "
+              f"DECODE_WAVES={waves}): {rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
     return {f"tok_per_s_{k}" if "over" not in k else k: v for k, v in rates.items()}
