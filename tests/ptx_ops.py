@@ -31,7 +31,10 @@ OPCODE = re.compile(r"\s*(?:@!?%p\d+\s+)?([a-z][\w.]*)")
 def count_ops(ptx: str) -> collections.Counter:
     """PTX opcodes of the kinds above, by their first three dotted parts (``ld.shared.b8``, ``cvt.rn.f16x2``)."""
     ops = collections.Counter()
-    for line in ptx.splitlines():
+    # inline PTX comes as one line "{ .reg ...; op ...; op ...; }": each of its instructions on a line of its own
+    lines = [part for line in ptx.splitlines()
+             for part in (line.strip(" \t{}").split(";") if line.lstrip().startswith("{ ") else [line])]
+    for line in lines:
         m = OPCODE.match(line)
         if m is None or line.lstrip().startswith(("//", ".", "$")):
             continue
@@ -57,13 +60,13 @@ def launches(batch: int):
     scales = dict(k_scale=torch.ones(kv_heads), v_scale=torch.ones(kv_heads))
     yield "bfloat16 cache", lambda: tk.paged_decode_attention(q, *bf16, tables, lens, 0.1)
     yield "FP8 cache, bfloat16 products", lambda: tk.paged_decode_attention(q, *fp8, tables, lens, 0.1, **scales)
-    yield "FP8 cache, float16 products (the backend's)", lambda: tk.paged_decode_attention(
+    yield "FP8 cache, float16 products, read as bytes", lambda: tk.paged_decode_attention(
         q, *fp8, tables, lens, 0.1, **scales, f16_dot=True)
-    for words in ("convert", "bits"):
-        yield f"FP8 cache, float16 products, read as words ({words})", lambda words=words: tk.paged_decode_attention(
-            q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words=words)
-    yield "FP8 cache, float32 products on the CUDA cores (fma)", lambda: tk.paged_decode_attention(
-        q, *fp8, tables, lens, 0.1, **scales, fma=True)
+    for words, k_words in (("convert", False), ("asm", False), ("asm", True)):
+        yield (f"FP8 cache, float16 products, {'K and ' if k_words else ''}V read as words ({words})"
+               + (" (the backend's)" if k_words else ""),
+               lambda words=words, k_words=k_words: tk.paged_decode_attention(
+                   q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words=words, fp8_words_k=k_words))
 
 
 def main() -> None:

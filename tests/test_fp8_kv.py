@@ -279,45 +279,26 @@ def test_triton_decode_fp8_float16_products(tk, num_splits):
 @pytest.mark.parametrize("head_dim", [64, 80])
 def test_triton_decode_fp8_read_as_words_equals_reading_bytes(tk, num_splits, head_dim):
     """``fp8_words``: the V tile (and with ``fp8_words_k`` K's) read as 16-bit words and widened by Triton's
-    conversion ("convert"), by moving bits ("bits"; exact, 2**-8 folded into the scales) or by inline PTX
-    ("asm", in the interpreter "convert"; compiled by tests/triton_compile_check.py) give the attention of the
-    byte-reading launch
+    conversion ("convert") or by inline PTX ("asm", in the interpreter "convert"; compiled by
+    tests/triton_compile_check.py) give the attention of the byte-reading launch
     (head_dim 80: a tile wider than the head, its masked words); bad values are refused."""
     k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, head_dim, seed=11)
     q = torch.randn(3, 6, head_dim, generator=torch.Generator().manual_seed(12)).to(DEVICE).bfloat16()
     run = dict(num_splits=num_splits, k_scale=k_scale, v_scale=v_scale, f16_dot=True)
     by_bytes = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run)
     ref = paged_decode_ref(q.float(), k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
-    for words, k_words in itertools.product(("convert", "bits", "asm"), (False, True)):
+    for words, k_words in itertools.product(("convert", "asm"), (False, True)):
         got = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_words=words,
                                         fp8_words_k=k_words)
         torch.testing.assert_close(got, by_bytes, rtol=1e-3, atol=1e-3)
         torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)  # a bfloat16 output
     with pytest.raises(ValueError, match="fp8_words_k reads K as words as fp8_words reads V: it needs fp8_words"):
         tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_words_k=True)
-    with pytest.raises(ValueError, match="fp8_words must be None, 'convert', 'bits' or 'asm'"):
+    with pytest.raises(ValueError, match="fp8_words must be None, 'convert' or 'asm'"):
         tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_words="bytes")
     with pytest.raises(ValueError, match="needs f16_dot=True"):
         tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, k_scale=k_scale, v_scale=v_scale,
-                                  fp8_words="bits")
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("fp8", [True, False])
-def test_triton_decode_fma_products_equal_the_reference(tk, num_splits, fp8):
-    """``fma``: the products in float32 on the CUDA cores (the group of 3 query heads unpadded, head_dim 80 in a
-    tile of 128) give the reference's attention, over an FP8 cache and a float32 one; not with ``f16_dot``."""
-    k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, 80, seed=13)
-    if not fp8:
-        k_cache, v_cache = (c.float() * s.view(1, 1, -1, 1) for c, s in ((k_cache, k_scale), (v_cache, v_scale)))
-        k_scale = v_scale = None
-    q = torch.randn(3, 6, 80, generator=torch.Generator().manual_seed(14)).to(DEVICE)
-    run = dict(num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
-    got = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fma=True)
-    ref = paged_decode_ref(q, k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="fma=True computes in float32"):
-        tk.paged_decode_attention(q.bfloat16(), k_cache, v_cache, tables, ctx, 0.125, **run, fma=True, f16_dot=True)
+                                  fp8_words="asm")
 
 
 def test_triton_backend_decodes_fp8_with_float16_products_for_bf16_queries(tk):
@@ -344,8 +325,8 @@ def test_triton_backend_decodes_fp8_with_float16_products_for_bf16_queries(tk):
 
 
 def test_triton_backend_reads_the_fp8_v_tile_as_words_widened_by_ptx(tk, monkeypatch):
-    """With float16 products the backend reads V as words widened by the GPU's instruction ("asm", the fastest on
-    an H100; "convert" in the interpreter, the same values), K as bytes; not with float32 queries."""
+    """With float16 products the backend reads K and V as words widened by the GPU's instruction ("asm", the
+    fastest on an H100; "convert" in the interpreter, the same values); not with float32 queries."""
     from nanovllm.attention.base import AttentionMetadata
 
     k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, 64, seed=9)
@@ -358,7 +339,7 @@ def test_triton_backend_reads_the_fp8_v_tile_as_words_widened_by_ptx(tk, monkeyp
     q = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(10)).to(DEVICE)
     for q_, words in ((q.bfloat16(), "asm"), (q, None)):
         got = tk.TritonBackend().forward(q_, None, None, k_cache, v_cache, meta, 0.125, k_scale, v_scale)
-        assert (seen[-1]["fp8_words"], seen[-1]["fp8_words_k"]) == (words, False)
+        assert (seen[-1]["fp8_words"], seen[-1]["fp8_words_k"]) == (words, words is not None)
         ref = paged_decode_ref(q_.float(), k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
         torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
 

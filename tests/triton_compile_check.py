@@ -155,15 +155,11 @@ def attention_configs(tk, label, heads, kv_heads, head_dim, dtype, cache_dtype, 
                lambda q=q, t=tables, n=lens: tk.paged_decode_attention(q, k_cache, v_cache, t, n, 0.1,
                                                                       k_scale=scales[0], v_scale=scales[1]))
         if fp8:  # float16 products (the backend's for bfloat16 queries), reading bytes or words
-            for words, k_words in ((None, False), ("convert", False), ("bits", False), ("asm", False),
-                                   ("asm", True)):
+            for words, k_words in ((None, False), ("convert", False), ("asm", False), ("asm", True)):
                 yield (f"paged_decode_attention f16_dot words={words}{'+K' if k_words else ''} batch={batch} {label}",
                        lambda q=q, t=tables, n=lens, words=words, k_words=k_words: tk.paged_decode_attention(
                            q, k_cache, v_cache, t, n, 0.1, k_scale=scales[0], v_scale=scales[1], f16_dot=True,
                            fp8_words=words, fp8_words_k=k_words))
-            yield (f"paged_decode_attention fma batch={batch} {label}",
-                   lambda q=q, t=tables, n=lens: tk.paged_decode_attention(
-                       q, k_cache, v_cache, t, n, 0.1, k_scale=scales[0], v_scale=scales[1], fma=True))
     q = torch.zeros(tokens, heads, head_dim, dtype=dtype)
     cu = torch.tensor([0, 10, tokens], dtype=torch.int32)
     tables = torch.zeros(2, width, dtype=torch.int32)

@@ -310,25 +310,21 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
 
 
 @triton.jit
-def _e4m3_words_to_f16(w, MODE: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+def _e4m3_words_to_f16(w, PTX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """A tile of e4m3 values read as 16-bit words, two values each ([ROWS, COLS // 2] uint16), widened to float16
-    ([ROWS, COLS]).  For the decode kernel's V tile, whose products run over its rows: read as bytes, it leaves
-    shared memory a byte per instruction; as words, in vector loads and ``ldmatrix`` (``tests/ptx_ops.py``).
-    ``MODE`` 1: Triton's conversion.  2: by moving bits, the sign to bit 15 and exponent and mantissa to bits
-    13..7, so that float16's exponent bias of 15 reads e4m3's of 7: values 2**-8 of the true ones (the caller
-    folds 2**8 into its scale), exact for every byte but NaN's, with integer operations only.  3: the GPU's own
-    instruction (sm_89 and later), one ``cvt.rn.f16x2.e4m3x2`` per word, in inline PTX (not in the interpreter)."""
-    if MODE == 3:
+    ([ROWS, COLS]).  Read as bytes, the decode kernel's FP8 tiles leave shared memory a byte per instruction (V's,
+    whose products run over its rows) and widen through extra integer work; as words, they go through 16-byte
+    copies and ``ldmatrix`` as a bfloat16 tile does (``tests/ptx_ops.py``).  ``PTX``: the GPU's own instruction,
+    one ``cvt.rn.f16x2.e4m3x2`` per word in inline PTX (sm_89 and later, not the interpreter); else Triton's
+    conversion, value by value.  Both widen exactly: the same float16 values."""
+    if PTX:
         f = tl.inline_asm_elementwise(
             "{ .reg .b16 a, b; mov.b32 {a, b}, $2; cvt.rn.f16x2.e4m3x2 $0, a; cvt.rn.f16x2.e4m3x2 $1, b; }",
             "=r,=r,r", [w], dtype=tl.uint32, is_pure=True, pack=2)  # a word -> its two values as float16x2
         lo = (f & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True)
         hi = (f >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
-    elif MODE == 2:
-        lo = (((w & 0x7F) << 7) | ((w & 0x80) << 8)).to(tl.float16, bitcast=True)  # the low byte: even columns
-        hi = (((w >> 1) & 0x3F80) | (w & 0x8000)).to(tl.float16, bitcast=True)
     else:
-        lo = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        lo = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)  # the low byte: even columns
         hi = (w >> 8).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
     return tl.reshape(tl.join(lo, hi), [ROWS, COLS])
 
@@ -349,7 +345,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
     FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False, FP8_WORDS: tl.constexpr = 0,
-    FMA: tl.constexpr = False, FP8_K_WORDS: tl.constexpr = False,
+    FP8_K_WORDS: tl.constexpr = False,
 ):
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
         kvh = tl.program_id(0)
@@ -376,8 +372,6 @@ def _decode_split_kernel(
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if F16_DOT:  # K and V (below: .to(q.dtype)) widen from e4m3 to float16, one instruction per pair of values
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
-    if FMA:  # products in float32 on the CUDA cores: no tensor-core operand layouts, no padding of the group
-        q = q.to(tl.float32)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -387,8 +381,6 @@ def _decode_split_kernel(
     head_off = kvh.to(tl.int64) * stride_ch
     if FP8:  # K's scale goes into the softmax scale, V's onto the output
         qk_scale = qk_scale * tl.load(ks_ptr + kvh)
-    if FP8_K_WORDS and FP8_WORDS == 2:  # K widened by moving bits: float16 values 2**-8 of its own
-        qk_scale = qk_scale * 256.0
     offs_w = tl.arange(0, BLOCK_D // 2)  # (FP8_WORDS) the tile's 16-bit words: two values each
     w_mask = offs_w < HEAD_DIM // 2
     for t in range(t_start, t_end):
@@ -399,19 +391,16 @@ def _decode_split_kernel(
         kv_off = tok_off[:, None] + offs_d[None, :] * stride_cd
         kv_mask = n_mask[:, None] & d_mask[None, :]
 
-        if FP8_WORDS:  # V's tile as 16-bit words (K's bytes already leave shared memory in vector loads)
+        if FP8_WORDS:  # the tiles as 16-bit words (V's; K's too with FP8_K_WORDS)
             w_row = phys * stride_wb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ws + kvh.to(tl.int64) * stride_wh
             w_off = w_row[:, None] + offs_w[None, :]  # a contiguous head of even length: whole words
             w_msk = n_mask[:, None] & w_mask[None, :]
         if FP8_K_WORDS:  # K's tile as 16-bit words too (the cache's K and V share their strides)
             k = _e4m3_words_to_f16(tl.load(kc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
-                                   FP8_WORDS, BLOCK_N, BLOCK_D)
+                                   FP8_WORDS == 2, BLOCK_N, BLOCK_D)
         else:
             k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-        if FMA:
-            qk = tl.sum(q[:, None, :] * k[None, :, :], 2)
-        else:
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
         qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one valid token
         alpha = tl.exp2(m_i - m_new)
@@ -419,21 +408,16 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         if FP8_WORDS:
             v = _e4m3_words_to_f16(tl.load(vc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
-                                   FP8_WORDS, BLOCK_N, BLOCK_D)
+                                   FP8_WORDS == 2, BLOCK_N, BLOCK_D)
         else:
             v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-        if FMA:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], 1)
-        else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     has = l_i > 0  # false only for an empty split (or a padded sequence with context length 0)
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if FP8:
         o = o * tl.load(vs_ptr + kvh)
-    if FP8_WORDS == 2:  # V widened by moving bits: float16 values 2**-8 of its own (_e4m3_words_to_f16)
-        o = o * 256.0
     if SINGLE_SPLIT:
         tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
@@ -521,8 +505,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_warps: int = 4, num_stages: int | None = None,
                            heads_first: bool | None = None, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, f16_dot: bool = False,
-                           fp8_words: str | None = None, fp8_words_k: bool = False,
-                           fma: bool = False) -> torch.Tensor:
+                           fp8_words: str | None = None, fp8_words_k: bool = False) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -536,25 +519,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     clamped beyond), and the softmax weights are rounded to float16, finer than bfloat16.  Measured on an H100
     (``tests/gpu/decode_sweep.py --graph --fp8``, 28 layers from a CUDA graph): at batches 218, 101 and 37 of the
     seed benchmark the fastest launches all had float16 products, 4-17% faster than the bfloat16 ones'.
-    ``fp8_words`` (with ``f16_dot``; None, the default, reads bytes): "convert", "bits" or "asm" read the V tile
-    as 16-bit words and widen it by Triton's conversion, by moving bits, or by the GPU's own instruction in inline
-    PTX ("asm": sm_89 and later, as the FP8 cache is; in the interpreter it falls back to "convert", the same
-    values) (``_e4m3_words_to_f16``); ``fp8_words_k`` reads K's tile the same way.  Compiled for sm_90, the V
-    tile read as bytes leaves shared memory a byte per instruction, as words in vector loads and ``ldmatrix``:
-    on an H100 at the seed benchmark's batches 218, 101 and 37, "convert" was 14-17% faster than bytes
-    (``figures/data/kernel_measurements.md``).
-    ``fma`` (not with ``f16_dot``): the products in float32 on the CUDA cores, the group's query heads unpadded,
-    K and V widened in registers straight from their loads (no tensor-core operand layouts); an experiment.
+    ``fp8_words`` (with ``f16_dot``; None, the default here, reads bytes): "convert" or "asm" read the V tile as
+    16-bit words and widen it by Triton's conversion or by the GPU's own instruction in inline PTX ("asm": sm_89
+    and later, as the FP8 cache is; in the interpreter it falls back to "convert", the same values)
+    (``_e4m3_words_to_f16``); ``fp8_words_k`` reads K's tile the same way.  ``TritonBackend`` takes "asm" for
+    both: on an H100 at the seed benchmark's batches 218, 101 and 37 (the sweep above) it took 138 / 104 / 58 us
+    per layer against 170 / 128 / 76 us reading bytes (``figures/data/kernel_measurements.md``).
     """
     fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
-    if fma and (f16_dot or fp8_words):
-        raise ValueError("fma=True computes in float32 on the CUDA cores: not with f16_dot or fp8_words")
     if f16_dot and not fp8:
         raise ValueError("f16_dot=True is for an FP8 cache (a model-dtype cache is read in its own dtype)")
-    words = {None: 0, "convert": 1, "bits": 2, "asm": 3}.get(fp8_words)
+    words = {None: 0, "convert": 1, "asm": 2}.get(fp8_words)
     if words is None:
-        raise ValueError(f"fp8_words must be None, 'convert', 'bits' or 'asm', got {fp8_words!r}")
-    if words == 3 and type(_decode_split_kernel).__name__ == "InterpretedFunction":
+        raise ValueError(f"fp8_words must be None, 'convert' or 'asm', got {fp8_words!r}")
+    if words == 2 and type(_decode_split_kernel).__name__ == "InterpretedFunction":
         words = 1  # no PTX in Triton's interpreter: its conversion, the same values
     if fp8_words_k and not words:
         raise ValueError("fp8_words_k reads K as words as fp8_words reads V: it needs fp8_words")
@@ -593,7 +571,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
     key = ("decode", q.device.index, q.dtype, k_cache.dtype, block_n, block_d, group, heads_first, single,
-           num_warps, num_stages, f16_dot, words, fp8_words_k, fma)
+           num_warps, num_stages, f16_dot, words, fp8_words_k)
     launch_fitting_stages(
         _decode_split_kernel, grid, key, num_stages,
         q, k_cache, v_cache, block_tables, context_lens, k_scale if fp8 else context_lens,
@@ -606,11 +584,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *(x // 2 for x in v_cache.stride()[:3]),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        GROUP=group, GROUP_PAD=next_pow2(group) if fma else max(next_pow2(group), 16),
+        GROUP=group, GROUP_PAD=max(next_pow2(group), 16),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
-        F16_DOT=f16_dot, FP8_WORDS=words, FMA=fma, FP8_K_WORDS=fp8_words_k, num_warps=num_warps,
+        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, num_warps=num_warps,
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -774,9 +752,9 @@ class TritonBackend(AttentionBackend):
     supports_fp8_kv = True  # on a GPU of compute capability 8.9 or newer (its e4m3 conversions), see usable
 
     # decode over an FP8 cache with float16 products: how the tiles are read and widened (paged_decode_attention):
-    # V as 16-bit words widened by the GPU's e4m3 instruction, the fastest on an H100 (kernel_measurements.md)
+    # K and V as 16-bit words widened by the GPU's e4m3 instruction, the fastest on an H100 (kernel_measurements.md)
     fp8_words: str | None = "asm"
-    fp8_words_k: bool = False
+    fp8_words_k: bool = True
 
     def __init__(self, num_splits: int | None = None, fp8_f16_dot: bool = True):
         self.num_splits = num_splits  # decode split count; None: heuristic

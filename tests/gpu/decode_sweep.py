@@ -103,12 +103,11 @@ def read_bandwidth() -> None:
 
 
 def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None) -> None:
-    """``fp8``: an e4m3 cache (scales of 1), 256-token tiles among the alternatives (a tile of half the bytes
-    may want twice the tokens), each alternative with ``f16_dot`` (products in float16, as the engine's own
-    launch over an FP8 cache has them; bfloat16 products at the engine's tiles only), also with 8 warps; the V
-    tile (and K's) read as 16-bit words (``fp8_words``, ``fp8_words_k``) with a few tilings; float32 products
-    on the CUDA cores (``fma``); then the engine's launch over a bfloat16 cache on the same batch, for what FP8
-    saves.  ``out``: every launch's time, fastest first, in ``graph_sweep_fp8.txt`` there."""
+    """``fp8``: an e4m3 cache (scales of 1): the backend's launch (``TritonBackend``: float16 products, K and V
+    read as 16-bit words widened by inline PTX) with other tilings, warps and split counts, against reading V or
+    K as bytes, Triton's conversion, and bfloat16 products (256-token tiles among the alternatives: a tile of
+    half the bytes may want twice the tokens); then the backend's launch over a bfloat16 cache on the same batch,
+    for what FP8 saves.  ``out``: every launch's time, fastest first, in ``graph_sweep_fp8.txt`` there."""
     from gemm_check import LAYERS, chain, graph_us
 
     sms = tk.num_sms(torch.device("cuda"))
@@ -147,26 +146,19 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None) 
         else:
             for sp, bn, st in itertools.product(sorted({heur, 2, 4, 8, 16}), tile_sizes, (2, 3, 4)):
                 opts.append((f"splits {sp} bn{bn} st{st}", dict(num_splits=sp, block_n=bn, num_stages=st)))
-        if fp8:  # every alternative also with float16 products; the engine's own launch has them (bf16 q)
-            words = [(f"{'K and ' if both else ''}V as words ({how}){tiles}",
-                      dict(f16_dot=True, fp8_words=how, fp8_words_k=both, **kw))
-                     for how in ("convert", "bits", "asm") for both in (False, True)
-                     for tiles, kw in (("", {}), (" bn128 st2", dict(block_n=128, num_stages=2)),
-                                       (" bn128 st2 heads-first", dict(block_n=128, num_stages=2, heads_first=True)),
-                                       (" bn256 st2", dict(block_n=256, num_stages=2)),
-                                       (" bn64 st4", dict(block_n=64, num_stages=4)),
-                                       (" 8 warps", dict(num_warps=8)),
-                                       (" bn256 8 warps", dict(block_n=256, num_stages=2, num_warps=8)),
-                                       (" splits 2", dict(num_splits=2)), (" splits 3", dict(num_splits=3)),
-                                       (" splits 4", dict(num_splits=4)),
-                                       (" splits 2 bn128 st3", dict(num_splits=2, block_n=128, num_stages=3)))
-                     if how == "asm" or not (both or "bn256" in tiles or "bn64" in tiles or "splits" in tiles)]
-            fma = [(f"fma{name}", dict(fma=True, **kw)) for name, kw in (
-                ("", {}), (" bn32", dict(block_n=32)), (" bn32 2 warps", dict(block_n=32, num_warps=2)))]
-            opts = [("engine", dict(f16_dot=True)), ("bf16 products, engine's tiles", {}),
-                    ("engine, 8 warps", dict(f16_dot=True, num_warps=8))] + words + fma + \
-                [(f"f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]] + \
-                [(f"f16 {name} 8 warps", dict(kw, f16_dot=True, num_warps=8)) for name, kw in opts[1:]]
+        if fp8:  # the backend's launch (float16 products, K and V read as words), its tilings and the older reads
+            eng = dict(f16_dot=True, fp8_words=tk.TritonBackend.fp8_words, fp8_words_k=tk.TritonBackend.fp8_words_k)
+            tilings = (("", {}), (" bn128 st2", dict(block_n=128, num_stages=2)),
+                       (" bn128 st2 heads-first", dict(block_n=128, num_stages=2, heads_first=True)),
+                       (" bn64 st4", dict(block_n=64, num_stages=4)), (" 2 warps", dict(num_warps=2)),
+                       (" bn64 2 warps", dict(block_n=64, num_warps=2)), (" 8 warps", dict(num_warps=8)),
+                       (" splits 2", dict(num_splits=2)), (" splits 2 bn128 st3", dict(num_splits=2, block_n=128)))
+            opts = [("engine", eng)] + [(f"engine{name}", dict(eng, **kw)) for name, kw in tilings[1:]] + [
+                ("V as words (asm), K as bytes", dict(eng, fp8_words_k=False)),
+                ("K and V as words (convert)", dict(eng, fp8_words="convert")),
+                ("V as words (convert), K as bytes", dict(eng, fp8_words="convert", fp8_words_k=False)),
+                ("bytes, float16 products", dict(f16_dot=True)), ("bytes, bfloat16 products", {})] + \
+                [(f"bytes f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]]
         res = []
         for name, kw in opts:
             def call(t, kw=kw, q=q, k=k, v=v, lens=lens, scales=scales):
