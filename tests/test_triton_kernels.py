@@ -213,6 +213,11 @@ def test_decode_launch_settings(monkeypatch):
     assert split == dict(block_n=64, num_stages=4, heads_first=False)
     assert tk.decode_launch(256, 8, 1, 128, 4, cpu)["block_n"] == 64  # float32 values: shorter tiles
     assert not tk.decode_launch(70000, 8, 1, 128, 2, cpu)["heads_first"]  # past the grid's y limit
+    # an FP8 cache: tiles of 128 tokens at any batch, fewer stages
+    assert tk.decode_launch(40, 8, 1, 128, 2, cpu, fp8=True) == dict(
+        block_n=128, num_stages=tk.FP8_DECODE_STAGES[0], heads_first=True)
+    assert tk.decode_launch(4, 8, 16, 128, 2, cpu, fp8=True) == dict(
+        block_n=128, num_stages=tk.FP8_DECODE_STAGES[1], heads_first=False)
     # a GPU with ~100 KB of shared memory per program: the K/V tiles of every stage must fit
     monkeypatch.setattr(tk, "max_shared_memory", lambda *a: 99 * 1024)
     for args in [(256, 8, 1, 128, 2), (4, 8, 16, 128, 2), (4, 8, 16, 128, 4), (256, 8, 1, 256, 2)]:

@@ -462,6 +462,7 @@ BIG_TILE_PROGRAMS_PER_SM = 4  # from this many (sequence, KV head) programs per 
 DECODE_WAVES = 2  # from this many (sequence, KV head) programs per SM, no split
 SPLIT_PROGRAMS_PER_SM = 4  # below it, enough splits for about this many programs per SM
 DECODE_STAGES = 3  # pipeline depth of the K/V loads (single split); split programs are short: 4
+FP8_DECODE_STAGES = (2, 3)  # over an FP8 cache (tiles of 128 tokens at any batch): one split, several
 
 
 def pick_num_splits(batch: int, num_kv_heads: int, max_context_len: int, num_sms: int = 132,
@@ -478,7 +479,7 @@ def pick_num_splits(batch: int, num_kv_heads: int, max_context_len: int, num_sms
 
 
 def decode_launch(batch: int, num_kv_heads: int, num_splits: int, block_d: int, elem_size: int,
-                  device: torch.device) -> dict:
+                  device: torch.device, fp8: bool = False) -> dict:
     """Tile length, pipeline depth and program order of the decode kernel: the settings that timed
     fastest on an H100 over the seed benchmark's batches, 28 layers replayed from a CUDA graph
     (``tests/gpu/decode_sweep.py --graph``; the numbers are in ``figures/data/kernel_measurements.md``).
@@ -486,14 +487,21 @@ def decode_launch(batch: int, num_kv_heads: int, num_splits: int, block_d: int, 
     * one split: a sequence's KV heads side by side in launch order (they read the same cache blocks,
       and timed faster than sequence-major), three stages, tiles of 128 tokens once there are
       ``BIG_TILE_PROGRAMS_PER_SM`` programs per SM (and 16-bit values);
-    * several splits: tiles of 64 tokens, four stages.
+    * several splits: tiles of 64 tokens, four stages;
+    * ``fp8`` (an FP8 cache, ``elem_size`` q's): tiles of 128 tokens at every batch, two stages (one split) or
+      three (several): on an H100, 2026-12-06, at batch 37 of the seed benchmark 57.8 us per layer against 77.3
+      with the 16-bit values' settings, at batch 218 137.1 against 144.3.
     The stages shrink to what fits the device's shared memory (K and V tiles of every stage)."""
     single = num_splits == 1
     big = single and batch * num_kv_heads >= BIG_TILE_PROGRAMS_PER_SM * num_sms(device)
-    block_n = 128 if big and elem_size == 2 and block_d <= 128 else DECODE_BLOCK_N
-    per_stage = 2 * block_n * block_d * elem_size
+    if fp8:
+        block_n = 128 if block_d <= 128 else DECODE_BLOCK_N
+        per_stage, most = 2 * block_n * block_d, FP8_DECODE_STAGES[0 if single else 1]
+    else:
+        block_n = 128 if big and elem_size == 2 and block_d <= 128 else DECODE_BLOCK_N
+        per_stage, most = 2 * block_n * block_d * elem_size, DECODE_STAGES if single else 4
     room = max_shared_memory(device) - 8 * 1024  # leave room for the rest
-    stages = max(1, min(DECODE_STAGES if single else 4, room // per_stage))
+    stages = max(1, min(most, room // per_stage))
     # KV-head-major puts the batch in the grid's second dimension, which CUDA caps at 65,535
     return dict(block_n=block_n, num_stages=stages, heads_first=single and batch <= 65535)
 
@@ -559,7 +567,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_splits = pick_num_splits(batch, num_kv_heads, max_context_len, sms, block_n or DECODE_BLOCK_N)
     num_splits = max(int(num_splits), 1)
     block_d = max(next_pow2(head_dim), 16)
-    auto = decode_launch(batch, num_kv_heads, num_splits, block_d, q.element_size(), q.device)
+    auto = decode_launch(batch, num_kv_heads, num_splits, block_d, q.element_size(), q.device, fp8=fp8)
     block_n = auto["block_n"] if block_n is None else block_n
     num_stages = auto["num_stages"] if num_stages is None else num_stages
     heads_first = auto["heads_first"] if heads_first is None else heads_first
