@@ -7,8 +7,8 @@
 # PARTS (all when none, in this order; each under its own time limit, its result printed as it ends):
 #   book    chapter 12 through nbval on the full card and at 8 GiB, at once (book_lanes.sh)
 #   fp8     fp8_check.py's kernels section (the Triton FP8 store bit for bit, decode, prefill)
-#   sweep   decode_sweep.py --graph --fp8 at three decode steps: the engine's FP8 launch vs 256-token tiles and
-#           float16 products (f16_dot)
+#   sweep   decode_sweep.py --graph --fp8 at three decode steps: the engine's FP8 launch (K and V read as words,
+#           inline PTX) vs other tilings, byte reads and the bfloat16 cache (every launch in $OUT/sweep/)
 #   spec    spec_check.py --skip-equality: acceptance and speed-up at batch 1 and 16, fixed-length runs
 #   serve   the serve bench, nanovllm and `transformers serve`, 16 chat requests of 16 tokens at 4 and inf req/s
 # Logs go to $OUT (the device call's output folder) or .gpu/open_issues.
@@ -38,7 +38,8 @@ for part in $parts; do
       run fp8 90 bash "$env_sh" python3 tests/gpu/fp8_check.py --only kernels --out "$OUT/fp8"
       grep -E "^(PASS|FAIL)|Error" "$OUT/fp8.log" ;;
     sweep)
-      run sweep 150 bash "$env_sh" python3 tests/gpu/decode_sweep.py --graph --fp8 --steps 200,600,900
+      mkdir -p "$OUT/sweep"
+      run sweep 150 bash "$env_sh" python3 tests/gpu/decode_sweep.py --graph --fp8 --steps 200,600,900 --out "$OUT/sweep"
       grep -E "^step|Error" "$OUT/sweep.log" ;;
     spec)
       run spec 120 bash "$env_sh" python3 tests/gpu/spec_check.py --skip-equality
