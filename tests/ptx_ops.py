@@ -73,6 +73,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (default: 90, Hopper)")
     ap.add_argument("--batch", type=int, default=1024, help="decode batch (default 1024: one split, big tiles)")
+    ap.add_argument("--shared", action="store_true",
+                    help="also each launch's shared-memory buffers (TTGIR local_alloc: what goes through it)")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
@@ -87,6 +89,20 @@ def main() -> None:
         print(f"{label}: {name}, {kernel.metadata.num_warps} warps, {kernel.metadata.num_stages} stages, "
               f"{kernel.metadata.shared} B shared")
         print("   " + ", ".join(f"{op} {n}" for op, n in ops.most_common(12)))
+        if args.shared:
+            for line in shared_buffers(kernel.asm["ttgir"]):
+                print("   shared: " + line)
+
+
+def shared_buffers(ttgir: str) -> list[str]:
+    """The kernel's shared-memory buffers, from its TTGIR: ``<shape x type> <layout>`` of each ``local_alloc``, and
+    whether a register tile is stored into it (a layout conversion through shared memory) or ``cp.async`` fills it."""
+    layouts = dict(re.findall(r"^(#shared\d*) = (#ttg\.\w+<\{[^}]*\}>)", ttgir, re.M))
+    out = []
+    for m in re.finditer(r"ttg\.local_alloc( %\S+)? : (\([^)]*\) -> )?!ttg\.memdesc<([^,]+), (#shared\d*)", ttgir):
+        how = "a register tile stored into it" if m.group(1) else "filled by cp.async"
+        out.append(f"{m.group(3)} ({how}), {layouts.get(m.group(4), m.group(4))}")
+    return out
 
 
 if __name__ == "__main__":
