@@ -3,9 +3,11 @@
     PYTHONPATH=. python3 tests/gpu/fp8_check.py                 # checks + the seed benchmark, auto vs fp8
     PYTHONPATH=. python3 tests/gpu/fp8_check.py --cap-gib 8     # the same sized for an 8 GiB card
     PYTHONPATH=. python3 tests/gpu/fp8_check.py --only kernels,embedded,qwen3,bench [--out DIR]
+    PYTHONPATH=. python3 tests/gpu/fp8_check.py --only bench --words bytes,convert,asm+K,asm@w4   # decode reads
 
 1. kernels: the Triton store (and the fused RoPE + store) writes the reference's e4m3 bytes bit for bit in
-   bfloat16; decode (one split and several) and prefill over an FP8 cache match the reference;
+   bfloat16; decode (one split and several; with float16 products, the tiles read as bytes or as words, either
+   conversion) and prefill over an FP8 cache match the reference;
 2. embedded: SmolLM2-135M-Instruct (real weights, bf16), kv_cache_dtype "auto" vs "fp8": the max |logit
    difference| of a prefill, the first greedy token where they part, and the teacher-forced top-1 agreement
    over a long greedy generation (does fp8 pick auto's next token at every position of auto's text); two
