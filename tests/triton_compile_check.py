@@ -132,15 +132,11 @@ def attention_configs(tk, label, heads, kv_heads, head_dim, dtype, cache_dtype, 
     num_blocks, tokens = 64, 40
     k_cache = torch.zeros(num_blocks, block_size, kv_heads, head_dim, dtype=cache_dtype)
     v_cache = torch.zeros_like(k_cache)
-    # an FP8 V stored transposed, as the engine stores it for TritonBackend (fp8_v_transposed)
-    v_t = torch.zeros(num_blocks, kv_heads, head_dim, block_size, dtype=cache_dtype).permute(0, 3, 1, 2)
     scales = (torch.ones(kv_heads), torch.ones(kv_heads)) if fp8 else (None, None)
     slots = torch.arange(tokens)
     k = torch.zeros(tokens, kv_heads, head_dim, dtype=dtype)
 
     yield f"store_kvcache {label}", lambda: tk.store_kvcache(k, k, k_cache, v_cache, slots, *scales)
-    if fp8:
-        yield f"store_kvcache V transposed {label}", lambda: tk.store_kvcache(k, k, k_cache, v_t, slots, *scales)
     cos_sin = torch.zeros(1024, head_dim)
     for norm in (False, True):
         weights = (torch.ones(head_dim, dtype=dtype),) * 2 if norm else (None, None)
@@ -150,12 +146,6 @@ def attention_configs(tk, label, heads, kv_heads, head_dim, dtype, cache_dtype, 
             tk.qkv_rope_store(qkv, torch.arange(tokens), cos_sin, heads, kv_heads, head_dim, *weights, 1e-6,
                               k_cache, v_cache, slots, *scales)
         yield f"qkv_rope_store norm={norm} {label}", rope
-        if fp8:
-            def rope_t(weights=weights):
-                qkv = torch.zeros(tokens, (heads + 2 * kv_heads) * head_dim, dtype=dtype)
-                tk.qkv_rope_store(qkv, torch.arange(tokens), cos_sin, heads, kv_heads, head_dim, *weights, 1e-6,
-                                  k_cache, v_t, slots, *scales)
-            yield f"qkv_rope_store V transposed norm={norm} {label}", rope_t
     width = 8
     for batch in (1, 64, 1024):  # split KV / one split / one split with the big tiles
         q = torch.zeros(batch, heads, head_dim, dtype=dtype)
@@ -170,11 +160,6 @@ def attention_configs(tk, label, heads, kv_heads, head_dim, dtype, cache_dtype, 
                        lambda q=q, t=tables, n=lens, words=words, k_words=k_words: tk.paged_decode_attention(
                            q, k_cache, v_cache, t, n, 0.1, k_scale=scales[0], v_scale=scales[1], f16_dot=True,
                            fp8_words=words, fp8_words_k=k_words))
-            for words, k_words in ((None, False), ("asm", True))[:1 if block_size > tk.MAX_V_T_WORDS_BLOCK else 2]:
-                yield (f"paged_decode_attention V transposed words={words}{'+K' if k_words else ''} batch={batch} "
-                       f"{label}", lambda q=q, t=tables, n=lens, words=words, k_words=k_words:
-                       tk.paged_decode_attention(q, k_cache, v_t, t, n, 0.1, k_scale=scales[0], v_scale=scales[1],
-                                                 f16_dot=True, fp8_words=words, fp8_words_k=k_words))
     q = torch.zeros(tokens, heads, head_dim, dtype=dtype)
     cu = torch.tensor([0, 10, tokens], dtype=torch.int32)
     tables = torch.zeros(2, width, dtype=torch.int32)
@@ -182,10 +167,6 @@ def attention_configs(tk, label, heads, kv_heads, head_dim, dtype, cache_dtype, 
     yield (f"paged_prefill_attention {label}",
            lambda: tk.paged_prefill_attention(q, k_cache, v_cache, cu, lens, tables, 0.1, 30,
                                               k_scale=scales[0], v_scale=scales[1]))
-    if fp8:
-        yield (f"paged_prefill_attention V transposed {label}",
-               lambda: tk.paged_prefill_attention(q, k_cache, v_t, cu, lens, tables, 0.1, 30,
-                                                  k_scale=scales[0], v_scale=scales[1]))
 
 
 def package_kernels() -> set[str]:

@@ -67,7 +67,6 @@ class AttentionBackend:
     supports_fp8_kv: bool = False
     #: whether the engine stores an FP8 cache's V transposed for this backend (see the layout above)
     fp8_v_transposed: bool = False
-    fp8_v_transposed_max_block: int = 0  #: ... for blocks of at most this many tokens
 
     @classmethod
     def usable(cls, device, dtype) -> bool:

@@ -433,8 +433,10 @@ def _decode_split_kernel(
             # the block's last owner stored: finite (every store clamps and maps NaN to 0, _to_e4m3) or zero.
             run_mask = (t * BLOCK_N + offs_p // (V_SPAN // 2) * V_SPAN) < ctx
             p_blk = tl.max_constancy(tl.load(bt_row + pair // BLOCK_SIZE, mask=run_mask, other=0), V_SPAN // 2)
-            tl.static_assert(BLOCK_SIZE <= BLOCK_N, "a tile of whole blocks (MAX_V_T_WORDS_BLOCK)")
-            in_blk = offs_p % (BLOCK_SIZE // 2)
+            if BLOCK_SIZE > BLOCK_N:  # the tile is part of one block
+                in_blk = (t * BLOCK_N) % BLOCK_SIZE // 2 + offs_p
+            else:
+                in_blk = offs_p % (BLOCK_SIZE // 2)
             # [num_blocks, Hkv, D, block_size] in memory (checked by the caller): strides in words from the shape
             vt_off = (p_blk.to(tl.int64) * stride_vb + kvh.to(tl.int64) * (HEAD_DIM * BLOCK_SIZE // 2)
                       + in_blk)[None, :] + offs_d[:, None] * (BLOCK_SIZE // 2)
@@ -496,9 +498,6 @@ def _decode_reduce_kernel(
 
 
 DECODE_BLOCK_N = 64
-# a V stored transposed is read as words in runs of whole blocks, up to this block size (the smallest decode tile;
-# within one larger block Triton 3.9 loses the run's alignment and cannot compile the copy, tests/triton_compile_check.py)
-MAX_V_T_WORDS_BLOCK = 64
 MAX_SPLITS = 32
 BIG_TILE_PROGRAMS_PER_SM = 4  # from this many (sequence, KV head) programs per SM, tiles of 128 tokens
 DECODE_WAVES = 2  # from this many (sequence, KV head) programs per SM, no split
@@ -601,9 +600,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     v_t = v_transposed(k_cache, v_cache)
     if words and not (_whole_words(v_cache, v_t) and (not fp8_words_k or _whole_words(k_cache))):
         raise ValueError("fp8_words reads each head as 16-bit words: it needs a contiguous head of even length")
-    if words and v_t and v_cache.shape[1] > MAX_V_T_WORDS_BLOCK:
-        raise ValueError(f"fp8_words over a V stored transposed needs blocks of at most {MAX_V_T_WORDS_BLOCK} "
-                         f"tokens (a tile's runs of whole blocks), got {v_cache.shape[1]}; pass fp8_words=None")
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
     assert cache_dim == head_dim and num_heads % num_kv_heads == 0
@@ -744,8 +740,10 @@ def _prefill_kernel(
             pair = start + 2 * offs_p
             run_mask = (start + offs_p // (V_SPAN // 2) * V_SPAN) < kv_end
             p_blk = tl.max_constancy(tl.load(bt_row + pair // BLOCK_SIZE, mask=run_mask, other=0), V_SPAN // 2)
-            tl.static_assert(BLOCK_SIZE <= BLOCK_N, "a tile of whole blocks")
-            in_blk = offs_p % (BLOCK_SIZE // 2)
+            if BLOCK_SIZE > BLOCK_N:
+                in_blk = start % BLOCK_SIZE // 2 + offs_p
+            else:
+                in_blk = offs_p % (BLOCK_SIZE // 2)
             vt_off = (p_blk.to(tl.int64) * stride_vb + kvh.to(tl.int64) * (HEAD_DIM * BLOCK_SIZE // 2)
                       + in_blk)[None, :] + offs_d[:, None] * (BLOCK_SIZE // 2)
             w = tl.load(vc_ptr.to(tl.pointer_type(tl.uint16)) + vt_off, mask=d_mask[:, None] & run_mask[None, :],
@@ -807,7 +805,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     # the weights' products in float16; by the GPU's instruction (PTX) where there is one
     v_t = v_transposed(k_cache, v_cache)
     v_words = 0
-    if fp8 and v_t and q.element_size() == 2 and _whole_words(v_cache, True) and block_size <= min(block_n, 64):
+    if fp8 and v_t and q.element_size() == 2 and _whole_words(v_cache, True):
         v_words = 1 if type(_prefill_kernel).__name__ == "InterpretedFunction" else 2
     _prefill_kernel[grid](
         q, k_cache, v_cache, out,
@@ -845,7 +843,6 @@ class TritonBackend(AttentionBackend):
     fp8_words_k: bool = True
     # an FP8 cache's V stored transposed (base.py): its words then hold the pairs of tokens the products want
     fp8_v_transposed = True
-    fp8_v_transposed_max_block = MAX_V_T_WORDS_BLOCK
 
     def __init__(self, num_splits: int | None = None, fp8_f16_dot: bool = True):
         self.num_splits = num_splits  # decode split count; None: heuristic
@@ -877,9 +874,7 @@ class TritonBackend(AttentionBackend):
             # the split heuristic reads only shapes (block-table width x block size bounds the context),
             # so a captured CUDA graph and an eager step with the same shapes launch the same grid
             f16_dot = self.fp8_f16_dot and k_scale is not None and q.dtype == torch.bfloat16
-            v_t = v_transposed(k_cache, v_cache)
-            words = f16_dot and self.fp8_words is not None and _whole_words(v_cache, v_t) and (
-                not v_t or v_cache.shape[1] <= MAX_V_T_WORDS_BLOCK)
+            words = f16_dot and self.fp8_words is not None and _whole_words(v_cache, v_transposed(k_cache, v_cache))
             k_words = words and self.fp8_words_k and _whole_words(k_cache)
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                           num_splits=self.num_splits, k_scale=k_scale, v_scale=v_scale,

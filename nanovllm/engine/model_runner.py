@@ -210,8 +210,7 @@ class ModelRunner:
         layer = self.attn_layers[0]
         self.kv_cache = torch.zeros(2, len(self.attn_layers), num_blocks, self.block_size, layer.num_kv_heads,
                                     layer.head_dim, dtype=self.kv_dtype, device=self.device)
-        transposed = (self.backend.fp8_v_transposed and fp8.is_fp8(self.kv_cache)
-                      and self.block_size <= self.backend.fp8_v_transposed_max_block)
+        transposed = self.backend.fp8_v_transposed and fp8.is_fp8(self.kv_cache)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
             if transposed:  # V stored [num_blocks, Hkv, D, block_size], seen as [num_blocks, block_size, Hkv, D]
