@@ -67,11 +67,6 @@ def launches(batch: int):
                + (" (the backend's)" if k_words else ""),
                lambda words=words, k_words=k_words: tk.paged_decode_attention(
                    q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words=words, fp8_words_k=k_words))
-    # V stored transposed ([num_blocks, Hkv, D, block_size] in memory, base.py's kv_cache_layout): a word holds the
-    # pair of tokens the products' operand wants
-    v_t = torch.zeros(64, kv_heads, dim, bs, dtype=torch.float8_e4m3fn).permute(0, 3, 1, 2)
-    yield "FP8 cache, V stored transposed, K and V read as words (asm)", lambda: tk.paged_decode_attention(
-        q, fp8[0], v_t, tables, lens, 0.1, **scales, f16_dot=True, fp8_words="asm", fp8_words_k=True)
 
 
 def main() -> None:

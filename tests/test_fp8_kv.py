@@ -355,89 +355,6 @@ def test_triton_prefill_fp8(tk):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def transposed(v_cache):
-    """The same V cache stored transposed, as the engine stores it for the Triton backend (base.py's layout):
-    [num_blocks, Hkv, D, block_size] in memory, seen as [num_blocks, block_size, Hkv, D]."""
-    nb, bs, hkv, d = v_cache.shape
-    vt = torch.empty(nb, hkv, d, bs, dtype=v_cache.dtype, device=v_cache.device).permute(0, 3, 1, 2)
-    vt.view(torch.uint8).copy_(v_cache.view(torch.uint8))
-    return vt
-
-
-@pytest.mark.parametrize("block_size", [16, 256])
-def test_triton_reads_a_transposed_v_as_the_token_major_one(tk, block_size):
-    """V stored transposed holds the same values: every decode read of it (bytes; words with float16 products, K
-    as bytes or words; one split and several; tiles within a block and across blocks) and the prefill give what
-    the same reads of the token-major V give, and the reference says both ways."""
-    k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 140, 17, 1], block_size, 2, 64, seed=21)
-    vt = transposed(v_cache)
-    assert tk.v_transposed(k_cache, vt) and not tk.v_transposed(k_cache, v_cache)
-    q = torch.randn(4, 6, 64, generator=torch.Generator().manual_seed(22)).to(DEVICE)
-    ref = paged_decode_ref(q, k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
-    assert torch.equal(paged_decode_ref(q, k_cache, vt, ctx, tables, 0.125, k_scale, v_scale), ref)
-    reads = [(q, {}), (q.half(), dict(f16_dot=True, fp8_words="asm")),
-             (q.half(), dict(f16_dot=True, fp8_words="asm", fp8_words_k=True))]
-    for (q_, kw), splits in itertools.product(reads, (1, 3)):
-        args = (tables, ctx, 0.125)
-        kw = dict(kw, num_splits=splits, k_scale=k_scale, v_scale=v_scale, block_n=64)
-        got = tk.paged_decode_attention(q_, k_cache, vt, *args, **kw)
-        assert torch.equal(got, tk.paged_decode_attention(q_, k_cache, v_cache, *args, **kw)), (kw, splits)
-        torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
-    cu = torch.tensor([0, 5, 14, 19, 20], dtype=torch.int32, device=DEVICE)  # prompts, and chunks after a prefix
-    qp = torch.randn(20, 6, 64, generator=torch.Generator().manual_seed(23)).to(DEVICE)
-    refp = paged_attention_ref(qp, k_cache, v_cache, cu, ctx, tables, 0.125, k_scale=k_scale, v_scale=v_scale)
-    for qp_ in (qp, qp.half()):  # float16 queries: V read as words, widened to float16
-        got = tk.paged_prefill_attention(qp_, k_cache, vt, cu, ctx, tables, 0.125, 9, k_scale=k_scale,
-                                         v_scale=v_scale)
-        torch.testing.assert_close(got.float(), refp, rtol=2e-2 if qp_.dtype == torch.half else 1e-4,
-                                   atol=2e-2 if qp_.dtype == torch.half else 1e-4)
-
-
-def test_a_transposed_v_ignores_what_stale_slots_hold(tk):
-    """A transposed V is read a whole run of a block's tokens at a time, past the context too: whatever the
-    slots past it hold (here the largest e4m3 value, as a block's last owner may have left it) changes nothing."""
-    k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 33, 17], 16, 2, 64, seed=24)
-    vt = transposed(v_cache)
-    stale = vt.clone()
-    for row, n in enumerate(ctx.tolist()):  # every slot past the context of each sequence's blocks
-        for j in range(n, -(-n // 16) * 16):
-            stale[tables[row, j // 16].long(), j % 16] = torch.tensor(FP8_MAX).to(FP8_DTYPE)
-    assert not torch.equal(stale.view(torch.uint8), vt.view(torch.uint8))
-    q = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(25)).to(DEVICE).half()
-    kw = dict(k_scale=k_scale, v_scale=v_scale, f16_dot=True, fp8_words="asm", fp8_words_k=True)
-    assert torch.equal(tk.paged_decode_attention(q, k_cache, stale, tables, ctx, 0.125, **kw),
-                       tk.paged_decode_attention(q, k_cache, vt, tables, ctx, 0.125, **kw))
-
-
-def test_stores_into_a_transposed_v_write_the_same_bytes(tk):
-    """The reference store, the Triton store and the fused RoPE + store write a transposed V byte for byte as
-    they write a token-major one; a NaN is stored as 0 by all of them, so the cache never holds one."""
-    gen = torch.Generator().manual_seed(26)
-    n, hkv, d, bs, nb = 9, 2, 32, 16, 4
-    k, v = torch.randn(n, hkv, d, generator=gen).to(DEVICE), torch.randn(n, hkv, d, generator=gen).to(DEVICE)
-    v[3, 1, 5] = float("nan")
-    scales = (torch.full((hkv,), 2.0 ** -5, device=DEVICE), torch.full((hkv,), 2.0 ** -6, device=DEVICE))
-    slots = torch.tensor([0, 17, 33, -1, 50, 63, 2, 31, 16], device=DEVICE)
-
-    def empty():
-        return torch.zeros(nb, bs, hkv, d, dtype=FP8_DTYPE, device=DEVICE)
-    want_k, want_v = empty(), empty()
-    store_kvcache_ref(k, v, want_k, want_v, slots, *scales)
-    assert not want_v.float().isnan().any() and quantize_fp8(v[3:4], scales[1])[0, 1, 5].float() == 0
-    for store in (store_kvcache_ref, tk.store_kvcache):
-        kc, vt = empty(), transposed(empty())
-        store(k, v, kc, vt, slots, *scales)
-        assert torch.equal(vt.view(torch.uint8), want_v.view(torch.uint8)), store
-        assert torch.equal(kc.view(torch.uint8), want_k.view(torch.uint8)), store
-    # the fused RoPE + store (no norm, a RoPE of angle 0: K as it is)
-    qkv = torch.cat([torch.zeros(n, 4 * d, device=DEVICE), k.flatten(1), v.flatten(1)], 1)
-    cos_sin = torch.cat([torch.ones(n, d // 2), torch.zeros(n, d // 2)], 1).to(DEVICE)
-    kc, vt = empty(), transposed(empty())
-    tk.qkv_rope_store(qkv, torch.arange(n, device=DEVICE), cos_sin, 4, hkv, d, k_cache=kc, v_cache=vt,
-                      slot_mapping=slots, k_scale=scales[0], v_scale=scales[1])
-    assert torch.equal(vt.view(torch.uint8), want_v.view(torch.uint8))
-
-
 def test_triton_kernels_refuse_an_fp8_cache_without_scales(tk):
     k_cache, v_cache, *_, tables, ctx = fp8_paged_cache([5], 16, 2, 32, seed=9)
     with pytest.raises(AssertionError, match="k_scale"):
@@ -554,11 +471,8 @@ def test_triton_backend_engine_with_fp8_is_the_torch_one(tiny_qwen3, tk):
     path, _ = tiny_qwen3
     prompts = tiny_prompts([21, 6], seed=4)
     ref = make_fp8(path, attention_backend="torch").generate(prompts, greedy(6), use_tqdm=False)
-    llm = make_fp8(path, attention_backend="triton")
-    got = llm.generate(prompts, greedy(6), use_tqdm=False)
+    got = make_fp8(path, attention_backend="triton").generate(prompts, greedy(6), use_tqdm=False)
     assert [o.token_ids for o in got] == [o.token_ids for o in ref]
-    layer = llm.runner.attn_layers[0]  # V stored transposed for this backend, K as it was
-    assert layer.v_cache.stride(1) == 1 and layer.k_cache.is_contiguous()
 
 
 # -- accuracy on the embedded model --------------------------------------------------------------------------

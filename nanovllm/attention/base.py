@@ -4,11 +4,6 @@ KV cache layout (one pair of tensors per layer, shared by every backend):
 
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
 
-That is the logical shape every backend indexes; in memory it is that too, except for a backend with
-``fp8_v_transposed`` over an FP8 cache: there ``v_cache`` is stored *transposed*, [num_blocks, num_kv_heads,
-head_dim, block_size] (each head dimension's tokens of a block side by side), and seen through strides as the
-same logical shape (``v_cache.stride(1) == 1``), so only a kernel that asks for the layout sees it.
-
 The cache holds the model's dtype, or with ``kv_cache_dtype="fp8"`` e4m3 bytes with a float32 scale per KV
 head for K and for V (``k_scale``, ``v_scale``: [Hkv]; see ``fp8.py``), which every backend method takes
 (None for a cache in the model's dtype).
@@ -65,8 +60,6 @@ class AttentionBackend:
     prefill_graph_safe: bool = False
     #: whether the backend reads and writes an FP8 cache (``kv_cache_dtype="fp8"``)
     supports_fp8_kv: bool = False
-    #: whether the engine stores an FP8 cache's V transposed for this backend (see the layout above)
-    fp8_v_transposed: bool = False
 
     @classmethod
     def usable(cls, device, dtype) -> bool:

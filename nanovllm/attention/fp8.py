@@ -19,8 +19,7 @@ costs nothing measurable while clipping costs a lot (chapter 12 measures both). 
   tokens on SmolLM2; vLLM's dynamic scales put the first batch's largest key at 200 and value at 100);
   a power of two makes ``x / scale`` and ``stored * scale`` exact, so quantization is e4m3's rounding alone,
   bit for bit the same in the reference and in the Triton kernels;
-* clamped to [-448, 448] on every store, so a value past the headroom saturates instead of overflowing (and a NaN
-  is stored as 0: the cache never holds a NaN, which a kernel reading a block's stale slots relies on).
+* clamped to [-448, 448] on every store, so a value past the headroom saturates instead of overflowing.
 
 Why not vLLM's way: it keeps one scale per layer (per tensor), 1.0 unless the checkpoint has scales or
 ``calculate_kv_scales`` computes them from the first batch it serves.  Per head costs nothing more
@@ -65,9 +64,8 @@ def fp8_scale(amax: torch.Tensor, headroom: float = SCALE_HEADROOM) -> torch.Ten
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x`` [..., Hkv, D] as e4m3: ``x / scale`` (``scale`` [Hkv]) clamped to +-448, rounded to nearest even; NaN
-    stored as 0, so the cache holds only finite values (a kernel may multiply a stale slot by a weight of 0)."""
-    return torch.nan_to_num(x.float() / scale[:, None], nan=0.0).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    """``x`` [..., Hkv, D] as e4m3: ``x / scale`` (``scale`` [Hkv]) clamped to +-448, rounded to nearest even."""
+    return (x.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def dequantize_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -24,11 +24,8 @@ def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale=None, v_scal
     if is_fp8(k_cache):  # copied as bytes: PyTorch has no index_copy_ for float8 on a CPU
         k, v = quantize_fp8(k, k_scale).view(torch.uint8), quantize_fp8(v, v_scale).view(torch.uint8)
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
-    for cache, x in ((k_cache, k), (v_cache, v)):
-        if cache.stride(0) == cache.shape[1] * cache.stride(1):  # slots side by side: [num_blocks * block_size, ...]
-            cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x.to(cache.dtype))
-        else:  # a V cache stored transposed (base.py): by block and offset
-            cache[slot_mapping // cache.shape[1], slot_mapping % cache.shape[1]] = x.to(cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
 def read_kv(x, scale, dtype) -> torch.Tensor:
@@ -95,13 +92,14 @@ def paged_decode_ref(q, k_cache, v_cache, context_lens, block_tables, scale, k_s
                      v_scale=None) -> torch.Tensor:
     """One query per sequence, all sequences at once: gather a padded [B, Hkv, L, D] view of the cache,
     mask the padding, and let each KV head's group of query heads share it.  q: [B, H, D]."""
+    head_dim = q.shape[-1]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = int(context_lens.max())
     pos = torch.arange(max_len, device=q.device)
     blocks = block_tables[:, pos // block_size].long().clamp_min(0)  # [B, L]
-    offsets = pos % block_size
-    k = read_kv(k_cache[blocks, offsets], k_scale, q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
-    v = read_kv(v_cache[blocks, offsets], v_scale, q.dtype).transpose(1, 2)
+    slots = blocks * block_size + pos % block_size
+    k = read_kv(k_cache.view(-1, num_kv_heads, head_dim)[slots], k_scale, q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
+    v = read_kv(v_cache.view(-1, num_kv_heads, head_dim)[slots], v_scale, q.dtype).transpose(1, 2)
     valid = (pos[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
     o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=valid, scale=scale,
                                        enable_gqa=q.shape[1] != num_kv_heads)

@@ -61,18 +61,10 @@ __all__ = [
 ]
 
 
-def v_transposed(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
-    """Whether ``v_cache`` is stored transposed: [num_blocks, Hkv, D, block_size] in memory (each head dimension's
-    tokens of a block side by side), seen through strides as the same logical [num_blocks, block_size, Hkv, D]
-    (``kv_cache_layout``); else it shares ``k_cache``'s strides."""
-    return v_cache.stride() != k_cache.stride() and v_cache.stride(1) == 1 and v_cache.shape[1] > 1
-
-
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale=None, v_scale=None) -> bool:
     """Check the caches' layout; return whether they are FP8 (then with their [Hkv] float32 scales)."""
     assert k_cache.dim() == 4 and k_cache.shape == v_cache.shape, "caches: [num_blocks, block_size, Hkv, D]"
-    assert k_cache.stride() == v_cache.stride() or v_transposed(k_cache, v_cache), \
-        "v_cache shares k_cache's strides or is stored transposed (its tokens contiguous)"
+    assert k_cache.stride() == v_cache.stride(), "k_cache and v_cache must share strides"
     fp8 = is_fp8(k_cache)
     if fp8:
         assert k_scale is not None and v_scale is not None, "an FP8 cache needs k_scale and v_scale"
@@ -92,7 +84,6 @@ def _to_e4m3(x, scale):
     (The rounding is done on the bits because Triton's interpreter casts halfway values wrongly; on a GPU
     these few integer operations cost nothing next to the store.)"""
     x = x / scale
-    x = tl.where(x == x, x, 0.0)  # NaN stored as 0 (the reference's nan_to_num): the cache holds only finite values
     ax = tl.minimum(tl.abs(x), 448.0)  # FP8_MAX
     bits = ax.to(tl.int32, bitcast=True)
     exp = bits >> 23  # biased float32 exponent
@@ -123,7 +114,6 @@ def _store_kvcache_kernel(
     stride_kn, stride_kh, stride_kd,
     stride_vn, stride_vh, stride_vd,
     stride_cb, stride_cs, stride_ch, stride_cd,
-    stride_cvb, stride_cvs, stride_cvh, stride_cvd,  # the V cache's (its own when stored transposed)
     num_kv_heads,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr = False,
@@ -144,13 +134,12 @@ def _store_kvcache_kernel(
     v = tl.load(v_ptr + tok * stride_vn + offs_h[:, None] * stride_vh + offs_d[None, :] * stride_vd,
                 mask=mask, other=0.0)
     dst = blk * stride_cb + off * stride_cs + offs_h[:, None].to(tl.int64) * stride_ch + offs_d[None, :] * stride_cd
-    v_dst = blk * stride_cvb + off * stride_cvs + offs_h[:, None].to(tl.int64) * stride_cvh + offs_d[None, :] * stride_cvd
     if FP8:
         h_mask = offs_h < heads_kept
         k = _to_e4m3(k.to(tl.float32), tl.load(ks_ptr + offs_h, mask=h_mask, other=1.0)[:, None])
         v = _to_e4m3(v.to(tl.float32), tl.load(vs_ptr + offs_h, mask=h_mask, other=1.0)[:, None])
     tl.store(kc_ptr + dst, k.to(kc_ptr.dtype.element_ty), mask=mask)
-    tl.store(vc_ptr + v_dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
+    tl.store(vc_ptr + dst, v.to(vc_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -168,7 +157,7 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         k, v, k_cache, v_cache, slot_mapping, k_scale if fp8 else slot_mapping, v_scale if fp8 else slot_mapping,
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        *k_cache.stride(), *v_cache.stride(),
+        *k_cache.stride(),
         num_kv_heads,
         BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
         BLOCK_H=next_pow2(num_kv_heads), BLOCK_D=next_pow2(head_dim), FP8=fp8,
@@ -186,7 +175,6 @@ def _qkv_rope_store_kernel(
     qkv_ptr, pos_ptr, cos_sin_ptr, qw_ptr, kw_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr,
     stride_t, stride_pos, eps,
     stride_cb, stride_cs, stride_ch, stride_cd,
-    stride_vb, stride_vs, stride_vh, stride_vd,
     NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr = False,
@@ -204,7 +192,6 @@ def _qkv_rope_store_kernel(
     else:
         _rope_key_heads_store(row, tok, kw_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, cos, sin, offs_d, d_mask,
                               eps, stride_cb, stride_cs, stride_ch, stride_cd,
-                              stride_vb, stride_vs, stride_vh, stride_vd,
                               NUM_HEADS, NUM_KV, HEAD_DIM, HALF, BLOCK_KV, BLOCK_SIZE, HAS_NORM, STORE, FP8)
 
 
@@ -232,7 +219,6 @@ def _rope_query_heads(row, qw_ptr, cos, sin, offs_d, d_mask, eps,
 @triton.jit
 def _rope_key_heads_store(row, tok, kw_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs_ptr, cos, sin, offs_d, d_mask,
                           eps, stride_cb, stride_cs, stride_ch, stride_cd,
-                          stride_vb, stride_vs, stride_vh, stride_vd,
                           NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr,
                           HALF: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                           HAS_NORM: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr):
@@ -272,10 +258,8 @@ def _rope_key_heads_store(row, tok, kw_ptr, kc_ptr, vc_ptr, slot_ptr, ks_ptr, vs
                    + offs_k[:, None].to(tl.int64) * stride_ch + offs_d[None, :] * stride_cd)
             tl.store(kc_ptr + dst, ck1, mask=kmask)
             tl.store(kc_ptr + dst + HALF * stride_cd, ck2, mask=kmask)
-            v_dst = ((slot // BLOCK_SIZE) * stride_vb + (slot % BLOCK_SIZE) * stride_vs
-                     + offs_k[:, None].to(tl.int64) * stride_vh + offs_d[None, :] * stride_vd)
-            tl.store(vc_ptr + v_dst, cv1, mask=kmask)
-            tl.store(vc_ptr + v_dst + HALF * stride_vd, cv2, mask=kmask)
+            tl.store(vc_ptr + dst, cv1, mask=kmask)
+            tl.store(vc_ptr + dst + HALF * stride_cd, cv2, mask=kmask)
 
 
 def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor, num_heads: int,
@@ -309,7 +293,7 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
             k_cache if store else qkv, v_cache if store else qkv, slot_mapping if store else dummy,
             k_scale if fp8 else dummy, v_scale if fp8 else dummy,
             qkv.stride(0), cos_sin.stride(0), float(eps),
-            *(k_cache.stride() if store else (0, 0, 0, 0)), *(v_cache.stride() if store else (0, 0, 0, 0)),
+            *(k_cache.stride() if store else (0, 0, 0, 0)),
             NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
             BLOCK_H=next_pow2(num_heads), BLOCK_KV=next_pow2(num_kv_heads), BLOCK_HALF=next_pow2(half),
             BLOCK_SIZE=k_cache.shape[1] if store else 1, HAS_NORM=norm, STORE=store, FP8=fp8,
@@ -353,8 +337,7 @@ def _decode_split_kernel(
     num_heads, num_splits,
     stride_qb, stride_qh, stride_qd,
     stride_cb, stride_cs, stride_ch, stride_cd,
-    stride_wb, stride_ws, stride_wh,  # (FP8_WORDS) the K cache's strides in 16-bit words
-    stride_vb, stride_vs, stride_vh, stride_vd,  # (V_T) the V cache's: in 16-bit words with FP8_WORDS, else values
+    stride_wb, stride_ws, stride_wh,  # (FP8_WORDS) the cache's strides in 16-bit words
     stride_btb,
     stride_ob, stride_oh, stride_od,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
@@ -362,7 +345,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
     FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False, FP8_WORDS: tl.constexpr = 0,
-    FP8_K_WORDS: tl.constexpr = False, V_T: tl.constexpr = False, V_SPAN: tl.constexpr = 2,
+    FP8_K_WORDS: tl.constexpr = False,
 ):
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
         kvh = tl.program_id(0)
@@ -400,7 +383,6 @@ def _decode_split_kernel(
         qk_scale = qk_scale * tl.load(ks_ptr + kvh)
     offs_w = tl.arange(0, BLOCK_D // 2)  # (FP8_WORDS) the tile's 16-bit words: two values each
     w_mask = offs_w < HEAD_DIM // 2
-    offs_p = tl.arange(0, BLOCK_N // 2)  # (V_T with FP8_WORDS) the tile's pairs of tokens: a word each
     for t in range(t_start, t_end):
         pos = t * BLOCK_N + offs_n
         n_mask = pos < ctx
@@ -424,30 +406,7 @@ def _decode_split_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if V_T and FP8_WORDS:
-            # V stored transposed, read as [D, tokens] words: a word holds the two tokens' values that the products'
-            # operand pairs up (its reduction runs over the tokens), so it is widened in place, no transpose
-            pair = t * BLOCK_N + 2 * offs_p  # each word's first token
-            # a run of V_SPAN tokens lies in one block, its words side by side, loaded together: whole if the run's
-            # first token is in the context.  Tokens past the context in it get a softmax weight of 0 and hold what
-            # the block's last owner stored: finite (every store clamps and maps NaN to 0, _to_e4m3) or zero.
-            run_mask = (t * BLOCK_N + offs_p // (V_SPAN // 2) * V_SPAN) < ctx
-            p_blk = tl.max_constancy(tl.load(bt_row + pair // BLOCK_SIZE, mask=run_mask, other=0), V_SPAN // 2)
-            if BLOCK_SIZE > BLOCK_N:  # the tile is part of one block
-                in_blk = (t * BLOCK_N) % BLOCK_SIZE // 2 + offs_p
-            else:
-                in_blk = offs_p % (BLOCK_SIZE // 2)
-            # [num_blocks, Hkv, D, block_size] in memory (checked by the caller): strides in words from the shape
-            vt_off = (p_blk.to(tl.int64) * stride_vb + kvh.to(tl.int64) * (HEAD_DIM * BLOCK_SIZE // 2)
-                      + in_blk)[None, :] + offs_d[:, None] * (BLOCK_SIZE // 2)
-            w = tl.load(vc_ptr.to(tl.pointer_type(tl.uint16)) + vt_off, mask=d_mask[:, None] & run_mask[None, :],
-                        other=0)
-            v = tl.trans(_e4m3_words_to_f16(w, FP8_WORDS == 2, BLOCK_D, BLOCK_N))
-        elif V_T:
-            v_off = (phys * stride_vb + (pos % BLOCK_SIZE).to(tl.int64) * stride_vs
-                     + kvh.to(tl.int64) * stride_vh)[:, None] + offs_d[None, :] * stride_vd
-            v = tl.load(vc_ptr + v_off, mask=kv_mask, other=0.0).to(q.dtype)
-        elif FP8_WORDS:
+        if FP8_WORDS:
             v = _e4m3_words_to_f16(tl.load(vc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
                                    FP8_WORDS == 2, BLOCK_N, BLOCK_D)
         else:
@@ -547,16 +506,6 @@ def decode_launch(batch: int, num_kv_heads: int, num_splits: int, block_d: int, 
     return dict(block_n=block_n, num_stages=stages, heads_first=single and batch <= 65535)
 
 
-def _whole_words(cache: torch.Tensor, transposed: bool = False) -> bool:
-    """Whether each head of ``cache`` is whole 16-bit words; ``transposed``: whether ``cache`` is a V cache stored
-    transposed, [num_blocks, Hkv, D, block_size] in memory, with blocks of whole words."""
-    if transposed:
-        _, block_size, _, head_dim = cache.shape
-        return (block_size % 2 == 0 and cache.stride(0) % 2 == 0
-                and cache.stride()[1:] == (1, head_dim * block_size, block_size))
-    return cache.stride(3) == 1 and cache.shape[3] % 2 == 0 and not any(x % 2 for x in cache.stride()[:3])
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            num_splits: int | None = None, out: torch.Tensor | None = None, *,
@@ -595,10 +544,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         words = 1  # no PTX in Triton's interpreter: its conversion, the same values
     if fp8_words_k and not words:
         raise ValueError("fp8_words_k reads K as words as fp8_words reads V: it needs fp8_words")
+    if fp8_words_k and k_cache.stride() != v_cache.stride():
+        raise ValueError("fp8_words_k needs K and V caches of the same strides")
     if words and not f16_dot:
         raise ValueError("fp8_words widens the FP8 cache to float16, for float16 products: it needs f16_dot=True")
-    v_t = v_transposed(k_cache, v_cache)
-    if words and not (_whole_words(v_cache, v_t) and (not fp8_words_k or _whole_words(k_cache))):
+    if words and (v_cache.stride(-1) != 1 or v_cache.shape[-1] % 2 or any(x % 2 for x in v_cache.stride()[:-1])):
         raise ValueError("fp8_words reads each head as 16-bit words: it needs a contiguous head of even length")
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
@@ -629,7 +579,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
     key = ("decode", q.device.index, q.dtype, k_cache.dtype, block_n, block_d, group, heads_first, single,
-           num_warps, num_stages, f16_dot, words, fp8_words_k, v_t)
+           num_warps, num_stages, f16_dot, words, fp8_words_k)
     launch_fitting_stages(
         _decode_split_kernel, grid, key, num_stages,
         q, k_cache, v_cache, block_tables, context_lens, k_scale if fp8 else context_lens,
@@ -639,16 +589,14 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         num_heads, num_splits,
         q.stride(0), q.stride(1), q.stride(2),
         *k_cache.stride(),
-        *(x // 2 for x in k_cache.stride()[:3]),
-        *(x // 2 if words else x for x in (v_cache.stride() if v_t else (0, 0, 0, 0))),
+        *(x // 2 for x in v_cache.stride()[:3]),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
         GROUP=group, GROUP_PAD=max(next_pow2(group), 16),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
-        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, V_T=v_t, V_SPAN=min(block_size, block_n),
-        num_warps=num_warps,
+        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, num_warps=num_warps,
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -674,7 +622,6 @@ def _prefill_kernel(
     stride_qn, stride_qh, stride_qd,
     stride_on, stride_oh, stride_od,
     stride_cb, stride_cs, stride_ch, stride_cd,
-    stride_vb, stride_vs, stride_vh, stride_vd,  # (V_T) the V cache's, stored transposed
     stride_btb,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
@@ -682,7 +629,7 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FP8: tl.constexpr = False, V_T: tl.constexpr = False, V_WORDS: tl.constexpr = 0, V_SPAN: tl.constexpr = 2,
+    FP8: tl.constexpr = False,
 ):
     q_blk = tl.program_id(0)
     seq = tl.program_id(1)
@@ -719,7 +666,6 @@ def _prefill_kernel(
     head_off = kvh.to(tl.int64) * stride_ch
     if FP8:  # as in decode: K's scale into the softmax scale, V's onto the output
         qk_scale = qk_scale * tl.load(ks_ptr + kvh)
-    offs_p = tl.arange(0, BLOCK_N // 2)  # (V_WORDS) the tile's pairs of tokens
     for start in range(0, kv_end, BLOCK_N):
         pos = start + offs_n
         n_mask = pos < kv_end
@@ -736,25 +682,7 @@ def _prefill_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if V_WORDS:  # an FP8 V stored transposed, read as in decode (there: the why), widened to float16
-            pair = start + 2 * offs_p
-            run_mask = (start + offs_p // (V_SPAN // 2) * V_SPAN) < kv_end
-            p_blk = tl.max_constancy(tl.load(bt_row + pair // BLOCK_SIZE, mask=run_mask, other=0), V_SPAN // 2)
-            if BLOCK_SIZE > BLOCK_N:
-                in_blk = start % BLOCK_SIZE // 2 + offs_p
-            else:
-                in_blk = offs_p % (BLOCK_SIZE // 2)
-            vt_off = (p_blk.to(tl.int64) * stride_vb + kvh.to(tl.int64) * (HEAD_DIM * BLOCK_SIZE // 2)
-                      + in_blk)[None, :] + offs_d[:, None] * (BLOCK_SIZE // 2)
-            w = tl.load(vc_ptr.to(tl.pointer_type(tl.uint16)) + vt_off, mask=d_mask[:, None] & run_mask[None, :],
-                        other=0)
-            v = tl.trans(_e4m3_words_to_f16(w, V_WORDS == 2, BLOCK_D, BLOCK_N))
-        elif V_T:
-            v_off = (phys * stride_vb + (pos % BLOCK_SIZE).to(tl.int64) * stride_vs
-                     + kvh.to(tl.int64) * stride_vh)[:, None] + offs_d[None, :] * stride_vd
-            v = tl.load(vc_ptr + v_off, mask=kv_mask, other=0.0).to(q.dtype)
-        else:
-            v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -801,24 +729,18 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     assert block_m & (block_m - 1) == 0 and block_n >= 16 and block_n & (block_n - 1) == 0
     block_q = block_m // group
     grid = (cdiv(int(max_seqlen_q), block_q), batch, num_kv_heads)
-    # an FP8 V stored transposed, 16-bit queries: V read as words and widened to float16 (as decode reads it),
-    # the weights' products in float16; by the GPU's instruction (PTX) where there is one
-    v_t = v_transposed(k_cache, v_cache)
-    v_words = 0
-    if fp8 and v_t and q.element_size() == 2 and _whole_words(v_cache, True):
-        v_words = 1 if type(_prefill_kernel).__name__ == "InterpretedFunction" else 2
     _prefill_kernel[grid](
         q, k_cache, v_cache, out,
         cu_seqlens_q, context_lens, block_tables, k_scale if fp8 else context_lens, v_scale if fp8 else context_lens,
         float(scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        *k_cache.stride(), *(x // 2 if v_words else x for x in v_cache.stride()),
+        *k_cache.stride(),
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
-        DOT_PRECISION=dot_precision(q.dtype), FP8=fp8, V_T=v_t, V_WORDS=v_words,
-        V_SPAN=min(block_size, block_n), num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s,
+        DOT_PRECISION=dot_precision(q.dtype), FP8=fp8,
+        num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s,
     )
     return out
 
@@ -841,8 +763,6 @@ class TritonBackend(AttentionBackend):
     # K and V as 16-bit words widened by the GPU's e4m3 instruction, the fastest on an H100 (kernel_measurements.md)
     fp8_words: str | None = "asm"
     fp8_words_k: bool = True
-    # an FP8 cache's V stored transposed (base.py): its words then hold the pairs of tokens the products want
-    fp8_v_transposed = True
 
     def __init__(self, num_splits: int | None = None, fp8_f16_dot: bool = True):
         self.num_splits = num_splits  # decode split count; None: heuristic
@@ -874,8 +794,9 @@ class TritonBackend(AttentionBackend):
             # the split heuristic reads only shapes (block-table width x block size bounds the context),
             # so a captured CUDA graph and an eager step with the same shapes launch the same grid
             f16_dot = self.fp8_f16_dot and k_scale is not None and q.dtype == torch.bfloat16
-            words = f16_dot and self.fp8_words is not None and _whole_words(v_cache, v_transposed(k_cache, v_cache))
-            k_words = words and self.fp8_words_k and _whole_words(k_cache)
+            words = f16_dot and self.fp8_words is not None and v_cache.stride(-1) == 1 and not any(
+                x % 2 for x in (*v_cache.stride()[:-1], v_cache.shape[-1]))  # whole 16-bit words per head
+            k_words = words and self.fp8_words_k and k_cache.stride() == v_cache.stride()
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                           num_splits=self.num_splits, k_scale=k_scale, v_scale=v_scale,
                                           f16_dot=f16_dot, fp8_words=self.fp8_words if words else None,

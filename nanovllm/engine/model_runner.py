@@ -210,12 +210,8 @@ class ModelRunner:
         layer = self.attn_layers[0]
         self.kv_cache = torch.zeros(2, len(self.attn_layers), num_blocks, self.block_size, layer.num_kv_heads,
                                     layer.head_dim, dtype=self.kv_dtype, device=self.device)
-        transposed = self.backend.fp8_v_transposed and fp8.is_fp8(self.kv_cache)
         for i, layer in enumerate(self.attn_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
-            if transposed:  # V stored [num_blocks, Hkv, D, block_size], seen as [num_blocks, block_size, Hkv, D]
-                layer.v_cache = layer.v_cache.view(num_blocks, layer.num_kv_heads, layer.head_dim,
-                                                   self.block_size).permute(0, 3, 1, 2)
         return num_blocks
 
     def _gpu_kv_budget(self) -> int:

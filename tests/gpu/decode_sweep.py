@@ -125,9 +125,6 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None) 
             k, v = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)
             ones = torch.ones(HKV, device="cuda")
             scales = dict(k_scale=ones, v_scale=ones)
-            # V stored transposed as the engine stores it (TritonBackend.fp8_v_transposed): the same values
-            vt = torch.empty(v.shape[0], HKV, D, BS, device="cuda", dtype=v.dtype).permute(0, 3, 1, 2)
-            vt.view(torch.uint8).copy_(v.view(torch.uint8))
         tile_sizes = (64, 128, 256) if fp8 else (64, 128)
         tables = []
         for layer in range(LAYERS):
@@ -161,16 +158,13 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None) 
                 ("K and V as words (convert)", dict(eng, fp8_words="convert")),
                 ("V as words (convert), K as bytes", dict(eng, fp8_words="convert", fp8_words_k=False)),
                 ("bytes, float16 products", dict(f16_dot=True)), ("bytes, bfloat16 products", {})] + \
-                [(f"V transposed{name}", dict(eng, vt=True, **kw)) for name, kw in tilings[:5]] + \
-                [("V transposed, K as bytes", dict(eng, vt=True, fp8_words_k=False))] + \
                 [(f"bytes f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]]
         res = []
         # the engine's launch also once more at the end: the first one timed at a step came out 2-6 % slower than
         # the same settings timed later (kernel_measurements.md); its time is the later of the two
         for name, kw in opts + [("engine, timed again last", opts[0][1])]:
             def call(t, kw=kw, q=q, k=k, v=v, lens=lens, scales=scales):
-                kw = dict(kw)
-                tk.paged_decode_attention(q, k, vt if kw.pop("vt", False) else v, t, lens, D ** -0.5, **kw, **scales)
+                tk.paged_decode_attention(q, k, v, t, lens, D ** -0.5, **kw, **scales)
             try:
                 res.append((graph_us(chain(tables, call)), name))
             except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
@@ -187,7 +181,6 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None) 
             with open(Path(out, f"graph_sweep{'_fp8' if fp8 else ''}.txt"), "a") as f:
                 f.write(f"step {step} batch {len(ctx)}\n" + "".join(f"  {u:7.1f} us  {n}\n" for u, n in res))
         del k, v
-        vt = None
         torch.cuda.empty_cache()
         if fp8:  # the same batch over a bfloat16 cache, as the engine launches it: what FP8 saves per layer
             k = torch.randn(nb * LAYERS + 8, BS, HKV, D, device="cuda", dtype=torch.bfloat16)

@@ -3,7 +3,7 @@
     PYTHONPATH=. python3 tests/gpu/fp8_check.py                 # checks + the seed benchmark, auto vs fp8
     PYTHONPATH=. python3 tests/gpu/fp8_check.py --cap-gib 8     # the same sized for an 8 GiB card
     PYTHONPATH=. python3 tests/gpu/fp8_check.py --only kernels,embedded,qwen3,bench [--out DIR]
-    PYTHONPATH=. python3 tests/gpu/fp8_check.py --only bench --words bytes,convert,asm+K,asm@w4,/vtok  # decode reads
+    PYTHONPATH=. python3 tests/gpu/fp8_check.py --only bench --words bytes,convert,asm+K,asm@w4   # decode reads
 
 1. kernels: the Triton store (and the fused RoPE + store) writes the reference's e4m3 bytes bit for bit in
    bfloat16; decode (one split and several; with float16 products, the tiles read as bytes or as words, either
@@ -90,23 +90,6 @@ def kernels():
             out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks,
                                             v_scale=vs, f16_dot=True, fp8_words=words, fp8_words_k=k_words)
             worst_f16[name] = max(worst_f16.get(name, 0.0), (out.float() - ref).abs().max().item())
-    # V stored transposed (as the engine stores it for this backend): every read of it, and the stores into it
-    vt = torch.empty(num_blocks, kv_heads, dim, bs, dtype=FP8_DTYPE, device="cuda").permute(0, 3, 1, 2)
-    vt.view(torch.uint8).copy_(vc.view(torch.uint8))
-    for words, k_words in ((None, False), ("asm", False), ("asm", True)):
-        name = f"V transposed {words}{'+K' if k_words else ''}"
-        for splits in (1, 4):
-            out = tk.paged_decode_attention(q, kc, vt, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks,
-                                            v_scale=vs, f16_dot=True, fp8_words=words, fp8_words_k=k_words)
-            worst_f16[name] = max(worst_f16.get(name, 0.0), (out.float() - ref).abs().max().item())
-    vts = [torch.zeros(num_blocks, kv_heads, dim, bs, dtype=FP8_DTYPE, device="cuda").permute(0, 3, 1, 2)
-           for _ in range(2)]
-    store_kvcache_ref(k, v, caches[0], vts[0], slots, k_scale, v_scale)
-    tk.store_kvcache(k, v, caches[2], vts[1], slots, k_scale, v_scale)
-    torch.cuda.synchronize()
-    store_t_same = bool(torch.equal(vts[0].view(torch.uint8), vts[1].view(torch.uint8))
-                        and torch.equal(vts[0].view(torch.uint8), caches[1].view(torch.uint8)))
-    assert store_t_same, "the Triton FP8 store into a transposed V differs from the reference"
     print("  decode, float16 products, max |diff| from the reference: "
           + ", ".join(f"{n} {d:.4f}" for n, d in worst_f16.items()), flush=True)
     qp = torch.randn(int(ctx.sum()), heads, dim, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -115,10 +98,8 @@ def kernels():
     out = tk.paged_prefill_attention(qp, kc, vc, cu, ctx, tables, dim ** -0.5, int(ctx.max()), k_scale=ks, v_scale=vs)
     refp = paged_attention_ref(qp.float(), kc, vc, cu, ctx, tables, dim ** -0.5, k_scale=ks, v_scale=vs)
     worst_prefill = (out.float() - refp).abs().max().item()
-    out = tk.paged_prefill_attention(qp, kc, vt, cu, ctx, tables, dim ** -0.5, int(ctx.max()), k_scale=ks, v_scale=vs)
-    worst_prefill = max(worst_prefill, (out.float() - refp).abs().max().item())
     assert worst < 3e-2 and worst_prefill < 3e-2 and max(worst_f16.values()) < 3e-2, (worst, worst_prefill, worst_f16)
-    return dict(store_bit_exact=store_same and store_t_same, decode_max_diff=worst, prefill_max_diff=worst_prefill,
+    return dict(store_bit_exact=store_same, decode_max_diff=worst, prefill_max_diff=worst_prefill,
                 decode_f16_max_diff=worst_f16)
 
 
@@ -188,36 +169,33 @@ def qwen3():
 def bench(cap, out, words_variants=()):
     """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
-    splits the KV below N programs per SM, ``DECODE_WAVES``; "/vtok" after it: V stored as K is, tokens major, not
-    transposed, ``TritonBackend.fp8_v_transposed``), to compare the decode kernel's launches."""
+    splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches."""
     from nanovllm import bench as nb
     from nanovllm.attention import triton_kernels as tk
 
     backend = tk.TritonBackend
-    default = (backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES, backend.fp8_v_transposed)
+    default = (backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES)
     rates = {}
     runs = [("auto", "auto", default), ("fp8", "fp8", default)]
     for v in words_variants:
-        how, vtok, _ = v.partition("/vtok")
-        how, _, waves = how.partition("@w")
+        how, _, waves = v.partition("@w")
         words = how.split("+")[0]
-        runs.append((f"fp8_{v}", "fp8", (default[0] if not words else None if words == "bytes" else words,
-                                         how.endswith("+K") or (not words and default[1]),
-                                         int(waves) if waves else default[2], default[3] and not vtok)))
-    for name, kv, (words, k_words, waves, v_t) in runs:
+        runs.append((f"fp8_{v}", "fp8", (None if words == "bytes" else words, how.endswith("+K"),
+                                         int(waves) if waves else default[2])))
+    for name, kv, (words, k_words, waves) in runs:
         argv = ["--engine", "nanovllm", "--kv-cache-dtype", kv, "--json", str(out / "fp8_bench.jsonl")]
         if cap:
             argv += ["--gpu-memory-utilization", f"{cap['gpu_memory_utilization']:.4f}"]
-        backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES, backend.fp8_v_transposed = words, k_words, waves, v_t
+        backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = words, k_words, waves
         try:
             [r] = nb.main(argv)
             rates[name] = r.tok_per_s
         except SystemExit as e:  # an engine failed: bench printed why; keep the other's number
             rates[name] = f"failed ({e.code})"
         finally:
-            backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES, backend.fp8_v_transposed = default
+            backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = default
         print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={words}, fp8_words_k={k_words}, "
-              f"DECODE_WAVES={waves}, fp8_v_transposed={v_t}): {rates[name]}", flush=True)
+              f"DECODE_WAVES={waves}): {rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
     return {f"tok_per_s_{k}" if "over" not in k else k: v for k, v in rates.items()}
