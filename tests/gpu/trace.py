@@ -54,17 +54,26 @@ def analyse(trace_path: Path, label: str) -> None:
           f"{len(dec) / steps:.0f} GPU ops/step")
     for key, (total, count) in sorted(gaps.items(), key=lambda kv: -kv[1][0])[:14]:
         print(f"    idle {total / steps:7.1f} us/step  ({count / steps:5.1f}x/step)  {key}")
+    kernels = collections.defaultdict(lambda: [0.0, 0])
+    for e in dec:
+        kernels[short(e["name"])][0] += e["dur"]
+        kernels[short(e["name"])][1] += 1
+    for key, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:14]:
+        print(f"    busy {total / steps:7.1f} us/step  ({count / steps:5.1f}x/step, {total / count:6.1f} us each)  "
+              f"{key}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--kv-cache-dtype", default="auto")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
     tmp = tempfile.mkdtemp()
     (Path(tmp) / "config.json").write_text(QWEN3_0_6B_CONFIG.read_text())
-    llm = LLM(tmp, load_format="dummy")
+    llm = LLM(tmp, load_format="dummy", kv_cache_dtype=args.kv_cache_dtype)
+    print(f"kv_cache_dtype={args.kv_cache_dtype}")
     for num, prompt_len, max_tokens in ((16, 1500, 48), (64, 1000, 40), (256, 600, 32)):
         prompts = [[(7 * i + j) % 10000 for j in range(prompt_len)] for i in range(num)]
         params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=max_tokens)
