@@ -67,10 +67,6 @@ def launches(batch: int):
                + (" (the backend's)" if k_words else ""),
                lambda words=words, k_words=k_words: tk.paged_decode_attention(
                    q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words=words, fp8_words_k=k_words))
-    for qk in (1, 2, 3):
-        yield f"FP8 cache, fp8_qk={qk} (tokens as rows; 1, 2: q rounded to e4m3)", lambda qk=qk: (
-            tk.paged_decode_attention(q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words="asm",
-                                      fp8_words_k=True, fp8_qk=qk))
 
 
 def main() -> None:

@@ -544,20 +544,3 @@ def test_embedded_model_greedy_agreement(smollm2_pair):
     print(f"greedy: the first {first_diff} tokens identical; teacher-forced agreement {agreement:.1%}")
     assert first_diff >= FIRST_TOKENS_IDENTICAL, first_diff
     assert agreement >= TEACHER_FORCED_AGREEMENT, agreement
-
-
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_triton_decode_fp8_tokens_as_rows_equals_the_backend_launch(tk, num_splits):
-    """``fp8_qk=3``: both products with the tile's tokens as their rows (scores [tokens, heads]) give the attention
-    of the backend's launch; ``fp8_qk`` 1 and 2 round q to e4m3 (a scale per query head), so they are only near."""
-    k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, 64, seed=13)
-    q = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(14)).to(DEVICE).bfloat16()
-    run = dict(num_splits=num_splits, k_scale=k_scale, v_scale=v_scale, f16_dot=True, fp8_words="asm",
-               fp8_words_k=True)
-    base = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run)
-    got = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_qk=3)
-    torch.testing.assert_close(got, base, rtol=1e-3, atol=1e-3)
-    ref = paged_decode_ref(q.float(), k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
-    for qk in (1, 2):
-        near = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_qk=qk)
-        torch.testing.assert_close(near.float(), ref, rtol=0.1, atol=0.1)

@@ -345,7 +345,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
     FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False, FP8_WORDS: tl.constexpr = 0,
-    FP8_K_WORDS: tl.constexpr = False, FP8_QK: tl.constexpr = 0,
+    FP8_K_WORDS: tl.constexpr = False,
 ):
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
         kvh = tl.program_id(0)
@@ -370,10 +370,6 @@ def _decode_split_kernel(
 
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)
-    if FP8_QK == 1 or FP8_QK == 2:  # q rounded to e4m3, a scale per query head: e4m3 scores, K never widened
-        q_amax = tl.max(tl.abs(q.to(tl.float32)), 1)
-        q_row_scale = tl.where(q_amax > 0, q_amax / 448.0, 1.0)
-        q8 = (q.to(tl.float32) / q_row_scale[:, None]).to(tl.float8e4nv)
     if F16_DOT:  # K and V (below: .to(q.dtype)) widen from e4m3 to float16, one instruction per pair of values
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
@@ -387,36 +383,7 @@ def _decode_split_kernel(
         qk_scale = qk_scale * tl.load(ks_ptr + kvh)
     offs_w = tl.arange(0, BLOCK_D // 2)  # (FP8_WORDS) the tile's 16-bit words: two values each
     w_mask = offs_w < HEAD_DIM // 2
-    if FP8_QK >= 2:  # everything transposed: tokens as the rows of both products, [BLOCK_N, GROUP_PAD] scores
-        acc_t = tl.zeros([BLOCK_D, GROUP_PAD], tl.float32)
-        for t in range(t_start, t_end):
-            pos = t * BLOCK_N + offs_n
-            n_mask = pos < ctx
-            phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
-            tok_off = phys * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_cs + head_off
-            kv_off = tok_off[:, None] + offs_d[None, :] * stride_cd
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            w_row = phys * stride_wb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ws + kvh.to(tl.int64) * stride_wh
-            w_off = w_row[:, None] + offs_w[None, :]
-            w_msk = n_mask[:, None] & w_mask[None, :]
-            if FP8_QK == 2:
-                k8 = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
-                s_t = tl.dot(k8, tl.trans(q8)) * (q_row_scale * qk_scale)[None, :]
-            else:
-                k = _e4m3_words_to_f16(tl.load(kc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
-                                       FP8_WORDS == 2, BLOCK_N, BLOCK_D)
-                s_t = tl.dot(k, tl.trans(q)) * qk_scale
-            s_t = tl.where(n_mask[:, None], s_t, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s_t, 0))
-            alpha = tl.exp2(m_i - m_new)
-            p_t = tl.exp2(s_t - m_new[None, :])
-            l_i = l_i * alpha + tl.sum(p_t, 0)
-            v = _e4m3_words_to_f16(tl.load(vc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
-                                   FP8_WORDS == 2, BLOCK_N, BLOCK_D)
-            acc_t = acc_t * alpha[None, :] + tl.dot(tl.trans(v), p_t.to(tl.float16))
-            m_i = m_new
-        acc = tl.trans(acc_t)
-    for t in range(t_start, t_end if FP8_QK < 2 else t_start):
+    for t in range(t_start, t_end):
         pos = t * BLOCK_N + offs_n
         n_mask = pos < ctx
         phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
@@ -428,16 +395,12 @@ def _decode_split_kernel(
             w_row = phys * stride_wb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ws + kvh.to(tl.int64) * stride_wh
             w_off = w_row[:, None] + offs_w[None, :]  # a contiguous head of even length: whole words
             w_msk = n_mask[:, None] & w_mask[None, :]
-        if FP8_QK == 1:
-            k8 = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0)
-            qk = tl.trans(tl.dot(k8, tl.trans(q8))) * q_row_scale[:, None]  # tokens as the product's rows
+        if FP8_K_WORDS:  # K's tile as 16-bit words too (the cache's K and V share their strides)
+            k = _e4m3_words_to_f16(tl.load(kc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
+                                   FP8_WORDS == 2, BLOCK_N, BLOCK_D)
         else:
-            if FP8_K_WORDS:  # K's tile as 16-bit words too (the cache's K and V share their strides)
-                k = _e4m3_words_to_f16(tl.load(kc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
-                                       FP8_WORDS == 2, BLOCK_N, BLOCK_D)
-            else:
-                k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
+            k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
         qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds at least one valid token
         alpha = tl.exp2(m_i - m_new)
@@ -550,8 +513,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_warps: int = 4, num_stages: int | None = None,
                            heads_first: bool | None = None, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, f16_dot: bool = False,
-                           fp8_words: str | None = None, fp8_words_k: bool = False,
-                           fp8_qk: int = 0) -> torch.Tensor:
+                           fp8_words: str | None = None, fp8_words_k: bool = False) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -617,7 +579,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
     key = ("decode", q.device.index, q.dtype, k_cache.dtype, block_n, block_d, group, heads_first, single,
-           num_warps, num_stages, f16_dot, words, fp8_words_k, fp8_qk)
+           num_warps, num_stages, f16_dot, words, fp8_words_k)
     launch_fitting_stages(
         _decode_split_kernel, grid, key, num_stages,
         q, k_cache, v_cache, block_tables, context_lens, k_scale if fp8 else context_lens,
@@ -634,7 +596,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
-        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, FP8_QK=fp8_qk, num_warps=num_warps,
+        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, num_warps=num_warps,
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -801,7 +763,6 @@ class TritonBackend(AttentionBackend):
     # K and V as 16-bit words widened by the GPU's e4m3 instruction, the fastest on an H100 (kernel_measurements.md)
     fp8_words: str | None = "asm"
     fp8_words_k: bool = True
-    fp8_qk: int = 0  # (experimental) paged_decode_attention's fp8_qk
 
     def __init__(self, num_splits: int | None = None, fp8_f16_dot: bool = True):
         self.num_splits = num_splits  # decode split count; None: heuristic
@@ -839,7 +800,7 @@ class TritonBackend(AttentionBackend):
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                           num_splits=self.num_splits, k_scale=k_scale, v_scale=v_scale,
                                           f16_dot=f16_dot, fp8_words=self.fp8_words if words else None,
-                                          fp8_words_k=k_words, fp8_qk=self.fp8_qk if k_words else 0)
+                                          fp8_words_k=k_words)
         return paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                        meta.block_tables, scale, meta.max_seqlen_q, k_scale=k_scale,
                                        v_scale=v_scale)

@@ -102,9 +102,6 @@ def read_bandwidth() -> None:
     print(f"torch copy: {x.numel() * 4 / us / 1e6:.2f} TB/s (read + write)", flush=True)
 
 
-QK_ONLY = False
-
-
 def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None) -> None:
     """``fp8``: an e4m3 cache (scales of 1): the backend's launch (``TritonBackend``: float16 products, K and V
     read as 16-bit words widened by inline PTX) with other tilings, warps and split counts, against reading V or
@@ -162,14 +159,6 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None) 
                 ("V as words (convert), K as bytes", dict(eng, fp8_words="convert", fp8_words_k=False)),
                 ("bytes, float16 products", dict(f16_dot=True)), ("bytes, bfloat16 products", {})] + \
                 [(f"bytes f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]]
-            qk_tilings = (
-                ("", {}), (" bn128 st3", dict(block_n=128, num_stages=3)),
-                (" bn64 st3", dict(block_n=64, num_stages=3)),
-                (" bn128 st2 heads-first", dict(block_n=128, num_stages=2, heads_first=True)),
-                (" 8 warps", dict(num_warps=8)), (" bn256 st2", dict(block_n=256, num_stages=2)))
-            qk_opts = [(f"fp8_qk {qk}{name}", dict(eng, fp8_qk=qk, **kw))
-                       for qk in (3, 2, 1) for name, kw in qk_tilings]
-            opts = opts[:1] + qk_opts + ([] if QK_ONLY else opts[1:])
         res = []
         # the engine's launch also once more at the end: the first one timed at a step came out 2-6 % slower than
         # the same settings timed later (kernel_measurements.md); its time is the later of the two
@@ -213,7 +202,6 @@ def main():
     ap.add_argument("--read", action="store_true", help="only the streaming-read bandwidth of the GPU")
     ap.add_argument("--graph", action="store_true", help="engine settings vs alternatives, in a CUDA graph")
     ap.add_argument("--fp8", action="store_true", help="with --graph: an FP8 (e4m3) cache")
-    ap.add_argument("--qk-only", action="store_true", help="with --fp8: only the engine's launch and fp8_qk's")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -221,8 +209,6 @@ def main():
         read_bandwidth()
         return
 
-    global QK_ONLY
-    QK_ONLY = args.qk_only
     w = seed_workload(256)
     if args.graph:
         steps = "20,200,400,600,800,900,940,960,980,1000,1015" if args.steps == ap.get_default("steps") else args.steps

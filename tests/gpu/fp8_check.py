@@ -90,14 +90,6 @@ def kernels():
             out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks,
                                             v_scale=vs, f16_dot=True, fp8_words=words, fp8_words_k=k_words)
             worst_f16[name] = max(worst_f16.get(name, 0.0), (out.float() - ref).abs().max().item())
-    for qk in (1, 2, 3):  # (experimental) scores with tokens as the product's rows; 1, 2: q rounded to e4m3
-        for splits in (1, 4):
-            out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks,
-                                            v_scale=vs, f16_dot=True, fp8_words="asm", fp8_words_k=True, fp8_qk=qk)
-            worst_f16[f"qk{qk}"] = max(worst_f16.get(f"qk{qk}", 0.0), (out.float() - ref).abs().max().item())
-    qk_rounded = {n: worst_f16.pop(n) for n in ("qk1", "qk2")}
-    print("  decode, q rounded to e4m3 (fp8_qk 1, 2), max |diff| from the reference: "
-          + ", ".join(f"{n} {d:.4f}" for n, d in qk_rounded.items()), flush=True)
     print("  decode, float16 products, max |diff| from the reference: "
           + ", ".join(f"{n} {d:.4f}" for n, d in worst_f16.items()), flush=True)
     qp = torch.randn(int(ctx.sum()), heads, dim, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -182,32 +174,28 @@ def bench(cap, out, words_variants=()):
     from nanovllm.attention import triton_kernels as tk
 
     backend = tk.TritonBackend
-    default = (backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES, backend.fp8_qk)
+    default = (backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES)
     rates = {}
     runs = [("auto", "auto", default), ("fp8", "fp8", default)]
     for v in words_variants:
         how, _, waves = v.partition("@w")
-        if how.startswith("qk"):  # "qkN": the backend's reads with fp8_qk=N
-            runs.append((f"fp8_{v}", "fp8", (default[0], default[1], int(waves) if waves else default[2],
-                                             int(how[2:]))))
-            continue
         words = how.split("+")[0]
         runs.append((f"fp8_{v}", "fp8", (None if words == "bytes" else words, how.endswith("+K"),
-                                         int(waves) if waves else default[2], 0)))
-    for name, kv, (words, k_words, waves, qk) in runs:
+                                         int(waves) if waves else default[2])))
+    for name, kv, (words, k_words, waves) in runs:
         argv = ["--engine", "nanovllm", "--kv-cache-dtype", kv, "--json", str(out / "fp8_bench.jsonl")]
         if cap:
             argv += ["--gpu-memory-utilization", f"{cap['gpu_memory_utilization']:.4f}"]
-        backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES, backend.fp8_qk = words, k_words, waves, qk
+        backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = words, k_words, waves
         try:
             [r] = nb.main(argv)
             rates[name] = r.tok_per_s
         except SystemExit as e:  # an engine failed: bench printed why; keep the other's number
             rates[name] = f"failed ({e.code})"
         finally:
-            backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES, backend.fp8_qk = default
+            backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = default
         print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={words}, fp8_words_k={k_words}, "
-              f"DECODE_WAVES={waves}, fp8_qk={qk}): {rates[name]}", flush=True)
+              f"DECODE_WAVES={waves}): {rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
     return {f"tok_per_s_{k}" if "over" not in k else k: v for k, v in rates.items()}
