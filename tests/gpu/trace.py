@@ -1,10 +1,11 @@
 """Where the GPU sits idle during overlapped decode (a script, not a pytest module).
 
-    PYTHONPATH=. python3 tests/gpu/trace.py [--out DIR]
+    PYTHONPATH=. python3 tests/gpu/trace.py [--out DIR] [--kv-cache-dtype fp8]
 
 Runs a few short seed-benchmark-like decodes (Qwen3-0.6B shape, random weights) under the PyTorch
 profiler, then from the kernel timeline of the decode steps: GPU busy time, idle time, and the idle gaps
-summed by the pair of kernels around them (the gap before a graph's first kernel is host time).
+summed by the pair of kernels around them (the gap before a graph's first kernel is host time), and the busy
+time of each kernel.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def analyse(trace_path: Path, label: str) -> None:
         print(f"    idle {total / steps:7.1f} us/step  ({count / steps:5.1f}x/step)  {key}")
     kernels = collections.defaultdict(lambda: [0.0, 0])
     for e in dec:
-        kernels[short(e["name"])][0] += e["dur"]
-        kernels[short(e["name"])][1] += 1
+        entry = kernels[short(e["name"])]
+        entry[0] += e["dur"]
+        entry[1] += 1
     for key, (total, count) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:14]:
         print(f"    busy {total / steps:7.1f} us/step  ({count / steps:5.1f}x/step, {total / count:6.1f} us each)  "
               f"{key}")
