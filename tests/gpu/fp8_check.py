@@ -90,6 +90,12 @@ def kernels():
             out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks,
                                             v_scale=vs, f16_dot=True, fp8_words=words, fp8_words_k=k_words)
             worst_f16[name] = max(worst_f16.get(name, 0.0), (out.float() - ref).abs().max().item())
+    for splits in (1, 4):  # K's words widened in pairs, q's dims reordered to match (k_pairs), a tile ahead too
+        for ahead in (False, True):
+            out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks,
+                                            v_scale=vs, f16_dot=True, fp8_words="asm", fp8_words_k=True,
+                                            k_pairs=True, bt_ahead=ahead)
+            worst_f16["asm+K pairs"] = max(worst_f16.get("asm+K pairs", 0.0), (out.float() - ref).abs().max().item())
     print("  decode, float16 products, max |diff| from the reference: "
           + ", ".join(f"{n} {d:.4f}" for n, d in worst_f16.items()), flush=True)
     qp = torch.randn(int(ctx.sum()), heads, dim, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -166,10 +172,12 @@ def qwen3():
 
 
 # -- 4. the seed benchmark -----------------------------------------------------------------------------------------
-def bench(cap, out, words_variants=()):
+def bench(cap, out, words_variants=(), tilings=()):
     """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
-    splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches."""
+    splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
+    each of ``tilings`` ("a128x3": the FP8 decode launches with the block table read a tile ahead, ``bt_ahead``,
+    tiles of 128 tokens and 3 stages; "p64x4": not ahead, 64 tokens, 4 stages)."""
     from nanovllm import bench as nb
     from nanovllm.attention import triton_kernels as tk
 
@@ -182,7 +190,18 @@ def bench(cap, out, words_variants=()):
         words = how.split("+")[0]
         runs.append((f"fp8_{v}", "fp8", (None if words == "bytes" else words, how.endswith("+K"),
                                          int(waves) if waves else default[2])))
-    for name, kv, (words, k_words, waves) in runs:
+    for t in tilings:  # "a128x3": the block table read ahead, tiles of 128 tokens, 3 stages ("p": not ahead);
+        # a "k" after it: K's words widened in pairs (k_pairs)
+        n, _, st = t[1:].rstrip("k").partition("x")
+        runs.append((f"fp8_{t}", "fp8", default + (dict(bt_ahead=t[0] == "a", block_n=int(n), num_stages=int(st),
+                                                        k_pairs=t.endswith("k")),)))
+    launch = tk.decode_launch
+    for name, kv, (words, k_words, waves, *tiling) in runs:
+        if tiling:
+            def fixed(*a, tiling=tiling[0], **kw):
+                auto = launch(*a, **kw)
+                return dict(auto, **tiling) if kw.get("fp8") else auto
+            tk.decode_launch = fixed
         argv = ["--engine", "nanovllm", "--kv-cache-dtype", kv, "--json", str(out / "fp8_bench.jsonl")]
         if cap:
             argv += ["--gpu-memory-utilization", f"{cap['gpu_memory_utilization']:.4f}"]
@@ -194,8 +213,9 @@ def bench(cap, out, words_variants=()):
             rates[name] = f"failed ({e.code})"
         finally:
             backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = default
+            tk.decode_launch = launch
         print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={words}, fp8_words_k={k_words}, "
-              f"DECODE_WAVES={waves}): {rates[name]}", flush=True)
+              f"DECODE_WAVES={waves}{f', decode tiling {tiling[0]}' if tiling else ''}): {rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
     return {f"tok_per_s_{k}" if "over" not in k else k: v for k, v in rates.items()}
@@ -206,6 +226,7 @@ def main():
     ap.add_argument("--out", default="/tmp/nanovllm-fp8")
     ap.add_argument("--only", default="kernels,embedded,qwen3,bench")
     ap.add_argument("--cap-gib", type=float, default=None, help="size the engines for a card of this many GiB")
+    ap.add_argument("--tilings", default="", help="bench: also fp8 with these decode tilings, e.g. a128x3,a64x4")
     ap.add_argument("--words", default="", help="bench: also fp8 with these decode reads, e.g. bytes,convert,asm+K")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -231,7 +252,8 @@ def main():
             section("Qwen3-0.6B shape, random weights, bf16: fp8 vs auto", qwen3)
         if "bench" in only:
             section("seed benchmark: auto vs fp8" + (f" (capped at {args.cap_gib:g} GiB)" if cap else ""),
-                    bench, cap, out, [w for w in args.words.split(",") if w])
+                    bench, cap, out, [w for w in args.words.split(",") if w],
+                    [t for t in args.tilings.split(",") if t])
     finally:
         with open(out / "fp8_check.jsonl", "a") as f:
             for r in RESULTS:
