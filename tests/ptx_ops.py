@@ -9,6 +9,11 @@ work on the FP8 cache; not collected by pytest.
 Where a launch reads its tiles from shared memory a byte at a time (``ld.shared.b8``) rather than with
 ``ldmatrix``, the tile's bytes cost an instruction each: so the FP8 cache's V tile read as bytes, not as 16-bit
 words (``fp8_words``; ``figures/data/kernel_measurements.md``).
+
+The counts are those of the Triton installed here, and Triton versions lay tiles out differently: to see what the GPU
+machine's Triton makes of a kernel, install that version beside the project's and put it first on the path
+(``pip install --target DIR triton==X.Y.Z``, then ``PYTHONPATH=DIR python tests/ptx_ops.py``).  The first line
+printed names the version.
 """
 
 from __future__ import annotations
@@ -67,9 +72,6 @@ def launches(batch: int):
                + (" (the backend's)" if k_words else ""),
                lambda words=words, k_words=k_words: tk.paged_decode_attention(
                    q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words=words, fp8_words_k=k_words))
-    yield "FP8 cache, float16 products, K and V read as words (asm), K's widened in pairs (k_pairs)", \
-        lambda: tk.paged_decode_attention(q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words="asm",
-                                          fp8_words_k=True, k_pairs=True)
 
 
 def main() -> None:
@@ -81,8 +83,10 @@ def main() -> None:
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
+    import triton
     import triton_compile_check as tcc
 
+    print(f"triton {triton.__version__}, sm_{args.arch}")
     compiled = tcc.install_compile_only(args.arch)
     for label, launch in launches(args.batch):
         compiled.clear()

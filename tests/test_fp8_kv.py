@@ -301,26 +301,6 @@ def test_triton_decode_fp8_read_as_words_equals_reading_bytes(tk, num_splits, he
                                   fp8_words="asm")
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("head_dim", [64, 80])
-def test_triton_decode_fp8_k_pairs_equals_words(tk, num_splits, head_dim):
-    """``k_pairs``: K's words widened in pairs with q's dims reordered to match give the same attention as K read
-    as words in order (a dot product does not depend on the order of the dims), with the block table read a tile
-    ahead or not; it needs K read as words."""
-    k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, head_dim, seed=13)
-    q = torch.randn(3, 6, head_dim, generator=torch.Generator().manual_seed(14)).to(DEVICE).bfloat16()
-    run = dict(num_splits=num_splits, k_scale=k_scale, v_scale=v_scale, f16_dot=True, fp8_words="asm",
-               fp8_words_k=True, block_n=32)
-    in_order = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run)
-    for ahead in (False, True):
-        got = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, k_pairs=True,
-                                        bt_ahead=ahead)
-        torch.testing.assert_close(got, in_order, rtol=1e-3, atol=1e-3)
-    with pytest.raises(ValueError, match="k_pairs reorders K's words: it needs fp8_words_k"):
-        tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **dict(run, fp8_words_k=False),
-                                  k_pairs=True)
-
-
 def test_triton_backend_decodes_fp8_with_float16_products_for_bf16_queries(tk):
     """The backend's decode over an FP8 cache takes the float16 products for bfloat16 queries (faster on an H100),
     the q-dtype products for float32 ones, and ``fp8_f16_dot=False`` turns them off."""

@@ -329,15 +329,6 @@ def _e4m3_words_to_f16(w, PTX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.conste
     return tl.reshape(tl.join(lo, hi), [ROWS, COLS])
 
 
-@triton.jit
-def _e4m3_word_pairs_to_f16(w, PTX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
-    """As ``_e4m3_words_to_f16``, with the columns of each 16 reordered: words 2t and 2t+1 (values 4t..4t+3) give
-    columns 2t, 2t+1, 2t+8, 2t+9, the values a thread holds of a float16 ``mma`` operand."""
-    f = _e4m3_words_to_f16(w, PTX, ROWS, COLS)  # [ROWS, COLS], column c = value c
-    f = tl.reshape(f, [ROWS, COLS // 16, 4, 2, 2])  # (chunk, t, j, e): value 16 chunk + 4t + 2j + e
-    return tl.reshape(tl.permute(f, (0, 1, 3, 2, 4)), [ROWS, COLS])  # column 16 chunk + 8j + 2t + e
-
-
 @triton.jit(do_not_specialize=["stride_btb"])  # the block-table width varies step to step
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, ks_ptr, vs_ptr,
@@ -354,7 +345,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
     FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False, FP8_WORDS: tl.constexpr = 0,
-    FP8_K_WORDS: tl.constexpr = False, BT_AHEAD: tl.constexpr = False, K_PAIRS: tl.constexpr = False,
+    FP8_K_WORDS: tl.constexpr = False, BT_AHEAD: tl.constexpr = False,
 ):
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
         kvh = tl.program_id(0)
@@ -377,13 +368,8 @@ def _decode_split_kernel(
     g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
 
-    if K_PAIRS:  # q's dims in the order K's widened words give them (see below)
-        r = offs_d % 16
-        q_d = offs_d - r + 4 * ((r % 8) // 2) + 2 * (r // 8) + r % 2
-    else:
-        q_d = offs_d
-    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + q_d[None, :] * stride_qd,
-                mask=g_mask[:, None] & (q_d < HEAD_DIM)[None, :], other=0.0)
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if F16_DOT:  # K and V (below: .to(q.dtype)) widen from e4m3 to float16, one instruction per pair of values
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
@@ -417,10 +403,7 @@ def _decode_split_kernel(
             w_row = phys * stride_wb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ws + kvh.to(tl.int64) * stride_wh
             w_off = w_row[:, None] + offs_w[None, :]  # a contiguous head of even length: whole words
             w_msk = n_mask[:, None] & w_mask[None, :]
-        if K_PAIRS:
-            k = _e4m3_word_pairs_to_f16(tl.load(kc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
-                                        FP8_WORDS == 2, BLOCK_N, BLOCK_D)
-        elif FP8_K_WORDS:  # K's tile as 16-bit words too (the cache's K and V share their strides)
+        if FP8_K_WORDS:  # K's tile as 16-bit words too (the cache's K and V share their strides)
             k = _e4m3_words_to_f16(tl.load(kc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
                                    FP8_WORDS == 2, BLOCK_N, BLOCK_D)
         else:
@@ -539,7 +522,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            heads_first: bool | None = None, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, f16_dot: bool = False,
                            fp8_words: str | None = None, fp8_words_k: bool = False,
-                           bt_ahead: bool | None = None, k_pairs: bool = False) -> torch.Tensor:
+                           bt_ahead: bool | None = None) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -570,8 +553,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         words = 1  # no PTX in Triton's interpreter: its conversion, the same values
     if fp8_words_k and not words:
         raise ValueError("fp8_words_k reads K as words as fp8_words reads V: it needs fp8_words")
-    if k_pairs and not fp8_words_k:
-        raise ValueError("k_pairs reorders K's words: it needs fp8_words_k=True")
     if fp8_words_k and k_cache.stride() != v_cache.stride():
         raise ValueError("fp8_words_k needs K and V caches of the same strides")
     if words and not f16_dot:
@@ -608,7 +589,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
     key = ("decode", q.device.index, q.dtype, k_cache.dtype, block_n, block_d, group, heads_first, single,
-           num_warps, num_stages, f16_dot, words, fp8_words_k, bt_ahead, k_pairs)
+           num_warps, num_stages, f16_dot, words, fp8_words_k, bt_ahead)
     launch_fitting_stages(
         _decode_split_kernel, grid, key, num_stages,
         q, k_cache, v_cache, block_tables, context_lens, k_scale if fp8 else context_lens,
@@ -625,8 +606,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
-        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, BT_AHEAD=bt_ahead, K_PAIRS=k_pairs,
-        num_warps=num_warps,
+        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, BT_AHEAD=bt_ahead, num_warps=num_warps,
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](

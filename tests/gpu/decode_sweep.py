@@ -102,8 +102,7 @@ def read_bandwidth() -> None:
     print(f"torch copy: {x.numel() * 4 / us / 1e6:.2f} TB/s (read + write)", flush=True)
 
 
-def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, ahead: bool = False,
-                pairs: bool = False) -> None:
+def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, ahead: bool = False) -> None:
     """``fp8``: an e4m3 cache (scales of 1): the backend's launch (``TritonBackend``: float16 products, K and V
     read as 16-bit words widened by inline PTX) with other tilings, warps and split counts, against reading V or
     K as bytes, Triton's conversion, and bfloat16 products (256-token tiles among the alternatives: a tile of
@@ -160,18 +159,7 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
                 ("V as words (convert), K as bytes", dict(eng, fp8_words="convert", fp8_words_k=False)),
                 ("bytes, float16 products", dict(f16_dot=True)), ("bytes, bfloat16 products", {})] + \
                 [(f"bytes f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]]
-        if pairs:  # K's words widened in pairs, q's dims reordered to match (k_pairs), at several tilings
-            base = dict(opts[0][1], k_pairs=True)
-            opts = [opts[0], ("pairs", base)] + [
-                (f"pairs{' ahead' if a else ''} bn{bn} st{st}{f' {nw} warps' if nw != 4 else ''}"
-                 f"{' heads-first' if hf else ''}",
-                 dict(base, bt_ahead=a, block_n=bn, num_stages=st, num_warps=nw, heads_first=hf))
-                for a, bn, st, nw, hf in ((False, 128, 2, 4, False), (False, 128, 2, 4, True),
-                                          (False, 128, 3, 4, False),
-                                          (False, 64, 3, 4, False), (False, 64, 4, 4, False), (False, 64, 2, 4, False),
-                                          (False, 128, 2, 8, True), (False, 64, 4, 2, False),
-                                          (True, 64, 3, 4, False), (True, 128, 3, 4, False), (True, 128, 2, 4, True))]
-        elif ahead:  # the block table read a tile ahead (bt_ahead): deeper pipelines of K/V copies become possible
+        if ahead:  # the block table read a tile ahead (bt_ahead): deeper pipelines of K/V copies become possible
             base = opts[0][1]
             opts = [opts[0]] + [(f"ahead bn{bn} st{st}{f' {nw} warps' if nw != 4 else ''}",
                                  dict(base, bt_ahead=True, block_n=bn, num_stages=st, num_warps=nw))
@@ -227,8 +215,6 @@ def main():
     ap.add_argument("--ahead", action="store_true",
                     help="with --graph: the block table read a tile ahead (bt_ahead) at several tilings, against "
                          "the engine's launch")
-    ap.add_argument("--pairs", action="store_true",
-                    help="with --graph --fp8: K's words widened in pairs (k_pairs) at several tilings")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -239,8 +225,7 @@ def main():
     w = seed_workload(256)
     if args.graph:
         steps = "20,200,400,600,800,900,940,960,980,1000,1015" if args.steps == ap.get_default("steps") else args.steps
-        graph_sweep(w, [int(s) for s in steps.split(",")], fp8=args.fp8, out=args.out, ahead=args.ahead,
-                    pairs=args.pairs)
+        graph_sweep(w, [int(s) for s in steps.split(",")], fp8=args.fp8, out=args.out, ahead=args.ahead)
         return
     lines = ["step,batch,sum_ctx,layout,block_n,num_warps,num_stages,num_splits,us,tb_per_s"]
     best_per_step = {}

@@ -90,12 +90,6 @@ def kernels():
             out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks,
                                             v_scale=vs, f16_dot=True, fp8_words=words, fp8_words_k=k_words)
             worst_f16[name] = max(worst_f16.get(name, 0.0), (out.float() - ref).abs().max().item())
-    for splits in (1, 4):  # K's words widened in pairs, q's dims reordered to match (k_pairs), a tile ahead too
-        for ahead in (False, True):
-            out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks,
-                                            v_scale=vs, f16_dot=True, fp8_words="asm", fp8_words_k=True,
-                                            k_pairs=True, bt_ahead=ahead)
-            worst_f16["asm+K pairs"] = max(worst_f16.get("asm+K pairs", 0.0), (out.float() - ref).abs().max().item())
     print("  decode, float16 products, max |diff| from the reference: "
           + ", ".join(f"{n} {d:.4f}" for n, d in worst_f16.items()), flush=True)
     qp = torch.randn(int(ctx.sum()), heads, dim, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -190,11 +184,9 @@ def bench(cap, out, words_variants=(), tilings=()):
         words = how.split("+")[0]
         runs.append((f"fp8_{v}", "fp8", (None if words == "bytes" else words, how.endswith("+K"),
                                          int(waves) if waves else default[2])))
-    for t in tilings:  # "a128x3": the block table read ahead, tiles of 128 tokens, 3 stages ("p": not ahead);
-        # a "k" after it: K's words widened in pairs (k_pairs)
-        n, _, st = t[1:].rstrip("k").partition("x")
-        runs.append((f"fp8_{t}", "fp8", default + (dict(bt_ahead=t[0] == "a", block_n=int(n), num_stages=int(st),
-                                                        k_pairs=t.endswith("k")),)))
+    for t in tilings:  # "a128x3": the block table read ahead, tiles of 128 tokens, 3 stages ("p": not ahead)
+        n, _, st = t[1:].partition("x")
+        runs.append((f"fp8_{t}", "fp8", default + (dict(bt_ahead=t[0] == "a", block_n=int(n), num_stages=int(st)),)))
     launch = tk.decode_launch
     for name, kv, (words, k_words, waves, *tiling) in runs:
         if tiling:
