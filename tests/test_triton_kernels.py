@@ -204,37 +204,20 @@ def test_paged_decode_program_order(num_splits, heads_first):
     assert_close(out, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.2), dtype)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("block_n", [16, 32])
-def test_paged_decode_block_table_read_ahead(num_splits, block_n):
-    """``bt_ahead``: the block table read a tile ahead (so the next tile's copies need not wait for it) gives the
-    very same result as reading it tile by tile, at tile ends, block ends and a one-token context."""
-    dtype = DTYPES[-1]
-    gen = _gen(19)
-    ctx_lens = [1, 15, 16, 17, 95, 130]
-    k_cache, v_cache, block_tables, ctx = make_paged_cache(ctx_lens, 16, 2, 32, dtype, gen)
-    q = _randn(len(ctx_lens), 4, 32, gen=gen, dtype=dtype)
-    run = dict(num_splits=num_splits, block_n=block_n, num_stages=3)
-    out = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.2, **run, bt_ahead=True)
-    assert torch.equal(out, tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.2, **run,
-                                                      bt_ahead=False))
-    assert_close(out, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.2), dtype)
-
-
 def test_decode_launch_settings(monkeypatch):
     cpu = torch.device("cpu")
     big = tk.decode_launch(256, 8, 1, 128, 2, cpu)  # 2048 programs on 132 SMs (as on an H100)
-    assert big == dict(block_n=128, num_stages=tk.DECODE_STAGES, heads_first=True, bt_ahead=False)
+    assert big == dict(block_n=128, num_stages=tk.DECODE_STAGES, heads_first=True)
     assert tk.decode_launch(40, 8, 1, 128, 2, cpu)["block_n"] == 64  # fewer programs: shorter tiles
     split = tk.decode_launch(4, 8, 16, 128, 2, cpu)
-    assert split == dict(block_n=64, num_stages=4, heads_first=False, bt_ahead=False)
+    assert split == dict(block_n=64, num_stages=4, heads_first=False)
     assert tk.decode_launch(256, 8, 1, 128, 4, cpu)["block_n"] == 64  # float32 values: shorter tiles
     assert not tk.decode_launch(70000, 8, 1, 128, 2, cpu)["heads_first"]  # past the grid's y limit
     # an FP8 cache: tiles of 128 tokens at any batch, fewer stages
     assert tk.decode_launch(40, 8, 1, 128, 2, cpu, fp8=True) == dict(
-        block_n=128, num_stages=tk.FP8_DECODE_STAGES[0], heads_first=True, bt_ahead=False)
+        block_n=128, num_stages=tk.FP8_DECODE_STAGES[0], heads_first=True)
     assert tk.decode_launch(4, 8, 16, 128, 2, cpu, fp8=True) == dict(
-        block_n=128, num_stages=tk.FP8_DECODE_STAGES[1], heads_first=False, bt_ahead=False)
+        block_n=128, num_stages=tk.FP8_DECODE_STAGES[1], heads_first=False)
     # a GPU with ~100 KB of shared memory per program: the K/V tiles of every stage must fit
     monkeypatch.setattr(tk, "max_shared_memory", lambda *a: 99 * 1024)
     for args in [(256, 8, 1, 128, 2), (4, 8, 16, 128, 2), (4, 8, 16, 128, 4), (256, 8, 1, 256, 2)]:

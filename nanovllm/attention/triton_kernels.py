@@ -345,7 +345,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
     FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False, FP8_WORDS: tl.constexpr = 0,
-    FP8_K_WORDS: tl.constexpr = False, BT_AHEAD: tl.constexpr = False,
+    FP8_K_WORDS: tl.constexpr = False,
 ):
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
         kvh = tl.program_id(0)
@@ -383,18 +383,10 @@ def _decode_split_kernel(
         qk_scale = qk_scale * tl.load(ks_ptr + kvh)
     offs_w = tl.arange(0, BLOCK_D // 2)  # (FP8_WORDS) the tile's 16-bit words: two values each
     w_mask = offs_w < HEAD_DIM // 2
-    if BT_AHEAD:  # the block table read a tile ahead: the next tile's copies need not wait for it
-        pos_a = t_start * BLOCK_N + offs_n
-        phys_a = tl.load(bt_row + pos_a // BLOCK_SIZE, mask=pos_a < ctx, other=0)
     for t in range(t_start, t_end):
         pos = t * BLOCK_N + offs_n
         n_mask = pos < ctx
-        if BT_AHEAD:
-            phys = phys_a.to(tl.int64)
-            pos_a = pos + BLOCK_N
-            phys_a = tl.load(bt_row + pos_a // BLOCK_SIZE, mask=pos_a < ctx, other=0)
-        else:
-            phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+        phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         tok_off = phys * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_cs + head_off
         kv_off = tok_off[:, None] + offs_d[None, :] * stride_cd
         kv_mask = n_mask[:, None] & d_mask[None, :]
@@ -511,7 +503,7 @@ def decode_launch(batch: int, num_kv_heads: int, num_splits: int, block_d: int, 
     room = max_shared_memory(device) - 8 * 1024  # leave room for the rest
     stages = max(1, min(most, room // per_stage))
     # KV-head-major puts the batch in the grid's second dimension, which CUDA caps at 65,535
-    return dict(block_n=block_n, num_stages=stages, heads_first=single and batch <= 65535, bt_ahead=False)
+    return dict(block_n=block_n, num_stages=stages, heads_first=single and batch <= 65535)
 
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -521,8 +513,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_warps: int = 4, num_stages: int | None = None,
                            heads_first: bool | None = None, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, f16_dot: bool = False,
-                           fp8_words: str | None = None, fp8_words_k: bool = False,
-                           bt_ahead: bool | None = None) -> torch.Tensor:
+                           fp8_words: str | None = None, fp8_words_k: bool = False) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -580,7 +571,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     block_n = auto["block_n"] if block_n is None else block_n
     num_stages = auto["num_stages"] if num_stages is None else num_stages
     heads_first = auto["heads_first"] if heads_first is None else heads_first
-    bt_ahead = auto["bt_ahead"] if bt_ahead is None else bt_ahead
     single = num_splits == 1
     if single:  # write the output directly; no reduction
         mid_o = mid_lse = out
@@ -589,7 +579,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
     key = ("decode", q.device.index, q.dtype, k_cache.dtype, block_n, block_d, group, heads_first, single,
-           num_warps, num_stages, f16_dot, words, fp8_words_k, bt_ahead)
+           num_warps, num_stages, f16_dot, words, fp8_words_k)
     launch_fitting_stages(
         _decode_split_kernel, grid, key, num_stages,
         q, k_cache, v_cache, block_tables, context_lens, k_scale if fp8 else context_lens,
@@ -606,7 +596,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
-        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, BT_AHEAD=bt_ahead, num_warps=num_warps,
+        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, num_warps=num_warps,
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](

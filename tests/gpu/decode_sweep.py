@@ -102,7 +102,7 @@ def read_bandwidth() -> None:
     print(f"torch copy: {x.numel() * 4 / us / 1e6:.2f} TB/s (read + write)", flush=True)
 
 
-def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, ahead: bool = False) -> None:
+def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None) -> None:
     """``fp8``: an e4m3 cache (scales of 1): the backend's launch (``TritonBackend``: float16 products, K and V
     read as 16-bit words widened by inline PTX) with other tilings, warps and split counts, against reading V or
     K as bytes, Triton's conversion, and bfloat16 products (256-token tiles among the alternatives: a tile of
@@ -159,16 +159,6 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
                 ("V as words (convert), K as bytes", dict(eng, fp8_words="convert", fp8_words_k=False)),
                 ("bytes, float16 products", dict(f16_dot=True)), ("bytes, bfloat16 products", {})] + \
                 [(f"bytes f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]]
-        if ahead:  # the block table read a tile ahead (bt_ahead): deeper pipelines of K/V copies become possible
-            base = opts[0][1]
-            opts = [opts[0]] + [(f"ahead bn{bn} st{st}{f' {nw} warps' if nw != 4 else ''}",
-                                 dict(base, bt_ahead=True, block_n=bn, num_stages=st, num_warps=nw))
-                                for bn, st, nw in ((128, 2, 4), (128, 3, 4), (128, 3, 8), (64, 2, 4), (64, 3, 4),
-                                                   (64, 4, 4), (64, 5, 4), (64, 3, 2), (64, 4, 2), (32, 4, 4),
-                                                   (32, 6, 4), (32, 4, 2), (32, 6, 2))] + \
-                [(f"bn{bn} st{st}{f' {nw} warps' if nw != 4 else ''}",
-                  dict(base, block_n=bn, num_stages=st, num_warps=nw))
-                 for bn, st, nw in ((128, 2, 4), (128, 3, 4), (64, 3, 4), (64, 4, 4), (64, 4, 2))]
         res = []
         # the engine's launch also once more at the end: the first one timed at a step came out 2-6 % slower than
         # the same settings timed later (kernel_measurements.md); its time is the later of the two
@@ -212,9 +202,6 @@ def main():
     ap.add_argument("--read", action="store_true", help="only the streaming-read bandwidth of the GPU")
     ap.add_argument("--graph", action="store_true", help="engine settings vs alternatives, in a CUDA graph")
     ap.add_argument("--fp8", action="store_true", help="with --graph: an FP8 (e4m3) cache")
-    ap.add_argument("--ahead", action="store_true",
-                    help="with --graph: the block table read a tile ahead (bt_ahead) at several tilings, against "
-                         "the engine's launch")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -225,7 +212,7 @@ def main():
     w = seed_workload(256)
     if args.graph:
         steps = "20,200,400,600,800,900,940,960,980,1000,1015" if args.steps == ap.get_default("steps") else args.steps
-        graph_sweep(w, [int(s) for s in steps.split(",")], fp8=args.fp8, out=args.out, ahead=args.ahead)
+        graph_sweep(w, [int(s) for s in steps.split(",")], fp8=args.fp8, out=args.out)
         return
     lines = ["step,batch,sum_ctx,layout,block_n,num_warps,num_stages,num_splits,us,tb_per_s"]
     best_per_step = {}

@@ -170,8 +170,8 @@ def bench(cap, out, words_variants=(), tilings=()):
     """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
     splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
-    each of ``tilings`` ("a128x3": the FP8 decode launches with the block table read a tile ahead, ``bt_ahead``,
-    tiles of 128 tokens and 3 stages; "p64x4": not ahead, 64 tokens, 4 stages)."""
+    each of ``tilings`` ("64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages, in place of
+    ``decode_launch``'s)."""
     from nanovllm import bench as nb
     from nanovllm.attention import triton_kernels as tk
 
@@ -184,9 +184,9 @@ def bench(cap, out, words_variants=(), tilings=()):
         words = how.split("+")[0]
         runs.append((f"fp8_{v}", "fp8", (None if words == "bytes" else words, how.endswith("+K"),
                                          int(waves) if waves else default[2])))
-    for t in tilings:  # "a128x3": the block table read ahead, tiles of 128 tokens, 3 stages ("p": not ahead)
-        n, _, st = t[1:].partition("x")
-        runs.append((f"fp8_{t}", "fp8", default + (dict(bt_ahead=t[0] == "a", block_n=int(n), num_stages=int(st)),)))
+    for t in tilings:  # "64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages
+        n, _, st = t.partition("x")
+        runs.append((f"fp8_{t}", "fp8", default + (dict(block_n=int(n), num_stages=int(st)),)))
     launch = tk.decode_launch
     for name, kv, (words, k_words, waves, *tiling) in runs:
         if tiling:
@@ -218,7 +218,8 @@ def main():
     ap.add_argument("--out", default="/tmp/nanovllm-fp8")
     ap.add_argument("--only", default="kernels,embedded,qwen3,bench")
     ap.add_argument("--cap-gib", type=float, default=None, help="size the engines for a card of this many GiB")
-    ap.add_argument("--tilings", default="", help="bench: also fp8 with these decode tilings, e.g. a128x3,a64x4")
+    ap.add_argument("--tilings", default="",
+                    help="bench: also fp8 with these decode tilings (tokens x stages), e.g. 64x3,128x3")
     ap.add_argument("--words", default="", help="bench: also fp8 with these decode reads, e.g. bytes,convert,asm+K")
     args = ap.parse_args()
     if not torch.cuda.is_available():
