@@ -10,6 +10,9 @@ Where a launch reads its tiles from shared memory a byte at a time (``ld.shared.
 ``ldmatrix``, the tile's bytes cost an instruction each: so the FP8 cache's V tile read as bytes, not as 16-bit
 words (``fp8_words``; ``figures/data/kernel_measurements.md``).
 
+``--sass`` also disassembles each launch's cubin and counts the instructions of its main loop (the K/V tile loop):
+what the GPU issues per tile, after ptxas (register copies included, which PTX does not show).
+
 The counts are those of the Triton installed here, and Triton versions lay tiles out differently: to see what the GPU
 machine's Triton makes of a kernel, install that version beside the project's and put it first on the path
 (``pip install --target DIR triton==X.Y.Z``, then ``PYTHONPATH=DIR python tests/ptx_ops.py``).  The first line
@@ -72,6 +75,9 @@ def launches(batch: int):
                + (" (the backend's)" if k_words else ""),
                lambda words=words, k_words=k_words: tk.paged_decode_attention(
                    q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words=words, fp8_words_k=k_words))
+    yield ("FP8 cache, float16 products, K and V read as words (asm), narrow operands",
+           lambda: tk.paged_decode_attention(q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words="asm",
+                                             fp8_words_k=True, narrow_operands=True))
 
 
 def main() -> None:
@@ -80,6 +86,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1024, help="decode batch (default 1024: one split, big tiles)")
     ap.add_argument("--shared", action="store_true",
                     help="also each launch's shared-memory buffers (TTGIR local_alloc: what goes through it)")
+    ap.add_argument("--sass", action="store_true",
+                    help="also the SASS of the kernel's longest loop (nvdisasm, shipped with Triton): its instruction "
+                         "count and opcodes, the instructions the GPU really issues per tile")
     args = ap.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         sys.exit("unset TRITON_INTERPRET: the interpreter compiles nothing")
@@ -99,6 +108,37 @@ def main() -> None:
         if args.shared:
             for line in shared_buffers(kernel.asm["ttgir"]):
                 print("   shared: " + line)
+        if args.sass:
+            n, sass_ops = loop_sass(kernel.asm["cubin"])
+            print(f"   SASS, the main loop: {n} instructions; " + ", ".join(f"{op} {k}" for op, k in sass_ops[:12]))
+
+
+def loop_sass(cubin: bytes) -> tuple[int, list[tuple[str, int]]]:
+    """The SASS of a compiled kernel's longest loop (from a label to the backward branch that returns to it):
+    its instruction count and its opcodes, most frequent first.  ``nvdisasm`` is the one Triton ships."""
+    import subprocess
+    import tempfile
+
+    import triton
+
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        lines = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    lines = lines.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) for m in [re.match(r"^\.(L_x_\d+):", line.strip())] if m}
+    loop = (0, -1)
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+`?\(?\.(L_x_\d+)", line)
+        if m and labels.get(m.group(1), i) < i and i - labels[m.group(1)] > loop[1] - loop[0]:
+            loop = (labels[m.group(1)], i)
+    ops = collections.Counter()
+    for line in lines[loop[0]:loop[1] + 1]:
+        m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops[m.group(1)] += 1
+    return sum(ops.values()), ops.most_common()
 
 
 def shared_buffers(ttgir: str) -> list[str]:
