@@ -294,6 +294,9 @@ def test_triton_decode_fp8_read_as_words_equals_reading_bytes(tk, num_splits, he
         torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)  # a bfloat16 output
     with pytest.raises(ValueError, match="fp8_words_k reads K as words as fp8_words reads V: it needs fp8_words"):
         tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_words_k=True)
+    with pytest.raises(ValueError, match="narrow_operands is for the tiles widened in PTX"):
+        tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_words="convert",
+                                  narrow_operands=True)
     with pytest.raises(ValueError, match="fp8_words must be None, 'convert' or 'asm'"):
         tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_words="bytes")
     with pytest.raises(ValueError, match="needs f16_dot=True"):

@@ -561,6 +561,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("fp8_words_k reads K as words as fp8_words reads V: it needs fp8_words")
     if fp8_words_k and k_cache.stride() != v_cache.stride():
         raise ValueError("fp8_words_k needs K and V caches of the same strides")
+    if narrow_operands and fp8_words != "asm":
+        raise ValueError("narrow_operands is for the tiles widened in PTX: it needs fp8_words='asm', "
+                         f"got fp8_words={fp8_words!r}")
     if words and not f16_dot:
         raise ValueError("fp8_words widens the FP8 cache to float16, for float16 products: it needs f16_dot=True")
     if words and (v_cache.stride(-1) != 1 or v_cache.shape[-1] % 2 or any(x % 2 for x in v_cache.stride()[:-1])):
@@ -815,10 +818,11 @@ class TritonBackend(AttentionBackend):
             words = f16_dot and self.fp8_words is not None and v_cache.stride(-1) == 1 and not any(
                 x % 2 for x in (*v_cache.stride()[:-1], v_cache.shape[-1]))  # whole 16-bit words per head
             k_words = words and self.fp8_words_k and k_cache.stride() == v_cache.stride()
+            narrow = words and self.fp8_words == "asm" and self.fp8_narrow_operands
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                           num_splits=self.num_splits, k_scale=k_scale, v_scale=v_scale,
                                           f16_dot=f16_dot, fp8_words=self.fp8_words if words else None,
-                                          fp8_words_k=k_words, narrow_operands=words and self.fp8_narrow_operands)
+                                          fp8_words_k=k_words, narrow_operands=narrow)
         return paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                        meta.block_tables, scale, meta.max_seqlen_q, k_scale=k_scale,
                                        v_scale=v_scale)
