@@ -175,49 +175,52 @@ def bench(cap, out, words_variants=(), tilings=(), narrow=False):
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
     splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
     each of ``tilings`` ("64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages, in place of
-    ``decode_launch``'s); then, with ``narrow``, fp8 with ``TritonBackend.fp8_narrow_operands``."""
+    ``decode_launch``'s); then, with ``narrow``, fp8 with ``TritonBackend.fp8_narrow_operands``.  Each run sets
+    the backend's class attributes and ``decode_launch`` for its engine and puts them back after."""
     from nanovllm import bench as nb
     from nanovllm.attention import triton_kernels as tk
 
     backend = tk.TritonBackend
-    default = (backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES)
+    default = dict(words=backend.fp8_words, k_words=backend.fp8_words_k, waves=tk.DECODE_WAVES, tiling=None,
+                   narrow=backend.fp8_narrow_operands)
     rates = {}
     runs = [("auto", "auto", default), ("fp8", "fp8", default)]
     for v in words_variants:
         how, _, waves = v.partition("@w")
         words = how.split("+")[0]
-        runs.append((f"fp8_{v}", "fp8", (None if words == "bytes" else words, how.endswith("+K"),
-                                         int(waves) if waves else default[2])))
-    if narrow:  # the products' operands laid out as for 16-bit values (TritonBackend.fp8_narrow_operands)
-        runs.append(("fp8_narrow", "fp8", default + (None,)))
+        runs.append((f"fp8_{v}", "fp8", dict(default, words=None if words == "bytes" else words,
+                                             k_words=how.endswith("+K"),
+                                             waves=int(waves) if waves else default["waves"])))
     for t in tilings:  # "64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages
         n, _, st = t.partition("x")
-        runs.append((f"fp8_{t}", "fp8", default + (dict(block_n=int(n), num_stages=int(st)),)))
+        runs.append((f"fp8_{t}", "fp8", dict(default, tiling=dict(block_n=int(n), num_stages=int(st)))))
+    if narrow:  # the products' operands laid out as for 16-bit values (TritonBackend.fp8_narrow_operands)
+        runs.append(("fp8_narrow", "fp8", dict(default, narrow=True)))
     launch = tk.decode_launch
-    for name, kv, (words, k_words, waves, *tiling) in runs:
-        if tiling == [None]:
-            backend.fp8_narrow_operands = True
-        elif tiling:
-            def fixed(*a, tiling=tiling[0], **kw):
+    for name, kv, run in runs:
+        if run["tiling"]:
+            def fixed(*a, tiling=run["tiling"], **kw):
                 auto = launch(*a, **kw)
                 return dict(auto, **tiling) if kw.get("fp8") else auto
             tk.decode_launch = fixed
         argv = ["--engine", "nanovllm", "--kv-cache-dtype", kv, "--json", str(out / "fp8_bench.jsonl")]
         if cap:
             argv += ["--gpu-memory-utilization", f"{cap['gpu_memory_utilization']:.4f}"]
-        backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = words, k_words, waves
+        backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = run["words"], run["k_words"], run["waves"]
+        backend.fp8_narrow_operands = run["narrow"]
         try:
             [r] = nb.main(argv)
             rates[name] = r.tok_per_s
         except SystemExit as e:  # an engine failed: bench printed why; keep the other's number
             rates[name] = f"failed ({e.code})"
         finally:
-            backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = default
+            backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = default["words"], default["k_words"], \
+                default["waves"]
+            backend.fp8_narrow_operands = default["narrow"]
             tk.decode_launch = launch
-            backend.fp8_narrow_operands = False
-        print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={words}, fp8_words_k={k_words}, "
-              f"DECODE_WAVES={waves}{f', decode tiling {tiling[0]}' if tiling and tiling[0] else ''}"
-              f"{', narrow operands' if tiling == [None] else ''}): {rates[name]}", flush=True)
+        print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={run['words']}, "
+              f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}, "
+              f"narrow operands {run['narrow']}): {rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
     return {f"tok_per_s_{k}" if "over" not in k else k: v for k, v in rates.items()}
