@@ -75,9 +75,6 @@ def launches(batch: int):
                + (" (the backend's)" if k_words else ""),
                lambda words=words, k_words=k_words: tk.paged_decode_attention(
                    q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words=words, fp8_words_k=k_words))
-    yield ("FP8 cache, float16 products, K and V read as words (asm), narrow operands",
-           lambda: tk.paged_decode_attention(q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words="asm",
-                                             fp8_words_k=True, narrow_operands=True))
 
 
 def main() -> None:

@@ -294,9 +294,6 @@ def test_triton_decode_fp8_read_as_words_equals_reading_bytes(tk, num_splits, he
         torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)  # a bfloat16 output
     with pytest.raises(ValueError, match="fp8_words_k reads K as words as fp8_words reads V: it needs fp8_words"):
         tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_words_k=True)
-    with pytest.raises(ValueError, match="narrow_operands is for the tiles widened in PTX"):
-        tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_words="convert",
-                                  narrow_operands=True)
     with pytest.raises(ValueError, match="fp8_words must be None, 'convert' or 'asm'"):
         tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run, fp8_words="bytes")
     with pytest.raises(ValueError, match="needs f16_dot=True"):
@@ -329,8 +326,7 @@ def test_triton_backend_decodes_fp8_with_float16_products_for_bf16_queries(tk):
 
 def test_triton_backend_reads_the_fp8_v_tile_as_words_widened_by_ptx(tk, monkeypatch):
     """With float16 products the backend reads K and V as words widened by the GPU's instruction ("asm", the
-    fastest on an H100; "convert" in the interpreter, the same values); not with float32 queries.  It asks for
-    narrow operands (a no-op in the interpreter) only where it reads words and ``fp8_narrow_operands`` is on."""
+    fastest on an H100; "convert" in the interpreter, the same values); not with float32 queries."""
     from nanovllm.attention.base import AttentionMetadata
 
     k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, 64, seed=9)
@@ -341,15 +337,11 @@ def test_triton_backend_reads_the_fp8_v_tile_as_words_widened_by_ptx(tk, monkeyp
     real = tk.paged_decode_attention
     monkeypatch.setattr(tk, "paged_decode_attention", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     q = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(10)).to(DEVICE)
-    for narrow in (False, True):  # fp8_narrow_operands: passed on where the words are read (off by default)
-        monkeypatch.setattr(tk.TritonBackend, "fp8_narrow_operands", narrow)
-        for q_, words in ((q.bfloat16(), "asm"), (q, None)):
-            got = tk.TritonBackend().forward(q_, None, None, k_cache, v_cache, meta, 0.125, k_scale, v_scale)
-            assert (seen[-1]["fp8_words"], seen[-1]["fp8_words_k"]) == (words, words is not None)
-            assert seen[-1]["narrow_operands"] == (narrow and words is not None)
-            ref = paged_decode_ref(q_.float(), k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
-            torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
-    assert real.__kwdefaults__["narrow_operands"] is False
+    for q_, words in ((q.bfloat16(), "asm"), (q, None)):
+        got = tk.TritonBackend().forward(q_, None, None, k_cache, v_cache, meta, 0.125, k_scale, v_scale)
+        assert (seen[-1]["fp8_words"], seen[-1]["fp8_words_k"]) == (words, words is not None)
+        ref = paged_decode_ref(q_.float(), k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
+        torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
 
 
 def test_triton_prefill_fp8(tk):

@@ -160,10 +160,6 @@ def attention_configs(tk, label, heads, kv_heads, head_dim, dtype, cache_dtype, 
                        lambda q=q, t=tables, n=lens, words=words, k_words=k_words: tk.paged_decode_attention(
                            q, k_cache, v_cache, t, n, 0.1, k_scale=scales[0], v_scale=scales[1], f16_dot=True,
                            fp8_words=words, fp8_words_k=k_words))
-            yield (f"paged_decode_attention f16_dot words=asm+K narrow_operands batch={batch} {label}",
-                   lambda q=q, t=tables, n=lens: tk.paged_decode_attention(
-                       q, k_cache, v_cache, t, n, 0.1, k_scale=scales[0], v_scale=scales[1], f16_dot=True,
-                       fp8_words="asm", fp8_words_k=True, narrow_operands=True))
     q = torch.zeros(tokens, heads, head_dim, dtype=dtype)
     cu = torch.tensor([0, 10, tokens], dtype=torch.int32)
     tables = torch.zeros(2, width, dtype=torch.int32)

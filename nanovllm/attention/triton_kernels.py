@@ -310,20 +310,13 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
 
 
 @triton.jit
-def _e4m3_words_to_f16(w, PTX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr, NARROW: tl.constexpr = False):
+def _e4m3_words_to_f16(w, PTX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
     """A tile of e4m3 values read as 16-bit words, two values each ([ROWS, COLS // 2] uint16), widened to float16
     ([ROWS, COLS]).  Read as bytes, the decode kernel's FP8 tiles leave shared memory a byte per instruction (V's,
     whose products run over its rows) and widen through extra integer work; as words, they go through 16-byte
     copies and ``ldmatrix`` as a bfloat16 tile does (``tests/ptx_ops.py``).  ``PTX``: the GPU's own instruction,
     one ``cvt.rn.f16x2.e4m3x2`` per word in inline PTX (sm_89 and later, not the interpreter); else Triton's
-    conversion, value by value.  Both widen exactly: the same float16 values.
-
-    ``NARROW`` (with ``PTX``): the widened tile passes through an identity in inline PTX marked as having side
-    effects.  To lay out a product's operands, Triton walks back from each operand to the loads it came from; it
-    takes a ``join`` on the way for values of half the width, and lays both operands out 4 values wide, as for
-    8-bit data.  q and the softmax weights then come out of shared memory into scattered registers, and ptxas
-    copies them into place before every ``mma`` (Triton 3.6, sm_90: 230 of the loop's 941 instructions).  The
-    identity ends that walk, so the operands get the 2-wide layout of 16-bit values (738 instructions)."""
+    conversion, value by value.  Both widen exactly: the same float16 values."""
     if PTX:
         f = tl.inline_asm_elementwise(
             "{ .reg .b16 a, b; mov.b32 {a, b}, $2; cvt.rn.f16x2.e4m3x2 $0, a; cvt.rn.f16x2.e4m3x2 $1, b; }",
@@ -333,10 +326,7 @@ def _e4m3_words_to_f16(w, PTX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.conste
     else:
         lo = (w & 0xFF).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)  # the low byte: even columns
         hi = (w >> 8).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
-    f = tl.reshape(tl.join(lo, hi), [ROWS, COLS])
-    if PTX and NARROW:  # bits unchanged; not pure, so Triton's walk back to the loads stops here
-        f = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [f], dtype=tl.float16, is_pure=False, pack=2)
-    return f
+    return tl.reshape(tl.join(lo, hi), [ROWS, COLS])
 
 
 @triton.jit(do_not_specialize=["stride_btb"])  # the block-table width varies step to step
@@ -355,7 +345,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
     FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False, FP8_WORDS: tl.constexpr = 0,
-    FP8_K_WORDS: tl.constexpr = False, NARROW: tl.constexpr = False,
+    FP8_K_WORDS: tl.constexpr = False,
 ):
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
         kvh = tl.program_id(0)
@@ -407,7 +397,7 @@ def _decode_split_kernel(
             w_msk = n_mask[:, None] & w_mask[None, :]
         if FP8_K_WORDS:  # K's tile as 16-bit words too (the cache's K and V share their strides)
             k = _e4m3_words_to_f16(tl.load(kc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
-                                   FP8_WORDS == 2, BLOCK_N, BLOCK_D, NARROW)
+                                   FP8_WORDS == 2, BLOCK_N, BLOCK_D)
         else:
             k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
@@ -418,7 +408,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         if FP8_WORDS:
             v = _e4m3_words_to_f16(tl.load(vc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
-                                   FP8_WORDS == 2, BLOCK_N, BLOCK_D, NARROW)
+                                   FP8_WORDS == 2, BLOCK_N, BLOCK_D)
         else:
             v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -523,8 +513,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_warps: int = 4, num_stages: int | None = None,
                            heads_first: bool | None = None, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, f16_dot: bool = False,
-                           fp8_words: str | None = None, fp8_words_k: bool = False,
-                           narrow_operands: bool = False) -> torch.Tensor:
+                           fp8_words: str | None = None, fp8_words_k: bool = False) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -544,10 +533,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (``_e4m3_words_to_f16``); ``fp8_words_k`` reads K's tile the same way.  ``TritonBackend`` takes "asm" for
     both: on an H100 at the seed benchmark's batches 218, 101 and 37 (the sweep above) it took 138 / 104 / 58 us
     per layer against 170 / 128 / 76 us reading bytes (``figures/data/kernel_measurements.md``).
-    ``narrow_operands`` (with ``fp8_words="asm"``; off here and in ``TritonBackend`` until timed on a GPU): the
-    widened tiles pass through an identity Triton cannot see through, so the products' operands get the layout
-    of 16-bit values rather than that of 8-bit ones (``_e4m3_words_to_f16``): compiled with Triton 3.6 for sm_90,
-    the decode loop's 941 instructions become 738.
     """
     fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
     if f16_dot and not fp8:
@@ -561,9 +546,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         raise ValueError("fp8_words_k reads K as words as fp8_words reads V: it needs fp8_words")
     if fp8_words_k and k_cache.stride() != v_cache.stride():
         raise ValueError("fp8_words_k needs K and V caches of the same strides")
-    if narrow_operands and fp8_words != "asm":
-        raise ValueError("narrow_operands is for the tiles widened in PTX: it needs fp8_words='asm', "
-                         f"got fp8_words={fp8_words!r}")
     if words and not f16_dot:
         raise ValueError("fp8_words widens the FP8 cache to float16, for float16 products: it needs f16_dot=True")
     if words and (v_cache.stride(-1) != 1 or v_cache.shape[-1] % 2 or any(x % 2 for x in v_cache.stride()[:-1])):
@@ -597,7 +579,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
     key = ("decode", q.device.index, q.dtype, k_cache.dtype, block_n, block_d, group, heads_first, single,
-           num_warps, num_stages, f16_dot, words, fp8_words_k, narrow_operands)
+           num_warps, num_stages, f16_dot, words, fp8_words_k)
     launch_fitting_stages(
         _decode_split_kernel, grid, key, num_stages,
         q, k_cache, v_cache, block_tables, context_lens, k_scale if fp8 else context_lens,
@@ -614,7 +596,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
-        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, NARROW=narrow_operands, num_warps=num_warps,
+        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, num_warps=num_warps,
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -781,9 +763,6 @@ class TritonBackend(AttentionBackend):
     # K and V as 16-bit words widened by the GPU's e4m3 instruction, the fastest on an H100 (kernel_measurements.md)
     fp8_words: str | None = "asm"
     fp8_words_k: bool = True
-    # and the products' operands laid out as for 16-bit values (paged_decode_attention's narrow_operands): fewer
-    # instructions as compiled, not yet timed on a GPU, so off
-    fp8_narrow_operands: bool = False
 
     def __init__(self, num_splits: int | None = None, fp8_f16_dot: bool = True):
         self.num_splits = num_splits  # decode split count; None: heuristic
@@ -818,11 +797,10 @@ class TritonBackend(AttentionBackend):
             words = f16_dot and self.fp8_words is not None and v_cache.stride(-1) == 1 and not any(
                 x % 2 for x in (*v_cache.stride()[:-1], v_cache.shape[-1]))  # whole 16-bit words per head
             k_words = words and self.fp8_words_k and k_cache.stride() == v_cache.stride()
-            narrow = words and self.fp8_words == "asm" and self.fp8_narrow_operands
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                           num_splits=self.num_splits, k_scale=k_scale, v_scale=v_scale,
                                           f16_dot=f16_dot, fp8_words=self.fp8_words if words else None,
-                                          fp8_words_k=k_words, narrow_operands=narrow)
+                                          fp8_words_k=k_words)
         return paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                        meta.block_tables, scale, meta.max_seqlen_q, k_scale=k_scale,
                                        v_scale=v_scale)

@@ -154,17 +154,13 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
                        (" bn64 2 warps", dict(block_n=64, num_warps=2)), (" 8 warps", dict(num_warps=8)),
                        (" splits 2", dict(num_splits=2)), (" splits 2 bn128 st3", dict(num_splits=2, block_n=128)))
             opts = [("engine", eng)] + [(f"engine{name}", dict(eng, **kw)) for name, kw in tilings[1:]] + [
-                ("operands narrow (narrow_operands=True)", dict(eng, narrow_operands=True)),
-                ("operands narrow, bn128 st2 heads-first", dict(eng, narrow_operands=True, block_n=128, num_stages=2,
-                                                                heads_first=True)),
-                ("operands narrow, bn64 st3", dict(eng, narrow_operands=True, block_n=64, num_stages=3)),
                 ("V as words (asm), K as bytes", dict(eng, fp8_words_k=False)),
                 ("K and V as words (convert)", dict(eng, fp8_words="convert")),
                 ("V as words (convert), K as bytes", dict(eng, fp8_words="convert", fp8_words_k=False)),
                 ("bytes, float16 products", dict(f16_dot=True)), ("bytes, bfloat16 products", {})] + \
                 [(f"bytes f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]]
-        if quick:  # the engine's launch and the options named "operands ..." (narrow_operands) only
-            opts = [o for o in opts if o[0] == "engine" or o[0].startswith("operands")]
+        if quick:  # the engine's launch only (and, with fp8, the bfloat16 cache's below)
+            opts = opts[:1]
         res = []
         # the engine's launch also once more at the end: the first one timed at a step came out 2-6 % slower than
         # the same settings timed later (kernel_measurements.md); its time is the later of the two
@@ -209,7 +205,7 @@ def main():
     ap.add_argument("--graph", action="store_true", help="engine settings vs alternatives, in a CUDA graph")
     ap.add_argument("--fp8", action="store_true", help="with --graph: an FP8 (e4m3) cache")
     ap.add_argument("--quick", action="store_true",
-                    help="with --graph --fp8: only the engine's launch and those with narrow_operands")
+                    help="with --graph: only the engine's launch (with --fp8: and the bfloat16 cache's)")
     args = ap.parse_args()
     from triton.testing import do_bench
 
@@ -220,8 +216,7 @@ def main():
     w = seed_workload(256)
     if args.graph:
         steps = "20,200,400,600,800,900,940,960,980,1000,1015" if args.steps == ap.get_default("steps") else args.steps
-        graph_sweep(w, [int(s) for s in steps.split(",")], fp8=args.fp8, out=args.out,
-                    quick=args.quick)
+        graph_sweep(w, [int(s) for s in steps.split(",")], fp8=args.fp8, out=args.out, quick=args.quick)
         return
     lines = ["step,batch,sum_ctx,layout,block_n,num_warps,num_stages,num_splits,us,tb_per_s"]
     best_per_step = {}

@@ -90,10 +90,6 @@ def kernels():
             out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks,
                                             v_scale=vs, f16_dot=True, fp8_words=words, fp8_words_k=k_words)
             worst_f16[name] = max(worst_f16.get(name, 0.0), (out.float() - ref).abs().max().item())
-    for splits in (1, 4):  # the backend's reads with the products' operands laid out as for 16-bit values
-        out = tk.paged_decode_attention(q, kc, vc, tables, ctx, dim ** -0.5, num_splits=splits, k_scale=ks, v_scale=vs,
-                                        f16_dot=True, fp8_words="asm", fp8_words_k=True, narrow_operands=True)
-        worst_f16["asm+K narrow"] = max(worst_f16.get("asm+K narrow", 0.0), (out.float() - ref).abs().max().item())
     print("  decode, float16 products, max |diff| from the reference: "
           + ", ".join(f"{n} {d:.4f}" for n, d in worst_f16.items()), flush=True)
     qp = torch.randn(int(ctx.sum()), heads, dim, device="cuda", generator=g, dtype=torch.bfloat16)
@@ -170,19 +166,18 @@ def qwen3():
 
 
 # -- 4. the seed benchmark -----------------------------------------------------------------------------------------
-def bench(cap, out, words_variants=(), tilings=(), narrow=False):
+def bench(cap, out, words_variants=(), tilings=()):
     """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
     splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
     each of ``tilings`` ("64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages, in place of
-    ``decode_launch``'s); then, with ``narrow``, fp8 with ``TritonBackend.fp8_narrow_operands``.  Each run sets
+    ``decode_launch``'s).  Each run sets
     the backend's class attributes and ``decode_launch`` for its engine and puts them back after."""
     from nanovllm import bench as nb
     from nanovllm.attention import triton_kernels as tk
 
     backend = tk.TritonBackend
-    default = dict(words=backend.fp8_words, k_words=backend.fp8_words_k, waves=tk.DECODE_WAVES, tiling=None,
-                   narrow=backend.fp8_narrow_operands)
+    default = dict(words=backend.fp8_words, k_words=backend.fp8_words_k, waves=tk.DECODE_WAVES, tiling=None)
     rates = {}
     runs = [("auto", "auto", default), ("fp8", "fp8", default)]
     for v in words_variants:
@@ -194,8 +189,6 @@ def bench(cap, out, words_variants=(), tilings=(), narrow=False):
     for t in tilings:  # "64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages
         n, _, st = t.partition("x")
         runs.append((f"fp8_{t}", "fp8", dict(default, tiling=dict(block_n=int(n), num_stages=int(st)))))
-    if narrow:  # the products' operands laid out as for 16-bit values (TritonBackend.fp8_narrow_operands)
-        runs.append(("fp8_narrow", "fp8", dict(default, narrow=True)))
     launch = tk.decode_launch
     for name, kv, run in runs:
         if run["tiling"]:
@@ -207,7 +200,6 @@ def bench(cap, out, words_variants=(), tilings=(), narrow=False):
         if cap:
             argv += ["--gpu-memory-utilization", f"{cap['gpu_memory_utilization']:.4f}"]
         backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = run["words"], run["k_words"], run["waves"]
-        backend.fp8_narrow_operands = run["narrow"]
         try:
             [r] = nb.main(argv)
             rates[name] = r.tok_per_s
@@ -216,11 +208,10 @@ def bench(cap, out, words_variants=(), tilings=(), narrow=False):
         finally:
             backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = default["words"], default["k_words"], \
                 default["waves"]
-            backend.fp8_narrow_operands = default["narrow"]
             tk.decode_launch = launch
         print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={run['words']}, "
-              f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}, "
-              f"narrow operands {run['narrow']}): {rates[name]}", flush=True)
+              f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}): "
+              f"{rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
     return {f"tok_per_s_{k}" if "over" not in k else k: v for k, v in rates.items()}
@@ -231,7 +222,6 @@ def main():
     ap.add_argument("--out", default="/tmp/nanovllm-fp8")
     ap.add_argument("--only", default="kernels,embedded,qwen3,bench")
     ap.add_argument("--cap-gib", type=float, default=None, help="size the engines for a card of this many GiB")
-    ap.add_argument("--narrow", action="store_true", help="bench: also fp8 with TritonBackend.fp8_narrow_operands")
     ap.add_argument("--tilings", default="",
                     help="bench: also fp8 with these decode tilings (tokens x stages), e.g. 64x3,128x3")
     ap.add_argument("--words", default="", help="bench: also fp8 with these decode reads, e.g. bytes,convert,asm+K")
@@ -260,7 +250,7 @@ def main():
         if "bench" in only:
             section("seed benchmark: auto vs fp8" + (f" (capped at {args.cap_gib:g} GiB)" if cap else ""),
                     bench, cap, out, [w for w in args.words.split(",") if w],
-                    [t for t in args.tilings.split(",") if t], args.narrow)
+                    [t for t in args.tilings.split(",") if t])
     finally:
         with open(out / "fp8_check.jsonl", "a") as f:
             for r in RESULTS:
