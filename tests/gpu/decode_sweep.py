@@ -107,7 +107,8 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
     read as 16-bit words widened by inline PTX) with other tilings, warps and split counts, against reading V or
     K as bytes, Triton's conversion, and bfloat16 products (256-token tiles among the alternatives: a tile of
     half the bytes may want twice the tokens); then the backend's launch over a bfloat16 cache on the same batch,
-    for what FP8 saves.  ``out``: every launch's time, fastest first, in ``graph_sweep_fp8.txt`` there."""
+    for what FP8 saves, and over an FP8 cache laid out HND (a head's rows of a block contiguous).
+    ``out``: every launch's time, fastest first, in ``graph_sweep_fp8.txt`` there."""
     from gemm_check import LAYERS, chain, graph_us
 
     sms = tk.num_sms(torch.device("cuda"))
@@ -193,6 +194,19 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
             us = graph_us(chain(tables, call16))
             print(f"           the same over a bfloat16 cache: {us:.1f} us ({2 * nbytes / us / 1e6:.2f} TB/s); "
                   f"FP8 saves {1 - engine / us:.0%}", flush=True)
+            del k, v
+            torch.cuda.empty_cache()
+            # the FP8 launch over a cache laid out HND ([blocks, kv_heads, block_size, head_dim] in memory, passed
+            # as the same logical shape through strides): a head's 16 rows of a block one 2 KiB run, not 16 runs
+            # of 128 bytes 1 KiB apart
+            k = torch.randn(nb * LAYERS + 8, HKV, BS, D, device="cuda").to(torch.float8_e4m3fn).transpose(1, 2)
+            v = torch.randn(nb * LAYERS + 8, HKV, BS, D, device="cuda").to(torch.float8_e4m3fn).transpose(1, 2)
+            for name, kw in (("", opts[0][1]), (", sequence-major", dict(opts[0][1], heads_first=False))):
+                def call_hnd(t, kw=kw, q=q, k=k, v=v, lens=lens, scales=scales):
+                    tk.paged_decode_attention(q, k, v, t, lens, D ** -0.5, **kw, **scales)
+                us = graph_us(chain(tables, call_hnd))
+                print(f"           the engine's launch over an HND FP8 cache{name}: {us:.1f} us "
+                      f"({nbytes / us / 1e6:.2f} TB/s)", flush=True)
             del k, v
             torch.cuda.empty_cache()
 
