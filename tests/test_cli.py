@@ -90,7 +90,13 @@ def interrupt_when(proc, stream, marker: str, timeout: float = 120.0) -> tuple[s
             break
     else:
         proc.kill()
-    out, err = proc.communicate(timeout=60)
+    try:
+        out, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:  # Ctrl-C lost: fail with what it printed, and leave no process behind
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"still running 60 s after Ctrl-C (SIGINT); its stdout ends\n{out[-2000:]}\nits stderr ends\n"
+                    f"{err[-4000:]}")
     if stream == "stdout":
         return "".join(seen) + out, err
     return out, "".join(seen) + err
