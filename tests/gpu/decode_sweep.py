@@ -153,15 +153,20 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
                        (" bn128 st2 heads-first", dict(block_n=128, num_stages=2, heads_first=True)),
                        (" bn64 st4", dict(block_n=64, num_stages=4)), (" 2 warps", dict(num_warps=2)),
                        (" bn64 2 warps", dict(block_n=64, num_warps=2)), (" 8 warps", dict(num_warps=8)),
-                       (" splits 2", dict(num_splits=2)), (" splits 2 bn128 st3", dict(num_splits=2, block_n=128)))
+                       (" splits 2", dict(num_splits=2)), (" splits 2 bn128 st3", dict(num_splits=2, block_n=128)),
+                       # one stage: no cp.async buffers (the tiles go from global memory to registers), fewer
+                       # registers and less shared memory a program, so more programs an SM
+                       (" bn128 st1", dict(block_n=128, num_stages=1)), (" bn64 st1", dict(block_n=64, num_stages=1)),
+                       (" bn32 st1", dict(block_n=32, num_stages=1)), (" bn64 st2", dict(block_n=64, num_stages=2)),
+                       (" bn128 st1 8 warps", dict(block_n=128, num_stages=1, num_warps=8)))
             opts = [("engine", eng)] + [(f"engine{name}", dict(eng, **kw)) for name, kw in tilings[1:]] + [
                 ("V as words (asm), K as bytes", dict(eng, fp8_words_k=False)),
                 ("K and V as words (convert)", dict(eng, fp8_words="convert")),
                 ("V as words (convert), K as bytes", dict(eng, fp8_words="convert", fp8_words_k=False)),
                 ("bytes, float16 products", dict(f16_dot=True)), ("bytes, bfloat16 products", {})] + \
                 [(f"bytes f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]]
-        if quick:  # the engine's launch only (and, with fp8, the bfloat16 cache's below)
-            opts = opts[:1]
+        if quick:  # the engine's launch and its other tilings only (and, with fp8, the bfloat16 cache's below)
+            opts = [o for o in opts if o[0].startswith("engine")]
         res = []
         # the engine's launch also once more at the end: the first one timed at a step came out 2-6 % slower than
         # the same settings timed later (kernel_measurements.md); its time is the later of the two
@@ -219,7 +224,8 @@ def main():
     ap.add_argument("--graph", action="store_true", help="engine settings vs alternatives, in a CUDA graph")
     ap.add_argument("--fp8", action="store_true", help="with --graph: an FP8 (e4m3) cache")
     ap.add_argument("--quick", action="store_true",
-                    help="with --graph: only the engine's launch (with --fp8: and the bfloat16 cache's)")
+                    help="with --graph: only the engine's launch and its other tilings (with --fp8: and the "
+                         "bfloat16 cache's)")
     args = ap.parse_args()
     from triton.testing import do_bench
 
