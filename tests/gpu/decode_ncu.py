@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-H, HKV, D, BS = 16, 8, 128, 16
+H, HKV, D, BS = 16, 8, 128, 16  # Qwen3-0.6B's heads, blocks of 16 (as decode_sweep.py)
 
 
 def find_ncu() -> str | None:
@@ -43,11 +43,13 @@ def launch(cache: str, step: int) -> None:
     sys.path.insert(0, ROOT)
     import torch
 
+    sys.path.insert(0, HERE)
+    from decode_sweep import batch_at_step, consecutive_tables
+
     from nanovllm.attention import triton_kernels as tk
     from nanovllm.bench import seed_workload
 
-    w = seed_workload()
-    ctx = sorted((len(p) + step for p, n in zip(w.prompts, w.max_tokens) if n > step), reverse=True)
+    ctx = batch_at_step(seed_workload(), step)
     per_seq = [-(-c // BS) for c in ctx]
     k = torch.randn(sum(per_seq) + 8, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -57,12 +59,7 @@ def launch(cache: str, step: int) -> None:
         ones = torch.ones(HKV, device="cuda")
         kw = dict(k_scale=ones, v_scale=ones, f16_dot=True, fp8_words=tk.TritonBackend.fp8_words,
                   fp8_words_k=tk.TritonBackend.fp8_words_k)
-    tables = torch.zeros(len(ctx), 4096 // BS, dtype=torch.int32)
-    at = 0
-    for i, n in enumerate(per_seq):
-        tables[i, :n] = torch.arange(at, at + n, dtype=torch.int32)
-        at += n
-    tables = tables.cuda()
+    tables = consecutive_tables(per_seq, len(ctx))
     lens = torch.tensor(ctx, dtype=torch.int32, device="cuda")
     q = torch.randn(len(ctx), H, D, device="cuda", dtype=torch.bfloat16)
     for _ in range(3):

@@ -53,6 +53,16 @@ def batch_at_step(w, step: int) -> list[int]:
     return sorted(ctx, reverse=True)  # the engine runs decode batches longest first
 
 
+def consecutive_tables(per_seq: list[int], rows: int, first: int = 0) -> torch.Tensor:
+    """Block tables [rows, 4096 // BS] on the GPU: the sequences' blocks consecutive from block ``first``, as the
+    block manager hands them out (rows past ``len(per_seq)``: the graph bucket's padding, all zeros)."""
+    t = torch.zeros(rows, 4096 // BS, dtype=torch.int32)
+    for i, n in enumerate(per_seq):
+        t[i, :n] = torch.arange(first, first + n, dtype=torch.int32)
+        first += n
+    return t.cuda()
+
+
 def make_cache(ctx: list[int], layout: str, seed: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     per_seq = [-(-c // BS) for c in ctx]
@@ -127,14 +137,7 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
             ones = torch.ones(HKV, device="cuda")
             scales = dict(k_scale=ones, v_scale=ones)
         tile_sizes = (64, 128, 256) if fp8 else (64, 128)
-        tables = []
-        for layer in range(LAYERS):
-            t = torch.zeros(bucket, 4096 // BS, dtype=torch.int32)
-            at = layer * nb
-            for i, n in enumerate(per_seq):
-                t[i, :n] = torch.arange(at, at + n, dtype=torch.int32)
-                at += n
-            tables.append(t.cuda())
+        tables = [consecutive_tables(per_seq, bucket, layer * nb) for layer in range(LAYERS)]
         lens = torch.zeros(bucket, dtype=torch.int32, device="cuda")
         lens[:len(ctx)] = torch.tensor(ctx)
         q = torch.randn(bucket, H, D, device="cuda", dtype=torch.bfloat16)

@@ -171,8 +171,8 @@ def bench(cap, out, words_variants=(), tilings=()):
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
     splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
     each of ``tilings`` ("64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages, in place of
-    ``decode_launch``'s).  Each run sets
-    the backend's class attributes and ``decode_launch`` for its engine and puts them back after."""
+    ``decode_launch``'s).  Each run sets the backend's class attributes and ``decode_launch`` for its engine and
+    puts them back after."""
     from nanovllm import bench as nb
     from nanovllm.attention import triton_kernels as tk
 
@@ -190,6 +190,10 @@ def bench(cap, out, words_variants=(), tilings=()):
         n, _, st = t.partition("x")
         runs.append((f"fp8_{t}", "fp8", dict(default, tiling=dict(block_n=int(n), num_stages=int(st)))))
     launch = tk.decode_launch
+
+    def use(run):  # the decode reads a run asks for
+        backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = run["words"], run["k_words"], run["waves"]
+
     for name, kv, run in runs:
         if run["tiling"]:
             def fixed(*a, tiling=run["tiling"], **kw):
@@ -199,15 +203,14 @@ def bench(cap, out, words_variants=(), tilings=()):
         argv = ["--engine", "nanovllm", "--kv-cache-dtype", kv, "--json", str(out / "fp8_bench.jsonl")]
         if cap:
             argv += ["--gpu-memory-utilization", f"{cap['gpu_memory_utilization']:.4f}"]
-        backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = run["words"], run["k_words"], run["waves"]
+        use(run)
         try:
             [r] = nb.main(argv)
             rates[name] = r.tok_per_s
         except SystemExit as e:  # an engine failed: bench printed why; keep the other's number
             rates[name] = f"failed ({e.code})"
         finally:
-            backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = default["words"], default["k_words"], \
-                default["waves"]
+            use(default)
             tk.decode_launch = launch
         print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={run['words']}, "
               f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}): "
