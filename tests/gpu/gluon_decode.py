@@ -1,0 +1,379 @@
+"""An experiment: FP8 decode attention written in Gluon (Triton's explicit-layout language), with every warp
+reading its own tokens' K and V straight from global memory into the tensor-core operands' registers: no
+shared memory in the loop at all.
+
+Why: Nsight Compute found the Triton FP8 decode kernel bound by shared memory (``figures/data/fp8_words_h100.txt``
+section 12: L1/shared 73 % busy, 28 % of its shared wavefronts bank conflicts), and Triton gives no say over
+the layouts that cause them.  Here the layouts are chosen by hand:
+
+* the dot over the head dimension does not care in which order the dimensions come, so K's bytes are loaded 16
+  contiguous bytes a thread and *relabelled* (a reshape and a permute, which move nothing) into the mma.sync
+  B operand; q is read with the same relabelling;
+* the output's columns may come in any order too (the store puts them back), so V's bytes are loaded the same
+  way and relabelled into the second product's B operand;
+* each warp takes its own tokens of a tile (a split of the context within the program), keeping its own
+  running maximum, sum and accumulator; the warps combine once, at the end.
+
+Only the shapes of Qwen3-0.6B's attention (head_dim 128) for now.  Not part of the package; run on a GPU:
+
+    PYTHONPATH=. python3 tests/gpu/gluon_decode.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+E4M3X4_TO_F16 = gl.constexpr("{ .reg .b16 a, b; mov.b32 {a, b}, $2; "
+                             "cvt.rn.f16x2.e4m3x2 $0, a; cvt.rn.f16x2.e4m3x2 $1, b; }")
+
+
+@gluon.jit
+def _idx3(N0: gl.constexpr, N1: gl.constexpr, N2: gl.constexpr, L: gl.constexpr):
+    """Index tensors [N0, 1, 1], [1, N1, 1], [1, 1, N2] of the rank-3 layout ``L``."""
+    i0 = gl.arange(0, N0, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))
+    i1 = gl.arange(0, N1, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
+    i2 = gl.arange(0, N2, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
+    return i0[:, None, None], i1[None, :, None], i2[None, None, :]
+
+
+@gluon.jit
+def _e4m3_to_f16(x):
+    return gl.inline_asm_elementwise(E4M3X4_TO_F16, "=r,=r,r", [x], dtype=gl.float16, is_pure=True, pack=4)
+
+
+@gluon.jit
+def _kappa_to_d(kap):
+    """The memory column of K's product column ``kap``: kap = j*16 + h*8 + tl*2 + p  ->  d = (j//4)*64 + tl*16 +
+    (j%4)*4 + h*2 + p (the relabelling of K's bytes below, applied to q)."""
+    j = kap // 16
+    h = (kap // 8) % 2
+    tl_ = (kap // 2) % 4
+    p = kap % 2
+    return (j // 4) * 64 + tl_ * 16 + (j % 4) * 4 + h * 2 + p
+
+
+@gluon.jit
+def _rows(bt_row, start, w, t, ctx, stride_cb, stride_cs, head_off, T: gl.constexpr, BLOCK_SIZE: gl.constexpr):
+    """The cache offsets of the rows of warp ``w``'s tokens ``t`` [W, T, 1] (its T tokens: T // BLOCK_SIZE cache
+    blocks, one block-table entry each, read once a thread rather than once a row), and which are in the context."""
+    pos = start + w * T + t
+    if T % BLOCK_SIZE == 0:
+        first = (start + w * T) // BLOCK_SIZE  # [W, 1, 1]
+        blk = gl.load(bt_row + first, mask=start + w * T < ctx, other=0)
+        for i in gl.static_range(1, T // BLOCK_SIZE):
+            bi = gl.load(bt_row + first + i, mask=start + w * T + i * BLOCK_SIZE < ctx, other=0)
+            blk = gl.where(t // BLOCK_SIZE == i, bi, blk)
+    else:
+        blk = gl.load(bt_row + pos // BLOCK_SIZE, mask=pos < ctx, other=0)
+    return blk.to(gl.int64) * stride_cb + (pos % BLOCK_SIZE).to(gl.int64) * stride_cs + head_off, pos < ctx
+
+
+@gluon.jit
+def _load_chunk(kc_ptr, vc_ptr, bt_row, start, lim, kw, kt, kd, vw, vt, vd, stride_cb, stride_cs, head_off,
+                T: gl.constexpr, BLOCK_SIZE: gl.constexpr, D: gl.constexpr):
+    """A chunk's K and V bytes (tokens from ``start``, those below ``lim``), each in its load layout."""
+    row, ok = _rows(bt_row, start, kw, kt, lim, stride_cb, stride_cs, head_off, T, BLOCK_SIZE)
+    kb = gl.load(kc_ptr + row + kd, mask=ok & (kd < D), other=0)
+    vrow, vok = _rows(bt_row, start, vw, vt, lim, stride_cb, stride_cs, head_off, T, BLOCK_SIZE)
+    vb = gl.load(vc_ptr + vrow + vd, mask=vok & (vd < D), other=0)
+    return kb, vb
+
+
+@gluon.jit
+def _fp8_decode_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, ks_ptr, vs_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    qk_scale, num_heads, num_splits,
+    stride_qb, stride_qh,
+    stride_cb, stride_cs, stride_ch,
+    stride_btb,
+    stride_ob, stride_oh,
+    GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr, W: gl.constexpr, T: gl.constexpr,
+    MMA: gl.constexpr, K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
+    PREFETCH: gl.constexpr = False,
+):
+    D: gl.constexpr = HEAD_DIM
+    M: gl.constexpr = 16  # mma.sync rows: the GROUP query heads, padded
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    kvh = gl.program_id(0)
+    seq = gl.program_id(1)
+    split = gl.program_id(2)
+    ctx = gl.load(ctx_ptr + seq)
+    CHUNK: gl.constexpr = W * T  # tokens a program takes a step: T a warp
+    tiles = gl.cdiv(ctx, CHUNK)
+    per_split = gl.cdiv(tiles, num_splits)
+    first = split * per_split * CHUNK
+    last = gl.minimum(first + per_split * CHUNK, ctx)
+    qk_scale = qk_scale * gl.load(ks_ptr + kvh)
+    bt_row = bt_ptr + seq.to(gl.int64) * stride_btb
+    head_off = kvh.to(gl.int64) * stride_ch
+
+    # q, relabelled as K's columns are, [W, M, D] (every warp the same), float16 as the products take it
+    qw, qg, qk_ = _idx3(W, M, D, A_OP)
+    q_off = seq.to(gl.int64) * stride_qb + (kvh * GROUP + qg) * stride_qh + _kappa_to_d(qk_) + qw * 0
+    q = gl.load(q_ptr + q_off, mask=(qg < GROUP) & (qw >= 0), other=0.0)
+    q = gl.minimum(gl.maximum(q.to(gl.float32), -65504.0), 65504.0).to(gl.float16)
+
+    kw, kt, kd = _idx3(W, T, D, K_LOAD)
+    vw, vt, vd = _idx3(W, T, D, V_LOAD)
+    cw, cg, ct = _idx3(W, M, T, MMA)
+
+    m_i = gl.full([W, M], float("-inf"), gl.float32, layout=gl.SliceLayout(2, MMA))
+    l_i = gl.zeros([W, M], gl.float32, layout=gl.SliceLayout(2, MMA))
+    acc = gl.zeros([W, M, D], gl.float32, layout=MMA)
+    if PREFETCH:  # the first chunk's bytes before the loop; each step then reads the next chunk's first
+        kb, vb = _load_chunk(kc_ptr, vc_ptr, bt_row, first, last, kw, kt, kd, vw, vt, vd, stride_cb, stride_cs,
+                             head_off, T, BLOCK_SIZE, D)
+    for start in range(first, last, CHUNK):
+        if PREFETCH:
+            kb_next, vb_next = _load_chunk(kc_ptr, vc_ptr, bt_row, start + CHUNK, last, kw, kt, kd, vw, vt, vd,
+                                           stride_cb, stride_cs, head_off, T, BLOCK_SIZE, D)
+        else:
+            kb, vb = _load_chunk(kc_ptr, vc_ptr, bt_row, start, last, kw, kt, kd, vw, vt, vd, stride_cb, stride_cs,
+                                 head_off, T, BLOCK_SIZE, D)
+
+        # K [W, T, d] -> [W, T, kappa] (d = j2*64 + tl*16 + jl*4 + h*2 + p -> kappa = j2*64 + jl*16 + h*8 + tl*2 + p)
+        k = _e4m3_to_f16(kb)
+        k = gl.reshape(k, [W, T, D // 64, 4, 4, 2, 2])
+        k = gl.permute(k, [0, 1, 2, 4, 5, 3, 6])
+        k = gl.reshape(k, [W, T, D])
+        k = gl.convert_layout(gl.permute(k, [0, 2, 1]), B_OP)  # [W, kappa, T]
+        s = mma_v2(q, k, gl.zeros([W, M, T], gl.float32, layout=MMA))
+        s = gl.where(start + cw * T + ct < ctx, s * qk_scale, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, 2))
+        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet
+        alpha = gl.exp2(m_i - m_safe)
+        p = gl.exp2(s - m_safe[:, :, None])
+        l_i = l_i * alpha + gl.sum(p, 2)
+        m_i = m_new
+
+        # V [W, T, e] -> [W, T, e'] (e = a*(D/8) + b -> e' = b*8 + a)
+        v = _e4m3_to_f16(vb)
+        v = gl.reshape(v, [W, T, 8, D // 8])
+        v = gl.permute(v, [0, 1, 3, 2])
+        v = gl.convert_layout(gl.reshape(v, [W, T, D]), B_OP)
+        acc = mma_v2(gl.convert_layout(p.to(gl.float16), A_OP), v, acc * alpha[:, :, None])
+        if PREFETCH:
+            kb = kb_next
+            vb = vb_next
+
+    # the warps' partial results, combined
+    m_all = gl.max(m_i, 0)
+    m_all = gl.where(m_all == float("-inf"), 0.0, m_all)  # an empty split
+    wgt = gl.exp2(m_i - m_all[None, :])
+    l_all = gl.sum((l_i * wgt)[:, :, None], 0)  # [M, 1] in SliceLayout(0, MMA), as o's rows
+    o = gl.sum(acc * wgt[:, :, None], 0)  # [M, D'] in SliceLayout(0, MMA)
+    has = l_all > 0
+    o = o / gl.where(has, l_all, 1.0) * gl.load(vs_ptr + kvh)
+    og = gl.arange(0, M, layout=gl.SliceLayout(1, gl.SliceLayout(0, MMA)))[:, None]
+    oe = gl.arange(0, D, layout=gl.SliceLayout(0, gl.SliceLayout(0, MMA)))[None, :]
+    e = (oe % 8) * (D // 8) + oe // 8  # e' = b*8 + a -> e = a*(D/8) + b
+    rows = (og < GROUP) & (oe < D)
+    if SINGLE_SPLIT:
+        gl.store(out_ptr + seq.to(gl.int64) * stride_ob + (kvh * GROUP + og) * stride_oh + e,
+                 o.to(out_ptr.dtype.element_ty), mask=rows)
+    else:  # mid: [B, H, S(, D)], base-2 log-sum-exp, as the Triton kernel's reduction reads them
+        row = (seq.to(gl.int64) * num_heads + kvh * GROUP + og) * num_splits + split  # [M, 1]
+        m_rows = gl.max(m_i[:, :, None], 0)  # m_all again, [M, 1] as o's rows
+        lse = gl.where(has, m_rows + gl.log2(gl.where(has, l_all, 1.0)), float("-inf"))
+        gl.store(mid_lse_ptr + row, lse, mask=og < GROUP)
+        gl.store(mid_o_ptr + row * D + e, o, mask=rows)
+
+
+def _log2(n: int) -> int:
+    assert n > 0 and n & (n - 1) == 0, n
+    return n.bit_length() - 1
+
+
+def layouts(W: int, T: int, D: int = 128):
+    """The mma layout and the two load layouts (bases over [warp's chunk w, token t, column d])."""
+    assert T in (16, 32, 64) and D in (64, 128), (T, D)
+    v_regs = [[0, 0, 1 << i] for i in range(_log2(D // 8))]  # a thread's D/8 contiguous bytes of a row of V
+    warps = [[1 << i, 0, 0] for i in range(_log2(W))]
+    t_regs = [[0, 8 << i, 0] for i in range(_log2(T // 8))]
+    mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[W, 1, 1], instr_shape=[1, 16, 8])
+    k_load = gl.DistributedLinearLayout(
+        reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8]] + ([[0, 0, 64]] if D == 128 else []) + t_regs,
+        lane_bases=[[0, 0, 16], [0, 0, 32], [0, 1, 0], [0, 2, 0], [0, 4, 0]],
+        warp_bases=warps, block_bases=[], shape=[W, T, D])
+    v_load = gl.DistributedLinearLayout(
+        reg_bases=v_regs + [[0, 1, 0]] + t_regs,
+        lane_bases=[[0, 2, 0], [0, 4, 0]] + [[0, 0, (D // 8) << i] for i in range(3)],
+        warp_bases=warps, block_bases=[], shape=[W, T, D])
+    return mma, k_load, v_load
+
+
+def gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, out=None,
+                     warps: int = 4, tokens: int = 32, num_splits: int = 1,
+                     prefetch: bool = False):
+    """Decode attention over an FP8 cache [num_blocks, block_size, Hkv, 128]: q [B, H, 128] -> [B, H, 128]."""
+    B, H, D = q.shape
+    nb, bs, hkv, d = k_cache.shape
+    assert D == d and D in (64, 128) and H % hkv == 0 and H // hkv <= 16
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    out = torch.empty_like(q) if out is None else out
+    mma, k_load, v_load = layouts(warps, tokens, D)
+    single = num_splits == 1
+    if single:
+        mid_o = mid_lse = out
+    else:
+        mid_o = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+    _fp8_decode_kernel[(hkv, B, num_splits)](
+        q, k_cache.view(torch.uint8), v_cache.view(torch.uint8), block_tables, context_lens, k_scale, v_scale, out,
+        mid_o, mid_lse, scale * 1.4426950408889634, H, num_splits,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=H // hkv, HEAD_DIM=D, BLOCK_SIZE=bs, W=warps, T=tokens, MMA=mma, K_LOAD=k_load, V_LOAD=v_load,
+        SINGLE_SPLIT=single, PREFETCH=prefetch, num_warps=warps)
+    if not single:
+        from nanovllm.attention import triton_kernels as tk
+        tk._decode_reduce_kernel[(B, H)](mid_o, mid_lse, out, H, num_splits, out.stride(0), out.stride(1),
+                                         out.stride(2), HEAD_DIM=D, BLOCK_D=D, BLOCK_S=tk.next_pow2(num_splits),
+                                         num_warps=4)
+    return out
+
+
+def variant(name: str) -> tuple[int, bool]:
+    """"32" -> (32 tokens a warp, no prefetch); "16p" -> (16, prefetch)."""
+    return int(name.rstrip("p")), name.endswith("p")
+
+
+def bench(out, tokens=("32",)):
+    """The seed benchmark: auto, fp8 (the Triton kernel), then fp8 with this kernel in its place for each T."""
+    from nanovllm import bench as nb
+    from nanovllm.attention import triton_kernels as tk
+
+    triton_decode = tk.paged_decode_attention
+    rates = {}
+    for name, tok in [("auto", None), ("fp8", None)] + [(f"fp8 gluon T={t}", t) for t in tokens]:
+        def decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, k_scale=None,
+                   v_scale=None, tok=tok, **kw):
+            if tok is None or k_scale is None or q.shape[-1] not in (64, 128) or q.dtype != torch.bfloat16:
+                return triton_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
+                                     k_scale=k_scale, v_scale=v_scale, **kw)
+            bs = k_cache.shape[1]
+            t, pf = variant(tok)
+            splits = num_splits or tk.pick_num_splits(q.shape[0], k_cache.shape[2], block_tables.shape[1] * bs,
+                                                      tk.num_sms(q.device), 4 * t)
+            return gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
+                                    tokens=t, num_splits=splits, prefetch=pf)
+        tk.paged_decode_attention = decode
+        try:
+            [r] = nb.main(["--engine", "nanovllm", "--kv-cache-dtype", "auto" if name == "auto" else "fp8",
+                           "--json", os.path.join(out or "/tmp", "gluon_bench.jsonl")])
+            rates[name] = r.tok_per_s
+        finally:
+            tk.paged_decode_attention = triton_decode
+        print(f"  seed benchmark, {name}: {rates[name]:.0f} tok/s", flush=True)
+    return rates
+
+
+def main():
+    from decode_sweep import BS, HKV, D, H, batch_at_step, consecutive_tables
+    from gemm_check import LAYERS, chain, graph_us
+
+    from nanovllm.attention import triton_kernels as tk
+    from nanovllm.bench import seed_workload
+    from nanovllm.engine.cuda_graphs import graph_batch_sizes
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--steps", default="200,600,900")
+    ap.add_argument("--tokens", default="16,32")
+    ap.add_argument("--bench", default="", help="also the seed benchmark with this kernel, for these T (e.g. 32)")
+    args = ap.parse_args()
+    w = seed_workload()
+    eng = dict(f16_dot=True, fp8_words=tk.TritonBackend.fp8_words, fp8_words_k=tk.TritonBackend.fp8_words_k)
+    lines = []
+
+    def say(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    # correctness on a small irregular batch first: scattered blocks, lengths 1..600; Qwen3-0.6B's heads and the
+    # embedded SmolLM2-135M's (9 query heads, 3 KV heads, head_dim 64)
+    for h, hkv, d in ((H, HKV, D), (9, 3, 64)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        lens = torch.tensor([1, 5, 16, 17, 100, 127, 128, 129, 300, 511, 600, 33], dtype=torch.int32, device="cuda")
+        per = [-(-int(n) // BS) for n in lens]
+        nb = sum(per) + 4
+        k = (torch.randn(nb, BS, hkv, d, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
+        v = (torch.randn(nb, BS, hkv, d, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
+        perm = torch.randperm(nb, generator=torch.Generator().manual_seed(1))
+        tables = torch.zeros(len(per), max(per), dtype=torch.int32)
+        at = 0
+        for i, n in enumerate(per):
+            tables[i, :n] = perm[at:at + n]
+            at += n
+        tables = tables.cuda()
+        q = torch.randn(len(per), h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        ks = torch.rand(hkv, device="cuda", generator=g) + 0.5
+        vs = torch.rand(hkv, device="cuda", generator=g) + 0.5
+        ref = tk.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, k_scale=ks, v_scale=vs, **eng).float()
+        for tok in args.tokens.split(","):
+            t, pf = variant(tok)
+            for sp in (1, 3):
+                try:
+                    got = gluon_fp8_decode(q, k, v, tables, lens, d ** -0.5, ks, vs, tokens=t, num_splits=sp,
+                                           prefetch=pf)
+                    err = f"{(got.float() - ref).abs().max().item():.4g}"
+                    ok = float(err) < 2e-2
+                except Exception as e:  # noqa: BLE001
+                    err, ok = f"{type(e).__name__} {str(e)[:200]}", False
+                say(f"check heads {h}/{hkv} d {d} T={tok} splits {sp}: max |gluon - triton| = {err} "
+                    f"{'PASS' if ok else 'FAIL'}")
+
+    ones = torch.ones(HKV, device="cuda")
+    for step in map(int, args.steps.split(",")):
+        ctx = batch_at_step(w, step)
+        bucket = next(b for b in graph_batch_sizes(256) if b >= len(ctx))
+        per_seq = [-(-c // BS) for c in ctx]
+        nb = sum(per_seq)
+        k = torch.randn(nb * LAYERS + 8, BS, HKV, D, device="cuda").to(torch.float8_e4m3fn)
+        v = torch.randn(nb * LAYERS + 8, BS, HKV, D, device="cuda").to(torch.float8_e4m3fn)
+        tables = [consecutive_tables(per_seq, bucket, layer * nb) for layer in range(LAYERS)]
+        lens = torch.zeros(bucket, dtype=torch.int32, device="cuda")
+        lens[:len(ctx)] = torch.tensor(ctx)
+        q = torch.randn(bucket, H, D, device="cuda", dtype=torch.bfloat16)
+        nbytes = sum(ctx) * HKV * D * 2
+        def triton_call(t, q=q, k=k, v=v, lens=lens):
+            tk.paged_decode_attention(q, k, v, t, lens, D ** -0.5, k_scale=ones, v_scale=ones, **eng)
+
+        def gluon_call(t, tok, q=q, k=k, v=v, lens=lens):
+            gluon_fp8_decode(q, k, v, t, lens, D ** -0.5, ones, ones, tokens=variant(tok)[0], prefetch=variant(tok)[1])
+
+        res = []
+        for name, fn in [("triton (the engine's launch)", triton_call)] + [
+                (f"gluon T={tok}", functools.partial(gluon_call, tok=tok)) for tok in args.tokens.split(",")
+                ] + [("triton again", triton_call)]:
+            try:
+                us = graph_us(chain(tables, fn))
+                res.append(f"{name} {us:.1f} us ({nbytes / us / 1e6:.2f} TB/s)")
+            except Exception as e:  # noqa: BLE001
+                res.append(f"{name}: {type(e).__name__} {str(e)[:200]}")
+        say(f"step {step} batch {len(ctx)}: " + "; ".join(res))
+        del k, v
+        torch.cuda.empty_cache()
+    if args.bench:
+        for name, r in bench(args.out, args.bench.split(",")).items():
+            say(f"seed benchmark, {name}: {r:.0f} tok/s")
+    if args.out:
+        with open(os.path.join(args.out, "gluon_decode.txt"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
