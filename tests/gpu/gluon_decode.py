@@ -29,7 +29,7 @@ import sys
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -92,6 +92,44 @@ def _load_chunk(kc_ptr, vc_ptr, bt_row, start, lim, kw, kt, kd, vw, vt, vd, stri
 
 
 @gluon.jit
+def _copy_chunk(k_dst, v_dst, kc_ptr, vc_ptr, bt_row, start, lim, kw, kt, kd, vw, vt, vd, stride_cb, stride_cs,
+                head_off, T: gl.constexpr, BLOCK_SIZE: gl.constexpr, D: gl.constexpr):
+    """A chunk's K and V bytes into shared memory by cp.async (zeros past ``lim``)."""
+    row, ok = _rows(bt_row, start, kw, kt, lim, stride_cb, stride_cs, head_off, T, BLOCK_SIZE)
+    async_copy.async_copy_global_to_shared(k_dst, kc_ptr + row + kd, mask=ok & (kd < D))
+    vrow, vok = _rows(bt_row, start, vw, vt, lim, stride_cb, stride_cs, head_off, T, BLOCK_SIZE)
+    async_copy.async_copy_global_to_shared(v_dst, vc_ptr + vrow + vd, mask=vok & (vd < D))
+
+
+@gluon.jit
+def _attend(kb, vb, q, m_i, l_i, acc, start, ctx, cw, ct, qk_scale, W: gl.constexpr, T: gl.constexpr,
+            D: gl.constexpr, M: gl.constexpr, MMA: gl.constexpr):
+    """One chunk: the warps' scores over their T tokens each, the online softmax, and P @ V into ``acc``."""
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    # K [W, T, d] -> [W, T, kappa] (d = j2*64 + tl*16 + jl*4 + h*2 + p -> kappa = j2*64 + jl*16 + h*8 + tl*2 + p)
+    k = _e4m3_to_f16(kb)
+    k = gl.reshape(k, [W, T, D // 64, 4, 4, 2, 2])
+    k = gl.permute(k, [0, 1, 2, 4, 5, 3, 6])
+    k = gl.reshape(k, [W, T, D])
+    k = gl.convert_layout(gl.permute(k, [0, 2, 1]), B_OP)  # [W, kappa, T]
+    s = mma_v2(q, k, gl.zeros([W, M, T], gl.float32, layout=MMA))
+    s = gl.where(start + cw * T + ct < ctx, s * qk_scale, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 2))
+    m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet
+    alpha = gl.exp2(m_i - m_safe)
+    p = gl.exp2(s - m_safe[:, :, None])
+    l_i = l_i * alpha + gl.sum(p, 2)
+    # V [W, T, e] -> [W, T, e'] (e = a*(D/8) + b -> e' = b*8 + a)
+    v = _e4m3_to_f16(vb)
+    v = gl.reshape(v, [W, T, 8, D // 8])
+    v = gl.permute(v, [0, 1, 3, 2])
+    v = gl.convert_layout(gl.reshape(v, [W, T, D]), B_OP)
+    acc = mma_v2(gl.convert_layout(p.to(gl.float16), A_OP), v, acc * alpha[:, :, None])
+    return m_new, l_i, acc
+
+
+@gluon.jit
 def _fp8_decode_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, ks_ptr, vs_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
     qk_scale, num_heads, num_splits,
@@ -101,12 +139,12 @@ def _fp8_decode_kernel(
     stride_ob, stride_oh,
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr, W: gl.constexpr, T: gl.constexpr,
     MMA: gl.constexpr, K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
-    PREFETCH: gl.constexpr = False,
+    PREFETCH: gl.constexpr = False, STAGES: gl.constexpr = 0, K_SMEM: gl.constexpr = None,
+    V_SMEM: gl.constexpr = None,
 ):
     D: gl.constexpr = HEAD_DIM
     M: gl.constexpr = 16  # mma.sync rows: the GROUP query heads, padded
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
     kvh = gl.program_id(0)
     seq = gl.program_id(1)
     split = gl.program_id(2)
@@ -133,41 +171,44 @@ def _fp8_decode_kernel(
     m_i = gl.full([W, M], float("-inf"), gl.float32, layout=gl.SliceLayout(2, MMA))
     l_i = gl.zeros([W, M], gl.float32, layout=gl.SliceLayout(2, MMA))
     acc = gl.zeros([W, M, D], gl.float32, layout=MMA)
-    if PREFETCH:  # the first chunk's bytes before the loop; each step then reads the next chunk's first
-        kb, vb = _load_chunk(kc_ptr, vc_ptr, bt_row, first, last, kw, kt, kd, vw, vt, vd, stride_cb, stride_cs,
-                             head_off, T, BLOCK_SIZE, D)
-    for start in range(first, last, CHUNK):
-        if PREFETCH:
-            kb_next, vb_next = _load_chunk(kc_ptr, vc_ptr, bt_row, start + CHUNK, last, kw, kt, kd, vw, vt, vd,
-                                           stride_cb, stride_cs, head_off, T, BLOCK_SIZE, D)
-        else:
-            kb, vb = _load_chunk(kc_ptr, vc_ptr, bt_row, start, last, kw, kt, kd, vw, vt, vd, stride_cb, stride_cs,
+    if STAGES == 2:  # two chunks' buffers in shared memory, filled by cp.async; a thread reads back its own bytes
+        k0 = gl.allocate_shared_memory(gl.uint8, [W, T, D], K_SMEM)
+        v0 = gl.allocate_shared_memory(gl.uint8, [W, T, D], V_SMEM)
+        k1 = gl.allocate_shared_memory(gl.uint8, [W, T, D], K_SMEM)
+        v1 = gl.allocate_shared_memory(gl.uint8, [W, T, D], V_SMEM)
+        _copy_chunk(k0, v0, kc_ptr, vc_ptr, bt_row, first, last, kw, kt, kd, vw, vt, vd, stride_cb, stride_cs,
+                    head_off, T, BLOCK_SIZE, D)
+        async_copy.commit_group()
+        for start in range(first, last, 2 * CHUNK):
+            _copy_chunk(k1, v1, kc_ptr, vc_ptr, bt_row, start + CHUNK, last, kw, kt, kd, vw, vt, vd, stride_cb,
+                        stride_cs, head_off, T, BLOCK_SIZE, D)
+            async_copy.commit_group()
+            async_copy.wait_group(1)
+            m_i, l_i, acc = _attend(k0.load(K_LOAD), v0.load(V_LOAD), q, m_i, l_i, acc, start, ctx, cw, ct,
+                                    qk_scale, W, T, D, M, MMA)
+            _copy_chunk(k0, v0, kc_ptr, vc_ptr, bt_row, start + 2 * CHUNK, last, kw, kt, kd, vw, vt, vd, stride_cb,
+                        stride_cs, head_off, T, BLOCK_SIZE, D)
+            async_copy.commit_group()
+            async_copy.wait_group(1)
+            if start + CHUNK < last:
+                m_i, l_i, acc = _attend(k1.load(K_LOAD), v1.load(V_LOAD), q, m_i, l_i, acc, start + CHUNK, ctx, cw,
+                                        ct, qk_scale, W, T, D, M, MMA)
+        async_copy.wait_group(0)
+    else:
+        if PREFETCH:  # the first chunk's bytes before the loop; each step then reads the next chunk's first
+            kb, vb = _load_chunk(kc_ptr, vc_ptr, bt_row, first, last, kw, kt, kd, vw, vt, vd, stride_cb, stride_cs,
                                  head_off, T, BLOCK_SIZE, D)
-
-        # K [W, T, d] -> [W, T, kappa] (d = j2*64 + tl*16 + jl*4 + h*2 + p -> kappa = j2*64 + jl*16 + h*8 + tl*2 + p)
-        k = _e4m3_to_f16(kb)
-        k = gl.reshape(k, [W, T, D // 64, 4, 4, 2, 2])
-        k = gl.permute(k, [0, 1, 2, 4, 5, 3, 6])
-        k = gl.reshape(k, [W, T, D])
-        k = gl.convert_layout(gl.permute(k, [0, 2, 1]), B_OP)  # [W, kappa, T]
-        s = mma_v2(q, k, gl.zeros([W, M, T], gl.float32, layout=MMA))
-        s = gl.where(start + cw * T + ct < ctx, s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 2))
-        m_safe = gl.where(m_new == float("-inf"), 0.0, m_new)  # a warp with no token yet
-        alpha = gl.exp2(m_i - m_safe)
-        p = gl.exp2(s - m_safe[:, :, None])
-        l_i = l_i * alpha + gl.sum(p, 2)
-        m_i = m_new
-
-        # V [W, T, e] -> [W, T, e'] (e = a*(D/8) + b -> e' = b*8 + a)
-        v = _e4m3_to_f16(vb)
-        v = gl.reshape(v, [W, T, 8, D // 8])
-        v = gl.permute(v, [0, 1, 3, 2])
-        v = gl.convert_layout(gl.reshape(v, [W, T, D]), B_OP)
-        acc = mma_v2(gl.convert_layout(p.to(gl.float16), A_OP), v, acc * alpha[:, :, None])
-        if PREFETCH:
-            kb = kb_next
-            vb = vb_next
+        for start in range(first, last, CHUNK):
+            if PREFETCH:
+                kb_next, vb_next = _load_chunk(kc_ptr, vc_ptr, bt_row, start + CHUNK, last, kw, kt, kd, vw, vt, vd,
+                                               stride_cb, stride_cs, head_off, T, BLOCK_SIZE, D)
+            else:
+                kb, vb = _load_chunk(kc_ptr, vc_ptr, bt_row, start, last, kw, kt, kd, vw, vt, vd, stride_cb,
+                                     stride_cs, head_off, T, BLOCK_SIZE, D)
+            m_i, l_i, acc = _attend(kb, vb, q, m_i, l_i, acc, start, ctx, cw, ct, qk_scale, W, T, D, M, MMA)
+            if PREFETCH:
+                kb = kb_next
+                vb = vb_next
 
     # the warps' partial results, combined
     m_all = gl.max(m_i, 0)
@@ -197,7 +238,7 @@ def _log2(n: int) -> int:
     return n.bit_length() - 1
 
 
-def layouts(W: int, T: int, D: int = 128):
+def layouts(W: int, T: int, D: int = 128, stages: int = 0):
     """The mma layout and the two load layouts (bases over [warp's chunk w, token t, column d])."""
     assert T in (16, 32, 64) and D in (64, 128), (T, D)
     v_regs = [[0, 0, 1 << i] for i in range(_log2(D // 8))]  # a thread's D/8 contiguous bytes of a row of V
@@ -212,19 +253,31 @@ def layouts(W: int, T: int, D: int = 128):
         reg_bases=v_regs + [[0, 1, 0]] + t_regs,
         lane_bases=[[0, 2, 0], [0, 4, 0]] + [[0, 0, (D // 8) << i] for i in range(3)],
         warp_bases=warps, block_bases=[], shape=[W, T, D])
+    if stages:  # thread-private ring buffers: offsets in the order of the load layout's bits (a thread's 16 bytes,
+        # then its lanes, its other registers, its warps), so a warp's read of a register's 16 bytes is 512 contiguous
+        # bytes, free of bank conflicts; the stage on top
+        def ring(load):
+            vec = [b for b in load.reg_bases if b[1] == 0 and b[2] < (16 if load is k_load else D // 8)]
+            rest = [b for b in load.reg_bases if b not in vec]
+            bases = [[0, *b] for b in vec + load.lane_bases + rest + load.warp_bases]
+            return gl.SharedLinearLayout(offset_bases=[b[1:] for b in bases])
+        return mma, k_load, v_load, ring(k_load), ring(v_load)
     return mma, k_load, v_load
 
 
 def gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, out=None,
                      warps: int = 4, tokens: int = 32, num_splits: int = 1,
-                     prefetch: bool = False):
+                     prefetch: bool = False, stages: int = 0):
     """Decode attention over an FP8 cache [num_blocks, block_size, Hkv, 128]: q [B, H, 128] -> [B, H, 128]."""
     B, H, D = q.shape
     nb, bs, hkv, d = k_cache.shape
     assert D == d and D in (64, 128) and H % hkv == 0 and H // hkv <= 16
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
     out = torch.empty_like(q) if out is None else out
-    mma, k_load, v_load = layouts(warps, tokens, D)
+    if stages:
+        mma, k_load, v_load, k_smem, v_smem = layouts(warps, tokens, D, stages)
+    else:
+        (mma, k_load, v_load), k_smem, v_smem = layouts(warps, tokens, D), None, None
     single = num_splits == 1
     if single:
         mid_o = mid_lse = out
@@ -237,7 +290,8 @@ def gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_s
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=H // hkv, HEAD_DIM=D, BLOCK_SIZE=bs, W=warps, T=tokens, MMA=mma, K_LOAD=k_load, V_LOAD=v_load,
-        SINGLE_SPLIT=single, PREFETCH=prefetch, num_warps=warps)
+        SINGLE_SPLIT=single, PREFETCH=prefetch, STAGES=stages, K_SMEM=k_smem, V_SMEM=v_smem,
+        num_warps=warps)
     if not single:
         from nanovllm.attention import triton_kernels as tk
         tk._decode_reduce_kernel[(B, H)](mid_o, mid_lse, out, H, num_splits, out.stride(0), out.stride(1),
@@ -246,9 +300,11 @@ def gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_s
     return out
 
 
-def variant(name: str) -> tuple[int, bool]:
-    """"32" -> (32 tokens a warp, no prefetch); "16p" -> (16, prefetch)."""
-    return int(name.rstrip("p")), name.endswith("p")
+def variant(name: str) -> dict:
+    """"32": 32 tokens a warp; "16p": 16, the next chunk prefetched into registers; "16s3": 16, a ring of 3
+    chunks in shared memory filled by cp.async."""
+    tok, _, stages = name.rstrip("p").partition("s")
+    return dict(tokens=int(tok), prefetch=name.endswith("p"), stages=int(stages or 0))
 
 
 def bench(out, tokens=("32",)):
@@ -265,11 +321,10 @@ def bench(out, tokens=("32",)):
                 return triton_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
                                      k_scale=k_scale, v_scale=v_scale, **kw)
             bs = k_cache.shape[1]
-            t, pf = variant(tok)
             splits = num_splits or tk.pick_num_splits(q.shape[0], k_cache.shape[2], block_tables.shape[1] * bs,
-                                                      tk.num_sms(q.device), 4 * t)
+                                                      tk.num_sms(q.device), 4 * variant(tok)["tokens"])
             return gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
-                                    tokens=t, num_splits=splits, prefetch=pf)
+                                    num_splits=splits, **variant(tok))
         tk.paged_decode_attention = decode
         try:
             [r] = nb.main(["--engine", "nanovllm", "--kv-cache-dtype", "auto" if name == "auto" else "fp8",
@@ -324,11 +379,9 @@ def main():
         vs = torch.rand(hkv, device="cuda", generator=g) + 0.5
         ref = tk.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, k_scale=ks, v_scale=vs, **eng).float()
         for tok in args.tokens.split(","):
-            t, pf = variant(tok)
             for sp in (1, 3):
                 try:
-                    got = gluon_fp8_decode(q, k, v, tables, lens, d ** -0.5, ks, vs, tokens=t, num_splits=sp,
-                                           prefetch=pf)
+                    got = gluon_fp8_decode(q, k, v, tables, lens, d ** -0.5, ks, vs, num_splits=sp, **variant(tok))
                     err = f"{(got.float() - ref).abs().max().item():.4g}"
                     ok = float(err) < 2e-2
                 except Exception as e:  # noqa: BLE001
@@ -353,7 +406,7 @@ def main():
             tk.paged_decode_attention(q, k, v, t, lens, D ** -0.5, k_scale=ones, v_scale=ones, **eng)
 
         def gluon_call(t, tok, q=q, k=k, v=v, lens=lens):
-            gluon_fp8_decode(q, k, v, t, lens, D ** -0.5, ones, ones, tokens=variant(tok)[0], prefetch=variant(tok)[1])
+            gluon_fp8_decode(q, k, v, t, lens, D ** -0.5, ones, ones, **variant(tok))
 
         res = []
         for name, fn in [("triton (the engine's launch)", triton_call)] + [
