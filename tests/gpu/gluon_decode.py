@@ -143,7 +143,7 @@ def _fp8_decode_kernel(
     GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_SIZE: gl.constexpr, W: gl.constexpr, T: gl.constexpr,
     MMA: gl.constexpr, K_LOAD: gl.constexpr, V_LOAD: gl.constexpr, SINGLE_SPLIT: gl.constexpr,
     PREFETCH: gl.constexpr = False, STAGES: gl.constexpr = 0, K_SMEM: gl.constexpr = None,
-    V_SMEM: gl.constexpr = None,
+    V_SMEM: gl.constexpr = None, WARP_SPLITS: gl.constexpr = False,
 ):
     D: gl.constexpr = HEAD_DIM
     M: gl.constexpr = 16  # mma.sync rows: the GROUP query heads, padded
@@ -213,6 +213,18 @@ def _fp8_decode_kernel(
                 kb = kb_next
                 vb = vb_next
 
+    if WARP_SPLITS:  # every warp its own split of the reduction kernel's: no combining here
+        has_w = l_i > 0  # [W, M]
+        o_w = acc / gl.where(has_w, l_i, 1.0)[:, :, None]
+        ws, gs, es = _idx3(W, M, D, MMA)
+        row_w = (seq.to(gl.int64) * num_heads + kvh * GROUP + gs) * (num_splits * W) + split * W + ws
+        gl.store(mid_o_ptr + row_w * D + (es % 8) * (D // 8) + es // 8, o_w, mask=(gs < GROUP) & (es < D))
+        wl = gl.arange(0, W, layout=gl.SliceLayout(1, gl.SliceLayout(2, MMA)))[:, None]
+        gl2 = gl.arange(0, M, layout=gl.SliceLayout(0, gl.SliceLayout(2, MMA)))[None, :]
+        lse_w = gl.where(has_w, m_i + gl.log2(gl.where(has_w, l_i, 1.0)), float("-inf"))
+        gl.store(mid_lse_ptr + (seq.to(gl.int64) * num_heads + kvh * GROUP + gl2) * (num_splits * W) + split * W + wl,
+                 lse_w, mask=gl2 < GROUP)
+        return
     # the warps' partial results, combined
     m_all = gl.max(m_i, 0)
     m_all = gl.where(m_all == float("-inf"), 0.0, m_all)  # an empty split
@@ -270,7 +282,8 @@ def layouts(W: int, T: int, D: int = 128, stages: int = 0):
 
 def gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, out=None,
                      warps: int = 4, tokens: int = 32, num_splits: int = 1,
-                     prefetch: bool = False, stages: int = 0, maxnreg: int | None = None):
+                     prefetch: bool = False, stages: int = 0, maxnreg: int | None = None,
+                     warp_splits: bool = False):
     """Decode attention over an FP8 cache [num_blocks, block_size, Hkv, 128]: q [B, H, 128] -> [B, H, 128]."""
     B, H, D = q.shape
     nb, bs, hkv, d = k_cache.shape
@@ -281,24 +294,25 @@ def gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_s
         mma, k_load, v_load, k_smem, v_smem = layouts(warps, tokens, D, stages)
     else:
         (mma, k_load, v_load), k_smem, v_smem = layouts(warps, tokens, D), None, None
-    single = num_splits == 1
+    single = num_splits == 1 and not warp_splits
+    parts = num_splits * (warps if warp_splits else 1)  # the reduction kernel's splits
     if single:
         mid_o = mid_lse = out
     else:
-        mid_o = torch.empty((B, H, num_splits, D), dtype=torch.float32, device=q.device)
-        mid_lse = torch.empty((B, H, num_splits), dtype=torch.float32, device=q.device)
+        mid_o = torch.empty((B, H, parts, D), dtype=torch.float32, device=q.device)
+        mid_lse = torch.empty((B, H, parts), dtype=torch.float32, device=q.device)
     _fp8_decode_kernel[(hkv, B, num_splits)](
         q, k_cache.view(torch.uint8), v_cache.view(torch.uint8), block_tables, context_lens, k_scale, v_scale, out,
         mid_o, mid_lse, scale * 1.4426950408889634, H, num_splits,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=H // hkv, HEAD_DIM=D, BLOCK_SIZE=bs, W=warps, T=tokens, MMA=mma, K_LOAD=k_load, V_LOAD=v_load,
-        SINGLE_SPLIT=single, PREFETCH=prefetch, STAGES=stages, K_SMEM=k_smem, V_SMEM=v_smem,
+        SINGLE_SPLIT=single, PREFETCH=prefetch, STAGES=stages, K_SMEM=k_smem, V_SMEM=v_smem, WARP_SPLITS=warp_splits,
         num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
     if not single:
         from nanovllm.attention import triton_kernels as tk
-        tk._decode_reduce_kernel[(B, H)](mid_o, mid_lse, out, H, num_splits, out.stride(0), out.stride(1),
-                                         out.stride(2), HEAD_DIM=D, BLOCK_D=D, BLOCK_S=tk.next_pow2(num_splits),
+        tk._decode_reduce_kernel[(B, H)](mid_o, mid_lse, out, H, parts, out.stride(0), out.stride(1),
+                                         out.stride(2), HEAD_DIM=D, BLOCK_D=D, BLOCK_S=tk.next_pow2(parts),
                                          num_warps=4)
     return out
 
@@ -306,11 +320,11 @@ def gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_s
 def variant(name: str) -> dict:
     """"32": 32 tokens a warp; "16p": 16, the next chunk prefetched into registers; "16s2": 16, two chunks'
     buffers in shared memory filled by cp.async; "w2": 2 warps a program (else 4); "r128": at most 128 registers a
-    thread."""
-    m = re.fullmatch(r"(\d+)(p?)(?:s(\d))?(?:w(\d))?(?:r(\d+))?", name)
+    thread; "x": each warp a split of the reduction kernel's (no combining in the kernel)."""
+    m = re.fullmatch(r"(\d+)(p?)(?:s(\d))?(?:w(\d))?(?:r(\d+))?(x?)", name)
     assert m, name
     return dict(tokens=int(m[1]), prefetch=bool(m[2]), stages=int(m[3] or 0), warps=int(m[4] or 4),
-                maxnreg=int(m[5]) if m[5] else None)
+                maxnreg=int(m[5]) if m[5] else None, warp_splits=bool(m[6]))
 
 
 def bench(out, tokens=("32",)):
