@@ -14,9 +14,12 @@ the layouts that cause them.  Here the layouts are chosen by hand:
 * each warp takes its own tokens of a tile (a split of the context within the program), keeping its own
   running maximum, sum and accumulator; the warps combine once, at the end.
 
-Only the shapes of Qwen3-0.6B's attention (head_dim 128) for now.  Not part of the package; run on a GPU:
+Variants (``variant()``): tokens a warp, a register prefetch, two cp.async buffers, warps as splits of the
+reduction kernel.  Head dims 64 and 128 (SmolLM2-135M's and Qwen3-0.6B's).  Not part of the package; the results so
+far are in ``figures/data/fp8_words_h100.txt`` section 14.  On a GPU (checks against the Triton kernel, then times
+both from CUDA graphs, then the seed benchmark with the fastest variant in the Triton kernel's place):
 
-    PYTHONPATH=. python3 tests/gpu/gluon_decode.py [--out DIR]
+    PYTHONPATH=. python3 tests/gpu/gluon_decode.py --tokens 32,32x,16s2 --bench best [--out DIR]
 """
 
 from __future__ import annotations
@@ -268,15 +271,16 @@ def layouts(W: int, T: int, D: int = 128, stages: int = 0):
         reg_bases=v_regs + [[0, 1, 0]] + t_regs,
         lane_bases=[[0, 2, 0], [0, 4, 0]] + [[0, 0, (D // 8) << i] for i in range(3)],
         warp_bases=warps, block_bases=[], shape=[W, T, D])
-    if stages:  # thread-private ring buffers: offsets in the order of the load layout's bits (a thread's 16 bytes,
-        # then its lanes, its other registers, its warps), so a warp's read of a register's 16 bytes is 512 contiguous
-        # bytes, free of bank conflicts; the stage on top
-        def ring(load):
-            vec = [b for b in load.reg_bases if b[1] == 0 and b[2] < (16 if load is k_load else D // 8)]
+    if stages:  # a chunk's buffer, thread-private: offsets in the order of the load layout's bits (a thread's
+        # contiguous bytes, then its lanes, its other registers, its warps), so a warp's read of one of its vectors is
+        # contiguous bytes, free of bank conflicts
+        assert stages == 2, "two buffers only"
+
+        def buffer(load, vector_bytes):
+            vec = [b for b in load.reg_bases if b[1] == 0 and b[2] < vector_bytes]
             rest = [b for b in load.reg_bases if b not in vec]
-            bases = [[0, *b] for b in vec + load.lane_bases + rest + load.warp_bases]
-            return gl.SharedLinearLayout(offset_bases=[b[1:] for b in bases])
-        return mma, k_load, v_load, ring(k_load), ring(v_load)
+            return gl.SharedLinearLayout(offset_bases=vec + load.lane_bases + rest + load.warp_bases)
+        return mma, k_load, v_load, buffer(k_load, 16), buffer(v_load, D // 8)
     return mma, k_load, v_load
 
 
@@ -284,11 +288,12 @@ def gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_s
                      warps: int = 4, tokens: int = 32, num_splits: int = 1,
                      prefetch: bool = False, stages: int = 0, maxnreg: int | None = None,
                      warp_splits: bool = False):
-    """Decode attention over an FP8 cache [num_blocks, block_size, Hkv, 128]: q [B, H, 128] -> [B, H, 128]."""
+    """Decode attention over an FP8 cache [num_blocks, block_size, Hkv, D]: q [B, H, D] -> [B, H, D], D 64 or 128;
+    ``num_splits`` programs a sequence's KV head, merged by the Triton backend's reduction kernel."""
     B, H, D = q.shape
     nb, bs, hkv, d = k_cache.shape
     assert D == d and D in (64, 128) and H % hkv == 0 and H // hkv <= 16
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(-1) == 1 and q.stride(-1) == 1
     out = torch.empty_like(q) if out is None else out
     if stages:
         mma, k_load, v_load, k_smem, v_smem = layouts(warps, tokens, D, stages)
