@@ -69,16 +69,17 @@ def test_parser_errors_stay_one_line_whatever_the_message():
     assert exit_info.value.code == 2
 
 
-def _terminal_sigint() -> None:
+def terminal_sigint() -> None:
     """Ctrl-C handled as under a terminal.  A test run started in the background by a shell without job control
-    (``cmd &`` in a script) inherits SIGINT ignored, and Python then sets up no KeyboardInterrupt at all."""
+    (``cmd &`` in a script) inherits SIGINT ignored, and Python then sets up no KeyboardInterrupt at all.  For
+    ``preexec_fn`` of every test process that is sent Ctrl-C (test_serve.py's too)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def start(args, **env):
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
-                            preexec_fn=_terminal_sigint if os.name == "posix" else None)
+                            preexec_fn=terminal_sigint if os.name == "posix" else None)
 
 
 def interrupt_when(proc, stream, marker: str, timeout: float = 120.0) -> tuple[str, str]:

@@ -276,6 +276,8 @@ def test_the_command(tmp_path):
     import subprocess
     import sys
 
+    from test_cli import terminal_sigint  # Ctrl-C handled as under a terminal, however the test run was started
+
     bad = subprocess.run([sys.executable, "-m", "nanovllm.serve", "--port", "0"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--port" in bad.stderr
@@ -283,7 +285,8 @@ def test_the_command(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "nanovllm.serve", "--port", str(port), "--device", "cpu",
                              "--max-num-seqs", "4", "--max-model-len", "256"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=terminal_sigint if os.name == "posix" else None)
     try:
         for _ in range(600):
             try:

@@ -63,6 +63,22 @@ def consecutive_tables(per_seq: list[int], rows: int, first: int = 0) -> torch.T
     return t.cuda()
 
 
+def graph_inputs(ctx: list[int]):
+    """What the engine's decode graph for this batch reads, one layer's worth each for ``LAYERS`` layers: the
+    blocks a layer's sequences take (its cache holds ``LAYERS`` times as many, plus 8), each layer's block tables
+    (layer after layer in the cache), the context lengths and the queries, padded to the batch's graph bucket."""
+    from gemm_check import LAYERS
+
+    bucket = next(b for b in graph_batch_sizes(256) if b >= len(ctx))  # the engine's graph buckets
+    per_seq = [-(-c // BS) for c in ctx]
+    nb = sum(per_seq)
+    tables = [consecutive_tables(per_seq, bucket, layer * nb) for layer in range(LAYERS)]
+    lens = torch.zeros(bucket, dtype=torch.int32, device="cuda")
+    lens[:len(ctx)] = torch.tensor(ctx)
+    q = torch.randn(bucket, H, D, device="cuda", dtype=torch.bfloat16)
+    return nb, tables, lens, q
+
+
 def make_cache(ctx: list[int], layout: str, seed: int = 0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     per_seq = [-(-c // BS) for c in ctx]
@@ -126,9 +142,8 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
         ctx = batch_at_step(w, step)
         if not ctx:
             continue
-        bucket = next(b for b in graph_batch_sizes(256) if b >= len(ctx))  # the engine's graph buckets
-        per_seq = [-(-c // BS) for c in ctx]
-        nb = sum(per_seq)
+        nb, tables, lens, q = graph_inputs(ctx)
+        bucket = len(lens)
         k = torch.randn(nb * LAYERS + 8, BS, HKV, D, device="cuda", dtype=torch.bfloat16)
         v = torch.randn_like(k)
         scales = {}
@@ -137,10 +152,6 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
             ones = torch.ones(HKV, device="cuda")
             scales = dict(k_scale=ones, v_scale=ones)
         tile_sizes = (64, 128, 256) if fp8 else (64, 128)
-        tables = [consecutive_tables(per_seq, bucket, layer * nb) for layer in range(LAYERS)]
-        lens = torch.zeros(bucket, dtype=torch.int32, device="cuda")
-        lens[:len(ctx)] = torch.tensor(ctx)
-        q = torch.randn(bucket, H, D, device="cuda", dtype=torch.bfloat16)
         heur = tk.pick_num_splits(bucket, HKV, 4096, sms)
         opts = [("engine", {})]
         if heur == 1:

@@ -39,8 +39,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
 
+from nanovllm.attention import triton_kernels as tk  # noqa: E402
+
 # cp.async into shared memory: async_load from Triton 3.7, async_copy_global_to_shared in 3.6 (the GPU machine's)
 async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+# the Triton kernel's widening (``_e4m3_words_to_f16``), four bytes at a time
 E4M3X4_TO_F16 = gl.constexpr("{ .reg .b16 a, b; mov.b32 {a, b}, $2; "
                              "cvt.rn.f16x2.e4m3x2 $0, a; cvt.rn.f16x2.e4m3x2 $1, b; }")
 
@@ -315,7 +318,6 @@ def gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_s
         SINGLE_SPLIT=single, PREFETCH=prefetch, STAGES=stages, K_SMEM=k_smem, V_SMEM=v_smem, WARP_SPLITS=warp_splits,
         num_warps=warps, **({"maxnreg": maxnreg} if maxnreg else {}))
     if not single:
-        from nanovllm.attention import triton_kernels as tk
         tk._decode_reduce_kernel[(B, H)](mid_o, mid_lse, out, H, parts, out.stride(0), out.stride(1),
                                          out.stride(2), HEAD_DIM=D, BLOCK_D=D, BLOCK_S=tk.next_pow2(parts),
                                          num_warps=4)
@@ -335,7 +337,6 @@ def variant(name: str) -> dict:
 def bench(out, tokens=("32",)):
     """The seed benchmark: auto, fp8 (the Triton kernel), then fp8 with this kernel in its place for each T."""
     from nanovllm import bench as nb
-    from nanovllm.attention import triton_kernels as tk
 
     triton_decode = tk.paged_decode_attention
     rates = {}
@@ -363,12 +364,11 @@ def bench(out, tokens=("32",)):
 
 
 def main():
-    from decode_sweep import BS, HKV, D, H, batch_at_step, consecutive_tables
+    from decode_sweep import BS, HKV, D, H, batch_at_step, graph_inputs
     from gemm_check import LAYERS, chain, graph_us
 
     from nanovllm.attention import triton_kernels as tk
     from nanovllm.bench import seed_workload
-    from nanovllm.engine.cuda_graphs import graph_batch_sizes
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -419,15 +419,9 @@ def main():
     total = dict.fromkeys(args.tokens.split(","), 0.0)  # each variant's time over the steps
     for step in map(int, args.steps.split(",")):
         ctx = batch_at_step(w, step)
-        bucket = next(b for b in graph_batch_sizes(256) if b >= len(ctx))
-        per_seq = [-(-c // BS) for c in ctx]
-        nb = sum(per_seq)
+        nb, tables, lens, q = graph_inputs(ctx)
         k = torch.randn(nb * LAYERS + 8, BS, HKV, D, device="cuda").to(torch.float8_e4m3fn)
         v = torch.randn(nb * LAYERS + 8, BS, HKV, D, device="cuda").to(torch.float8_e4m3fn)
-        tables = [consecutive_tables(per_seq, bucket, layer * nb) for layer in range(LAYERS)]
-        lens = torch.zeros(bucket, dtype=torch.int32, device="cuda")
-        lens[:len(ctx)] = torch.tensor(ctx)
-        q = torch.randn(bucket, H, D, device="cuda", dtype=torch.bfloat16)
         nbytes = sum(ctx) * HKV * D * 2
 
         def triton_call(t, q=q, k=k, v=v, lens=lens):
