@@ -128,7 +128,8 @@ def read_bandwidth() -> None:
     print(f"torch copy: {x.numel() * 4 / us / 1e6:.2f} TB/s (read + write)", flush=True)
 
 
-def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, quick: bool = False) -> None:
+def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, quick: bool = False,
+                match: tuple[str, ...] = ()) -> None:
     """``fp8``: an e4m3 cache (scales of 1): the backend's launch (``TritonBackend``: float16 products, K and V
     read as 16-bit words widened by inline PTX) with other tilings, warps and split counts, against reading V or
     K as bytes, Triton's conversion, and bfloat16 products (256-token tiles among the alternatives: a tile of
@@ -172,7 +173,14 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
                        # registers and less shared memory a program, so more programs an SM
                        (" bn128 st1", dict(block_n=128, num_stages=1)), (" bn64 st1", dict(block_n=64, num_stages=1)),
                        (" bn32 st1", dict(block_n=32, num_stages=1)), (" bn64 st2", dict(block_n=64, num_stages=2)),
-                       (" bn128 st1 8 warps", dict(block_n=128, num_stages=1, num_warps=8)))
+                       (" bn128 st1 8 warps", dict(block_n=128, num_stages=1, num_warps=8)),
+                       # two or four KV heads a program (a token's rows of them one run of bytes; q block-diagonal)
+                       (" 2 heads bn64 st2", dict(kv_heads_per_program=2, block_n=64, num_stages=2)),
+                       (" 2 heads bn64 st3", dict(kv_heads_per_program=2, block_n=64, num_stages=3)),
+                       (" 2 heads bn32 st3", dict(kv_heads_per_program=2, block_n=32, num_stages=3)),
+                       (" 2 heads bn64 splits 2", dict(kv_heads_per_program=2, block_n=64, num_splits=2)),
+                       (" 4 heads bn32 st2", dict(kv_heads_per_program=4, block_n=32, num_stages=2)),
+                       (" 4 heads bn16 st3", dict(kv_heads_per_program=4, block_n=16, num_stages=3)))
             opts = [("engine", eng)] + [(f"engine{name}", dict(eng, **kw)) for name, kw in tilings[1:]] + [
                 ("V as words (asm), K as bytes", dict(eng, fp8_words_k=False)),
                 ("K and V as words (convert)", dict(eng, fp8_words="convert")),
@@ -181,6 +189,8 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
                 [(f"bytes f16 {name}", dict(kw, f16_dot=True)) for name, kw in opts[1:]]
         if quick:  # the engine's launch and its other tilings only (and, with fp8, the bfloat16 cache's below)
             opts = [o for o in opts if o[0].startswith("engine")]
+        if match:  # the engine's launch and those named so
+            opts = opts[:1] + [o for o in opts[1:] if any(m in o[0] for m in match)]
         res = []
         # the engine's launch also once more at the end: the first one timed at a step came out 2-6 % slower than
         # the same settings timed later (kernel_measurements.md); its time is the later of the two
@@ -237,6 +247,7 @@ def main():
     ap.add_argument("--read", action="store_true", help="only the streaming-read bandwidth of the GPU")
     ap.add_argument("--graph", action="store_true", help="engine settings vs alternatives, in a CUDA graph")
     ap.add_argument("--fp8", action="store_true", help="with --graph: an FP8 (e4m3) cache")
+    ap.add_argument("--match", default="", help="--graph: only the launches whose names hold one of these (a,b)")
     ap.add_argument("--quick", action="store_true",
                     help="with --graph: only the engine's launch and its other tilings (with --fp8: and the "
                          "bfloat16 cache's)")
@@ -250,7 +261,8 @@ def main():
     w = seed_workload(256)
     if args.graph:
         steps = "20,200,400,600,800,900,940,960,980,1000,1015" if args.steps == ap.get_default("steps") else args.steps
-        graph_sweep(w, [int(s) for s in steps.split(",")], fp8=args.fp8, out=args.out, quick=args.quick)
+        graph_sweep(w, [int(s) for s in steps.split(",")], fp8=args.fp8, out=args.out, quick=args.quick,
+                    match=tuple(m for m in args.match.split(",") if m))
         return
     lines = ["step,batch,sum_ctx,layout,block_n,num_warps,num_stages,num_splits,us,tb_per_s"]
     best_per_step = {}

@@ -170,13 +170,14 @@ L2_MODES = {"bulk": dict(bulk=True), "bulk-last": dict(bulk=True, evict_last=Tru
             "lines-last": dict(bulk=False, evict_last=True)}
 
 
-def bench(cap, out, words_variants=(), tilings=(), l2_modes=()):
+def bench(cap, out, words_variants=(), tilings=(), l2_modes=(), heads=()):
     """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
     splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
     each of ``tilings`` ("64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages, in place of
     ``decode_launch``'s); then fp8 with each of ``l2_modes`` (``L2_MODES``: decode asks L2 for each layer's weights
-    before its attention, ``nanovllm/layers/l2_prefetch.py``).  Each run sets the backend's class attributes,
+    before its attention, ``nanovllm/layers/l2_prefetch.py``); then fp8 with each of ``heads`` ("2": two KV heads a
+    decode program, "2@64x3": with tiles of 64 tokens and 3 stages).  Each run sets the backend's class attributes,
     ``decode_launch`` and ``nanovllm.kernels.L2_PREFETCH`` for its engine and
     puts them back after."""
     from nanovllm import bench as nb
@@ -186,7 +187,7 @@ def bench(cap, out, words_variants=(), tilings=(), l2_modes=()):
     from nanovllm import kernels as nk
 
     default = dict(words=backend.fp8_words, k_words=backend.fp8_words_k, waves=tk.DECODE_WAVES, tiling=None,
-                   l2=nk.L2_PREFETCH)
+                   l2=nk.L2_PREFETCH, heads=backend.fp8_kv_heads_per_program)
     rates = {}
     runs = [("auto", "auto", default), ("fp8", "fp8", default)]
     for v in words_variants:
@@ -200,11 +201,16 @@ def bench(cap, out, words_variants=(), tilings=(), l2_modes=()):
         runs.append((f"fp8_{t}", "fp8", dict(default, tiling=dict(block_n=int(n), num_stages=int(st)))))
     for m in l2_modes:
         runs.append((f"fp8_l2_{m}", "fp8", dict(default, l2=L2_MODES[m])))
+    for h in heads:
+        n, _, t = h.partition("@")
+        tiling = dict(block_n=int(t.split("x")[0]), num_stages=int(t.split("x")[1])) if t else None
+        runs.append((f"fp8_heads{h}", "fp8", dict(default, heads=int(n), tiling=tiling)))
     launch = tk.decode_launch
 
     def use(run):  # the decode reads a run asks for
         backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = run["words"], run["k_words"], run["waves"]
         nk.L2_PREFETCH = run["l2"]
+        backend.fp8_kv_heads_per_program = run["heads"]
 
     for name, kv, run in runs:
         if run["tiling"]:
@@ -226,7 +232,7 @@ def bench(cap, out, words_variants=(), tilings=(), l2_modes=()):
             tk.decode_launch = launch
         print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={run['words']}, "
               f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}, "
-              f"L2 prefetch {run['l2']}): "
+              f"L2 prefetch {run['l2']}, KV heads a program {run['heads']}): "
               f"{rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
@@ -241,6 +247,7 @@ def main():
     ap.add_argument("--tilings", default="",
                     help="bench: also fp8 with these decode tilings (tokens x stages), e.g. 64x3,128x3")
     ap.add_argument("--words", default="", help="bench: also fp8 with these decode reads, e.g. bytes,convert,asm+K")
+    ap.add_argument("--heads", default="", help="bench: also fp8 with KV heads a decode program, e.g. 2,2@64x3")
     ap.add_argument("--l2", default="", help=f"bench: also fp8 with decode's L2 prefetch, modes {list(L2_MODES)}")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -267,7 +274,8 @@ def main():
         if "bench" in only:
             section("seed benchmark: auto vs fp8" + (f" (capped at {args.cap_gib:g} GiB)" if cap else ""),
                     bench, cap, out, [w for w in args.words.split(",") if w],
-                    [t for t in args.tilings.split(",") if t], [m for m in args.l2.split(",") if m])
+                    [t for t in args.tilings.split(",") if t], [m for m in args.l2.split(",") if m],
+                    [h for h in args.heads.split(",") if h])
     finally:
         with open(out / "fp8_check.jsonl", "a") as f:
             for r in RESULTS:
