@@ -204,6 +204,25 @@ def test_paged_decode_program_order(num_splits, heads_first):
     assert_close(out, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.2), dtype)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("heads_per_program", [2, 4])
+def test_paged_decode_several_kv_heads_a_program(num_splits, heads_per_program):
+    """``kv_heads_per_program``: a program takes several KV heads (q block-diagonal over their columns) and
+    computes what one head a program does; head_dim 80 (a tile wider than the head) and GQA groups of 3.
+    Values that do not divide the KV heads, or are no power of two, are refused by name."""
+    dtype = DTYPES[-1]
+    gen = _gen(19)
+    ctx_lens = [5, 70, 33, 1]
+    k_cache, v_cache, block_tables, ctx = make_paged_cache(ctx_lens, 16, 4, 80, dtype, gen)
+    q = _randn(len(ctx_lens), 12, 80, gen=gen, dtype=dtype)
+    out = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.2, num_splits=num_splits,
+                                    kv_heads_per_program=heads_per_program)
+    assert_close(out, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.2), dtype)
+    for bad in (3, 8, 0):
+        with pytest.raises(ValueError, match="kv_heads_per_program must be a power of two dividing the 4 KV"):
+            tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.2, kv_heads_per_program=bad)
+
+
 def test_decode_launch_settings(monkeypatch):
     cpu = torch.device("cpu")
     big = tk.decode_launch(256, 8, 1, 128, 2, cpu)  # 2048 programs on 132 SMs (as on an H100)

@@ -160,6 +160,11 @@ def attention_configs(tk, label, heads, kv_heads, head_dim, dtype, cache_dtype, 
                        lambda q=q, t=tables, n=lens, words=words, k_words=k_words: tk.paged_decode_attention(
                            q, k_cache, v_cache, t, n, 0.1, k_scale=scales[0], v_scale=scales[1], f16_dot=True,
                            fp8_words=words, fp8_words_k=k_words))
+            if kv_heads % 2 == 0:  # two KV heads a program (TritonBackend.fp8_kv_heads_per_program)
+                yield (f"paged_decode_attention f16_dot words=asm+K 2 heads a program batch={batch} {label}",
+                       lambda q=q, t=tables, n=lens: tk.paged_decode_attention(
+                           q, k_cache, v_cache, t, n, 0.1, k_scale=scales[0], v_scale=scales[1], f16_dot=True,
+                           fp8_words="asm", fp8_words_k=True, kv_heads_per_program=2))
     q = torch.zeros(tokens, heads, head_dim, dtype=dtype)
     cu = torch.tensor([0, 10, tokens], dtype=torch.int32)
     tables = torch.zeros(2, width, dtype=torch.int32)
