@@ -62,8 +62,7 @@ class DecoderAttention(nn.Module):
                 self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
                 self.q_norm.eps if norm else 0.0, self.attn.k_cache, self.attn.v_cache, meta.slot_mapping,
                 self.attn.k_scale, self.attn.v_scale)
-            if self.l2_prefetch is not None and not meta.is_prefill:
-                self.l2_prefetch([m.weight for m in self.read_after])
+            self.prefetch_read_after(meta)
             return self.o_proj(self.attn(q, k, v, meta, kv_stored=True).flatten(1))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -72,8 +71,14 @@ class DecoderAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
+        self.prefetch_read_after(meta)
         o = self.attn(q, k, v, meta)
         return self.o_proj(o.flatten(1))
+
+    def prefetch_read_after(self, meta: AttentionMetadata) -> None:
+        """(decode, with ``l2_prefetch``) ask L2 for the weights read after attention, while attention runs."""
+        if self.l2_prefetch is not None and not meta.is_prefill:
+            self.l2_prefetch([m.weight for m in self.read_after])
 
 
 class MLP(nn.Module):
