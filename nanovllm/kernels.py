@@ -11,6 +11,7 @@ elementwise functions, and the fused kernels that apply; the model's layers keep
 | RMSNorm, RoPE, SiLU-and-mul  | plain PyTorch                      | ``torch.compile``d (unless ``enforce_eager``)|
 | qk-norm + RoPE + KV store    | three steps                        | one Triton kernel (``qkv_rope_store``)       |
 | gate-up GEMM + SiLU-and-mul  | cuBLAS GEMM, then the activation   | one Triton kernel for decode-sized batches   |
+| weights into L2 in decode    | none                               | none unless ``L2_PREFETCH`` is set (untimed) |
 """
 
 from __future__ import annotations

@@ -40,8 +40,8 @@ def _l2_prefetch_kernel(p0, p1, p2, p3, n0, n1, n2, n3, c1, c2, c3,
     start = (c - first) * CHUNK
     addr = base + start
     if BULK:
-        ok = (start < nbytes).to(tl.int32)
-        size = tl.minimum(nbytes - start, CHUNK).to(tl.int32)
+        size = (tl.minimum(nbytes - start, CHUNK) // 16 * 16).to(tl.int32)  # whole 16-byte units, as PTX asks
+        ok = (size > 0).to(tl.int32)
         if EVICT_LAST:
             tl.inline_asm_elementwise(
                 "{ .reg .pred p; .reg .b64 pol; setp.ne.b32 p, $3, 0; "

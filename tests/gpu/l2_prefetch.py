@@ -13,9 +13,9 @@ What it times, per step of the seed benchmark (28 layers replayed from a CUDA gr
 * ``attention``: the backend's FP8 decode launch alone; ``gemms``: o, gate-up + SiLU (the fused kernel), down and
   the next qkv, each layer its own weights (cold, as in decode); ``gemms, warm``: every layer layer 0's weights
   (in L2 after the first);
-* ``layer``: attention then the GEMMs; ``layer + prefetch MODE``: a small kernel first asks L2 for the layer's
-  weights (``cp.async.bulk.prefetch.L2`` of 16 KB a thread, or ``prefetch.global.L2`` of a line), with the
-  evict-last hint or without, and then attention and the GEMMs as before;
+* ``layer``: attention then the GEMMs; ``layer + prefetch MODE``: the package's ``l2_prefetch`` first asks L2 for
+  the layer's weights (``cp.async.bulk.prefetch.L2`` of 16 KB a thread, or ``prefetch.global.L2`` of a line),
+  with the evict-last hint or without, and then attention and the GEMMs as before;
 * the same with an L2 set-aside for persisting (evict-last) lines, ``cuCtxSetLimit``.
 
     PYTHONPATH=. python3 tests/gpu/l2_prefetch.py [--steps 200,600,900]
@@ -31,7 +31,6 @@ import sys
 import torch
 import torch.nn.functional as F
 import triton
-import triton.language as tl
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -42,52 +41,15 @@ from gemm_check import LAYERS, graph_us  # noqa: E402
 
 from nanovllm.attention import triton_kernels as tk  # noqa: E402
 from nanovllm.bench import seed_workload  # noqa: E402
+from nanovllm.layers.l2_prefetch import l2_prefetch  # noqa: E402
 from nanovllm.layers.triton_gemm import skinny_gemm  # noqa: E402
 
 HIDDEN, INTER, QKV = 1024, 3072, 4096
 # a layer's weights in one buffer, in the order decode reads them after attention
 PARTS = {"o": (HIDDEN, 2048), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER), "qkv": (QKV, HIDDEN)}
-MODES = {"bulk": 0, "bulk, evict-last": 1, "lines": 2, "lines, evict-last": 3}
-LINE = 128
-
-
-@triton.jit
-def _l2_prefetch_kernel(base, nbytes, CHUNK: tl.constexpr, THREADS: tl.constexpr, MODE: tl.constexpr):
-    start = (tl.program_id(0) * THREADS + tl.arange(0, THREADS)).to(tl.int64) * CHUNK
-    ok = (start < nbytes).to(tl.int32)
-    size = tl.minimum(nbytes - start, CHUNK).to(tl.int32)
-    addr = base + start
-    if MODE == 0:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r,r", [addr, size, ok], dtype=tl.int32, is_pure=False, pack=1)
-    elif MODE == 1:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b64 pol; setp.ne.b32 p, $3, 0; "
-            "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-            "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }",
-            "=r,l,r,r", [addr, size, ok], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        for i in tl.static_range(0, CHUNK, 128):
-            line_ok = ((start + i) < nbytes).to(tl.int32)
-            if MODE == 2:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                    "=r,l,r", [addr + i, line_ok], dtype=tl.int32, is_pure=False, pack=1)
-            else:
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }",
-                    "=r,l,r", [addr + i, line_ok], dtype=tl.int32, is_pure=False, pack=1)
-
-
-def l2_prefetch(buf: torch.Tensor, mode: str) -> None:
-    """Ask L2 for ``buf``'s bytes (contiguous), 16 KB a thread (bulk) or 2 KB a thread in lines."""
-    m = MODES[mode]
-    chunk = 16384 if m < 2 else 2048
-    nbytes = buf.numel() * buf.element_size()
-    threads = 128
-    grid = (triton.cdiv(triton.cdiv(nbytes, chunk), threads),)
-    _l2_prefetch_kernel[grid](buf.data_ptr(), nbytes, CHUNK=chunk, THREADS=threads, MODE=m, num_warps=4)
+# l2_prefetch's settings (nanovllm/layers/l2_prefetch.py): 16 KB bulk prefetches (sm_90) or 128-byte lines
+MODES = {"bulk": dict(bulk=True), "bulk, evict-last": dict(bulk=True, evict_last=True),
+         "lines": dict(bulk=False), "lines, evict-last": dict(bulk=False, evict_last=True)}
 
 
 def set_persisting_l2(nbytes: int) -> int:
@@ -162,7 +124,7 @@ def time_step(w, step: int, bufs, views) -> None:
         def fn():
             for layer in range(LAYERS):
                 if prefetch:
-                    l2_prefetch(bufs[layer], prefetch)
+                    l2_prefetch([bufs[layer]], **MODES[prefetch])
                 if att:
                     attention(layer)
                 if gem:
