@@ -24,6 +24,9 @@ except ImportError as exc:  # only the GPU path imports this module
 
 #: ranges one launch takes (a layer's o, gate-up, down and the next qkv)
 MAX_RANGES = 4
+#: the settings by name (``nanovllm.kernels.L2_PREFETCH`` takes one's keyword arguments; the GPU scripts the names)
+SETTINGS = {"bulk": dict(bulk=True), "bulk-last": dict(bulk=True, evict_last=True), "lines": dict(bulk=False),
+            "lines-last": dict(bulk=False, evict_last=True)}
 THREADS = 128
 
 

@@ -166,19 +166,15 @@ def qwen3():
 
 
 # -- 4. the seed benchmark -----------------------------------------------------------------------------------------
-L2_MODES = {"bulk": dict(bulk=True), "bulk-last": dict(bulk=True, evict_last=True), "lines": dict(bulk=False),
-            "lines-last": dict(bulk=False, evict_last=True)}
-
-
 def bench(cap, out, words_variants=(), tilings=(), l2_modes=(), heads=()):
     """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
     splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
     each of ``tilings`` ("64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages, in place of
-    ``decode_launch``'s); then fp8 with each of ``l2_modes`` (``L2_MODES``: decode asks L2 for each layer's weights
-    before its attention, ``nanovllm/layers/l2_prefetch.py``); then fp8 with each of ``heads`` ("2": two KV heads a
-    decode program, "2@64x3": with tiles of 64 tokens and 3 stages).  Each run sets the backend's class attributes,
-    ``decode_launch`` and ``nanovllm.kernels.L2_PREFETCH`` for its engine and
+    ``decode_launch``'s); then fp8 with each of ``l2_modes`` (names of ``nanovllm/layers/l2_prefetch.py``'s
+    ``SETTINGS``: decode asks L2 for each layer's weights before its attention); then fp8 with each of ``heads``
+    ("2": two KV heads a decode program, "2@64x3": with tiles of 64 tokens and 3 stages).  Each run sets the
+    backend's class attributes, ``decode_launch`` and ``nanovllm.kernels.L2_PREFETCH`` for its engine and
     puts them back after."""
     from nanovllm import bench as nb
     from nanovllm.attention import triton_kernels as tk
@@ -199,8 +195,10 @@ def bench(cap, out, words_variants=(), tilings=(), l2_modes=(), heads=()):
     for t in tilings:  # "64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages
         n, _, st = t.partition("x")
         runs.append((f"fp8_{t}", "fp8", dict(default, tiling=dict(block_n=int(n), num_stages=int(st)))))
+    from nanovllm.layers.l2_prefetch import SETTINGS
+
     for m in l2_modes:
-        runs.append((f"fp8_l2_{m}", "fp8", dict(default, l2=L2_MODES[m])))
+        runs.append((f"fp8_l2_{m}", "fp8", dict(default, l2=SETTINGS[m])))
     for h in heads:
         n, _, t = h.partition("@")
         tiling = dict(block_n=int(t.split("x")[0]), num_stages=int(t.split("x")[1])) if t else None
@@ -248,7 +246,7 @@ def main():
                     help="bench: also fp8 with these decode tilings (tokens x stages), e.g. 64x3,128x3")
     ap.add_argument("--words", default="", help="bench: also fp8 with these decode reads, e.g. bytes,convert,asm+K")
     ap.add_argument("--heads", default="", help="bench: also fp8 with KV heads a decode program, e.g. 2,2@64x3")
-    ap.add_argument("--l2", default="", help=f"bench: also fp8 with decode's L2 prefetch, modes {list(L2_MODES)}")
+    ap.add_argument("--l2", default="", help="bench: also fp8 with decode's L2 prefetch, e.g. bulk-last,lines-last")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("fp8_check.py needs a CUDA GPU")

@@ -13,9 +13,9 @@ What it times, per step of the seed benchmark (28 layers replayed from a CUDA gr
 * ``attention``: the backend's FP8 decode launch alone; ``gemms``: o, gate-up + SiLU (the fused kernel), down and
   the next qkv, each layer its own weights (cold, as in decode); ``gemms, warm``: every layer layer 0's weights
   (in L2 after the first);
-* ``layer``: attention then the GEMMs; ``layer + prefetch MODE``: the package's ``l2_prefetch`` first asks L2 for
-  the layer's weights (``cp.async.bulk.prefetch.L2`` of 16 KB a thread, or ``prefetch.global.L2`` of a line),
-  with the evict-last hint or without, and then attention and the GEMMs as before;
+* ``layer``: attention then the GEMMs; ``layer + prefetch NAME`` (``l2_prefetch.SETTINGS``): the package's
+  ``l2_prefetch`` first asks L2 for the layer's weights (``cp.async.bulk.prefetch.L2`` of 16 KB a thread, or
+  ``prefetch.global.L2`` of a line), with the evict-last hint or without, then attention and the GEMMs as before;
 * the same with an L2 set-aside for persisting (evict-last) lines, ``cuCtxSetLimit``.
 
     PYTHONPATH=. python3 tests/gpu/l2_prefetch.py [--steps 200,600,900]
@@ -41,17 +41,12 @@ from gemm_check import LAYERS, graph_us  # noqa: E402
 
 from nanovllm.attention import triton_kernels as tk  # noqa: E402
 from nanovllm.bench import seed_workload  # noqa: E402
-from nanovllm.layers.l2_prefetch import l2_prefetch  # noqa: E402
+from nanovllm.layers.l2_prefetch import SETTINGS, l2_prefetch  # noqa: E402
 from nanovllm.layers.triton_gemm import skinny_gemm  # noqa: E402
 
 HIDDEN, INTER, QKV = 1024, 3072, 4096
 # a layer's weights in one buffer, in the order decode reads them after attention
 PARTS = {"o": (HIDDEN, 2048), "gate_up": (2 * INTER, HIDDEN), "down": (HIDDEN, INTER), "qkv": (QKV, HIDDEN)}
-# l2_prefetch's settings (nanovllm/layers/l2_prefetch.py): 16 KB bulk prefetches (sm_90) or 128-byte lines
-MODES = {"bulk": dict(bulk=True), "bulk, evict-last": dict(bulk=True, evict_last=True),
-         "lines": dict(bulk=False), "lines, evict-last": dict(bulk=False, evict_last=True)}
-
-
 def set_persisting_l2(nbytes: int) -> int:
     """The L2 set-aside for persisting (evict-last) lines, through the driver; returns what it now is."""
     cuda = ctypes.CDLL("libcuda.so.1")
@@ -124,7 +119,7 @@ def time_step(w, step: int, bufs, views) -> None:
         def fn():
             for layer in range(LAYERS):
                 if prefetch:
-                    l2_prefetch([bufs[layer]], **MODES[prefetch])
+                    l2_prefetch([bufs[layer]], **SETTINGS[prefetch])
                 if att:
                     attention(layer)
                 if gem:
@@ -133,13 +128,13 @@ def time_step(w, step: int, bufs, views) -> None:
 
     res = {"attention": run(gem=False), "gemms": run(att=False), "gemms, warm": run(att=False, warm=True),
            "layer": run()}
-    for mode in MODES:
-        res[f"layer + prefetch {mode}"] = run(prefetch=mode)
+    for name in SETTINGS:
+        res[f"layer + prefetch {name}"] = run(prefetch=name)
     res["prefetch bulk alone"] = run(att=False, gem=False, prefetch="bulk")
     got = set_persisting_l2(max_persisting_l2())
     res[f"set-aside {got / 2**20:.1f} MiB: layer"] = run()
-    for mode in ("bulk, evict-last", "lines, evict-last"):
-        res[f"set-aside: layer + prefetch {mode}"] = run(prefetch=mode)
+    for name in ("bulk-last", "lines-last"):
+        res[f"set-aside: layer + prefetch {name}"] = run(prefetch=name)
     res["set-aside: gemms, warm"] = run(att=False, warm=True)
     set_persisting_l2(0)
     res["layer, timed again last"] = run()
