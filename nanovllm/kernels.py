@@ -11,7 +11,6 @@ elementwise functions, and the fused kernels that apply; the model's layers keep
 | RMSNorm, RoPE, SiLU-and-mul  | plain PyTorch                      | ``torch.compile``d (unless ``enforce_eager``)|
 | qk-norm + RoPE + KV store    | three steps                        | one Triton kernel (``qkv_rope_store``)       |
 | gate-up GEMM + SiLU-and-mul  | cuBLAS GEMM, then the activation   | one Triton kernel for decode-sized batches   |
-| weights into L2 in decode    | none                               | none unless ``L2_PREFETCH`` is set (untimed) |
 """
 
 from __future__ import annotations
@@ -50,12 +49,6 @@ class Kernels:
     qkv_rope_store: Callable | None = None  # (qkv, positions, cos_sin, ...) -> q, k, v with K/V stored
     gate_up_silu: Callable | None = None  # (x, gate_up_weight) -> silu(x @ gate.T) * (x @ up.T)
     gate_up_silu_max_rows: int = 256  # larger batches (prefill) are faster with cuBLAS + the activation
-    # (tensors) -> None: asks L2 for a layer's weights before its decode attention (``layers/l2_prefetch.py``)
-    l2_prefetch: Callable | None = None
-
-
-#: decode's L2 prefetch of the weights: None (off), or l2_prefetch's keyword arguments
-L2_PREFETCH: dict | None = None
 
 
 @functools.cache
@@ -99,8 +92,4 @@ def select_kernels(attention_backend: str, device: torch.device, dtype: torch.dt
             pass
         else:
             chosen["gate_up_silu"] = functools.partial(skinny_gemm, act="silu_mul")
-    if L2_PREFETCH is not None and device.type == "cuda" and not enforce_eager and HAS_TRITON:
-        from nanovllm.layers.l2_prefetch import l2_prefetch
-
-        chosen["l2_prefetch"] = functools.partial(l2_prefetch, **L2_PREFETCH)
     return Kernels(**chosen)

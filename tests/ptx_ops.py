@@ -75,11 +75,6 @@ def launches(batch: int):
                + (" (the backend's)" if k_words else ""),
                lambda words=words, k_words=k_words: tk.paged_decode_attention(
                    q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words=words, fp8_words_k=k_words))
-    for hp, bn in ((2, 64), (4, 32)):  # KV heads a program, tiles of the backend's bytes (128 tokens x 1 head)
-        yield (f"FP8 cache, the backend's reads, {hp} KV heads a program, tiles of {bn} tokens",
-               lambda hp=hp, bn=bn: tk.paged_decode_attention(
-                   q, *fp8, tables, lens, 0.1, **scales, f16_dot=True, fp8_words="asm", fp8_words_k=True,
-                   kv_heads_per_program=hp, block_n=bn, num_stages=2))
 
 
 def main() -> None:

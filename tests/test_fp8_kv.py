@@ -301,23 +301,6 @@ def test_triton_decode_fp8_read_as_words_equals_reading_bytes(tk, num_splits, he
                                   fp8_words="asm")
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-def test_triton_decode_fp8_several_kv_heads_a_program(tk, num_splits):
-    """Two and four KV heads a program over an FP8 cache, reading bytes or words: each row keeps its own head's
-    scales, and the result is the one-head-a-program launch's."""
-    k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 4, 64, seed=21)
-    q = torch.randn(3, 8, 64, generator=torch.Generator().manual_seed(22)).to(DEVICE).bfloat16()
-    ref = paged_decode_ref(q.float(), k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
-    for words in (None, "asm"):
-        run = dict(num_splits=num_splits, k_scale=k_scale, v_scale=v_scale, f16_dot=True, fp8_words=words,
-                   fp8_words_k=words is not None)
-        one = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, **run)
-        for hp in (2, 4):
-            got = tk.paged_decode_attention(q, k_cache, v_cache, tables, ctx, 0.125, kv_heads_per_program=hp, **run)
-            torch.testing.assert_close(got, one, rtol=1e-2, atol=1e-2)  # bfloat16 outputs, sums in another order
-            torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
-
-
 def test_triton_backend_decodes_fp8_with_float16_products_for_bf16_queries(tk):
     """The backend's decode over an FP8 cache takes the float16 products for bfloat16 queries (faster on an H100),
     the q-dtype products for float32 ones, and ``fp8_f16_dot=False`` turns them off."""
@@ -358,13 +341,6 @@ def test_triton_backend_reads_the_fp8_v_tile_as_words_widened_by_ptx(tk, monkeyp
         got = tk.TritonBackend().forward(q_, None, None, k_cache, v_cache, meta, 0.125, k_scale, v_scale)
         assert (seen[-1]["fp8_words"], seen[-1]["fp8_words_k"]) == (words, words is not None)
         ref = paged_decode_ref(q_.float(), k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
-        torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
-    # its KV heads a program: the class setting where it divides the cache's KV heads (2 here), else one
-    for hp, passed in ((2, 2), (4, 1)):
-        monkeypatch.setattr(tk.TritonBackend, "fp8_kv_heads_per_program", hp)
-        got = tk.TritonBackend().forward(q.bfloat16(), None, None, k_cache, v_cache, meta, 0.125, k_scale, v_scale)
-        assert seen[-1]["kv_heads_per_program"] == passed
-        ref = paged_decode_ref(q.float(), k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
         torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2)
 
 

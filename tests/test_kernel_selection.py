@@ -131,30 +131,3 @@ def test_select_kernels_on_cuda_without_triton_skips_torch_compile_with_a_note(m
     with pytest.warns(UserWarning, match="torch.compile skipped.*pip install triton"):
         k = select_kernels("torch", cuda, torch.bfloat16, enforce_eager=False)
     assert k.rms_norm is rms_norm and k.silu_and_mul is silu_and_mul
-
-
-def test_l2_prefetch_asks_for_the_weights_read_after_attention_in_decode_only(tiny_qwen3):
-    """Each layer's hook (``Kernels.l2_prefetch``, chosen only on a GPU and only when switched on) is handed, in
-    decode steps and not in prefill, the weights the layer reads after its attention: o, gate-up, down, and the
-    next layer's qkv (the last layer has none), so they can be in L2 by the time the GEMMs run."""
-    from nanovllm import LLM, SamplingParams
-    from nanovllm.kernels import L2_PREFETCH
-
-    assert L2_PREFETCH is None  # off by default
-    assert select_kernels("torch", CPU, torch.float32, False).l2_prefetch is None
-    path, _ = tiny_qwen3
-    llm = LLM(path, device="cpu", num_kvcache_blocks=32)
-    try:
-        layers = llm.runner.model.layers
-        calls = []
-        for i, layer in enumerate(layers):
-            layer.self_attn.l2_prefetch = lambda ts, i=i: calls.append((i, ts))
-        llm.generate([[1, 2, 3, 4, 5]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), use_tqdm=False)
-        n = len(layers)
-        assert [i for i, _ in calls] == list(range(n)) * 3  # 3 decode steps after the prefill, every layer
-        for i, ts in calls[:n]:
-            want = [layers[i].self_attn.o_proj.weight, layers[i].mlp.gate_up_proj.weight,
-                    layers[i].mlp.down_proj.weight] + ([layers[i + 1].self_attn.qkv_proj.weight] if i + 1 < n else [])
-            assert len(ts) == len(want) and all(t is w for t, w in zip(ts, want))
-    finally:
-        llm.shutdown()

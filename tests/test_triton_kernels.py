@@ -191,27 +191,18 @@ def test_paged_decode_tiles_of_128(num_splits):
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("layout", [dict(heads_first=False), dict(heads_first=True),
-                                    dict(kv_heads_per_program=2), dict(kv_heads_per_program=4, heads_first=False)])
-def test_paged_decode_program_layouts(num_splits, layout):
-    """Programs launched sequence-major or KV-head-major, and taking several KV heads each
-    (``kv_heads_per_program``: q block-diagonal over their columns), compute the same thing; head_dim 80 (a tile
-    wider than the head) and GQA groups of 3."""
+@pytest.mark.parametrize("heads_first", [False, True])
+def test_paged_decode_program_order(num_splits, heads_first):
+    """Programs launched sequence-major or KV-head-major compute the same thing; head_dim 80 (a tile wider than
+    the head) and GQA groups of 3."""
     dtype = DTYPES[-1]
     gen = _gen(17)
     ctx_lens = [5, 70, 33, 1]
     k_cache, v_cache, block_tables, ctx = make_paged_cache(ctx_lens, 16, 4, 80, dtype, gen)
     q = _randn(len(ctx_lens), 12, 80, gen=gen, dtype=dtype)
-    out = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.2, num_splits=num_splits, **layout)
+    out = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.2, num_splits=num_splits,
+                                    heads_first=heads_first)
     assert_close(out, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.2), dtype)
-
-
-@pytest.mark.parametrize("bad", [3, 8, 0, 2.0])
-def test_paged_decode_refuses_kv_heads_per_program_not_dividing_the_kv_heads(bad):
-    k_cache, v_cache, block_tables, ctx = make_paged_cache([5], 16, 4, 32, DTYPES[-1], _gen(19))
-    q = _randn(1, 8, 32, gen=_gen(20), dtype=DTYPES[-1])
-    with pytest.raises(ValueError, match="kv_heads_per_program must be a power of two dividing the 4 KV heads"):
-        tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.2, kv_heads_per_program=bad)
 
 
 def test_decode_launch_settings(monkeypatch):

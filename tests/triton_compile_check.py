@@ -23,7 +23,6 @@ The outputs of the "launches" are garbage (nothing ran); only compilation is che
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import sys
 import time
@@ -113,15 +112,6 @@ def configurations(arch: int):
                     label = f"{name} {str(dtype)[6:]} cache={str(cache_dtype)[6:]} block={block_size}"
                     yield from attention_configs(tk, label, heads, kv_heads, head_dim, dtype, cache_dtype,
                                                  block_size)
-    from nanovllm.layers import l2_prefetch as l2
-
-    for bulk, evict_last in itertools.product((True, False) if arch >= 90 else (False,), (False, True)):
-        # the kernel as l2_prefetch launches it (pointers as integers: nothing is read at compile time)
-        yield (f"l2_prefetch bulk={bulk} evict_last={evict_last}",
-               lambda bulk=bulk, ev=evict_last: l2._l2_prefetch_kernel[(4,)](
-                   1 << 20, 2 << 20, 3 << 20, 4 << 20, 1 << 20, 1 << 20, 1 << 20, 0, 64, 128, 192,
-                   THREADS=l2.THREADS, CHUNK=16384 if bulk else 2048, BULK=bulk, EVICT_LAST=ev,
-                   num_warps=l2.THREADS // 32))
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         for m in (1, 8, 64, 256):
             for act in (None, "silu_mul"):
@@ -170,11 +160,6 @@ def attention_configs(tk, label, heads, kv_heads, head_dim, dtype, cache_dtype, 
                        lambda q=q, t=tables, n=lens, words=words, k_words=k_words: tk.paged_decode_attention(
                            q, k_cache, v_cache, t, n, 0.1, k_scale=scales[0], v_scale=scales[1], f16_dot=True,
                            fp8_words=words, fp8_words_k=k_words))
-            if kv_heads % 2 == 0:  # two KV heads a program (TritonBackend.fp8_kv_heads_per_program)
-                yield (f"paged_decode_attention f16_dot words=asm+K 2 heads a program batch={batch} {label}",
-                       lambda q=q, t=tables, n=lens: tk.paged_decode_attention(
-                           q, k_cache, v_cache, t, n, 0.1, k_scale=scales[0], v_scale=scales[1], f16_dot=True,
-                           fp8_words="asm", fp8_words_k=True, kv_heads_per_program=2))
     q = torch.zeros(tokens, heads, head_dim, dtype=dtype)
     cu = torch.tensor([0, 10, tokens], dtype=torch.int32)
     tables = torch.zeros(2, width, dtype=torch.int32)
@@ -193,7 +178,7 @@ def package_kernels() -> set[str]:
 
     names = set()
     for module in ("nanovllm.attention.triton_kernels", "nanovllm.layers.triton_gemm",
-                   "nanovllm.layers.triton_sampler", "nanovllm.layers.l2_prefetch"):
+                   "nanovllm.layers.triton_sampler"):
         for attr, value in vars(importlib.import_module(module)).items():
             if isinstance(value, JITFunction) and attr.endswith("_kernel"):
                 names.add(value.fn.__name__)

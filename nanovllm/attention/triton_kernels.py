@@ -345,17 +345,14 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
     FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False, FP8_WORDS: tl.constexpr = 0,
-    FP8_K_WORDS: tl.constexpr = False, HEADS: tl.constexpr = 1,
+    FP8_K_WORDS: tl.constexpr = False,
 ):
-    """``HEADS`` KV heads a program (adjacent in the cache, so a token's rows of them are one run of bytes): their
-    query rows stacked, each row's q in its own head's columns and zeros elsewhere (block-diagonal), so one
-    product over the run gives every row its own head's scores; the output keeps each row's own columns."""
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
-        kvh = tl.program_id(0) * HEADS
+        kvh = tl.program_id(0)
         seq = tl.program_id(1)
     else:
         seq = tl.program_id(0)
-        kvh = tl.program_id(1) * HEADS
+        kvh = tl.program_id(1)
     split = tl.program_id(2)
 
     ctx = tl.load(ctx_ptr + seq)
@@ -365,51 +362,42 @@ def _decode_split_kernel(
     t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
 
     offs_g = tl.arange(0, GROUP_PAD)
-    offs_c = tl.arange(0, HEADS * BLOCK_D)  # the columns: each of the program's heads' BLOCK_D, side by side
-    offs_d = offs_c % BLOCK_D
-    col_head = offs_c // BLOCK_D
-    row_head = offs_g // GROUP
+    offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     heads = kvh * GROUP + offs_g
-    g_mask = offs_g < GROUP * HEADS
+    g_mask = offs_g < GROUP
     d_mask = offs_d < HEAD_DIM
-    own = g_mask[:, None] & d_mask[None, :] & (col_head[None, :] == row_head[:, None])  # a row's own head's
 
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=own, other=0.0)
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)
     if F16_DOT:  # K and V (below: .to(q.dtype)) widen from e4m3 to float16, one instruction per pair of values
         q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEADS * BLOCK_D], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
 
     bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
     head_off = kvh.to(tl.int64) * stride_ch
     if FP8:  # K's scale goes into the softmax scale, V's onto the output
-        if HEADS == 1:
-            qk_scale = qk_scale * tl.load(ks_ptr + kvh)
-        else:  # each row its own head's
-            qk_scale = qk_scale * tl.load(ks_ptr + kvh + tl.minimum(row_head, HEADS - 1))[:, None]
-    offs_w = tl.arange(0, HEADS * BLOCK_D // 2)  # (FP8_WORDS) the tile's 16-bit words: two values each
-    w_col = (offs_w // (BLOCK_D // 2)) * stride_wh + offs_w % (BLOCK_D // 2)
-    w_mask = offs_w % (BLOCK_D // 2) < HEAD_DIM // 2
-    c_off = col_head * stride_ch + offs_d * stride_cd
+        qk_scale = qk_scale * tl.load(ks_ptr + kvh)
+    offs_w = tl.arange(0, BLOCK_D // 2)  # (FP8_WORDS) the tile's 16-bit words: two values each
+    w_mask = offs_w < HEAD_DIM // 2
     for t in range(t_start, t_end):
         pos = t * BLOCK_N + offs_n
         n_mask = pos < ctx
         phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
         tok_off = phys * stride_cb + (pos % BLOCK_SIZE).to(tl.int64) * stride_cs + head_off
-        kv_off = tok_off[:, None] + c_off[None, :]
+        kv_off = tok_off[:, None] + offs_d[None, :] * stride_cd
         kv_mask = n_mask[:, None] & d_mask[None, :]
 
         if FP8_WORDS:  # the tiles as 16-bit words (V's; K's too with FP8_K_WORDS)
             w_row = phys * stride_wb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ws + kvh.to(tl.int64) * stride_wh
-            w_off = w_row[:, None] + w_col[None, :]  # a contiguous head of even length: whole words
+            w_off = w_row[:, None] + offs_w[None, :]  # a contiguous head of even length: whole words
             w_msk = n_mask[:, None] & w_mask[None, :]
         if FP8_K_WORDS:  # K's tile as 16-bit words too (the cache's K and V share their strides)
             k = _e4m3_words_to_f16(tl.load(kc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
-                                   FP8_WORDS == 2, BLOCK_N, HEADS * BLOCK_D)
+                                   FP8_WORDS == 2, BLOCK_N, BLOCK_D)
         else:
             k = tl.load(kc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N] fp32
@@ -420,7 +408,7 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         if FP8_WORDS:
             v = _e4m3_words_to_f16(tl.load(vc_ptr.to(tl.pointer_type(tl.uint16)) + w_off, mask=w_msk, other=0),
-                                   FP8_WORDS == 2, BLOCK_N, HEADS * BLOCK_D)
+                                   FP8_WORDS == 2, BLOCK_N, BLOCK_D)
         else:
             v = tl.load(vc_ptr + kv_off, mask=kv_mask, other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
@@ -429,18 +417,16 @@ def _decode_split_kernel(
     has = l_i > 0  # false only for an empty split (or a padded sequence with context length 0)
     o = acc / tl.where(has, l_i, 1.0)[:, None]
     if FP8:
-        if HEADS == 1:
-            o = o * tl.load(vs_ptr + kvh)
-        else:
-            o = o * tl.load(vs_ptr + kvh + tl.minimum(row_head, HEADS - 1))[:, None]
-    if SINGLE_SPLIT:  # (each row's own head's columns only)
+        o = o * tl.load(vs_ptr + kvh)
+    if SINGLE_SPLIT:
         tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :] * stride_od,
-                 o.to(out_ptr.dtype.element_ty), mask=own)
+                 o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
     else:
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # base-2 log-sum-exp
         row = (seq.to(tl.int64) * num_heads + heads) * num_splits + split  # mid: [B, H, S(, D)]
         tl.store(mid_lse_ptr + row, lse, mask=g_mask)
-        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=own)
+        tl.store(mid_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o,
+                 mask=g_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -527,8 +513,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_warps: int = 4, num_stages: int | None = None,
                            heads_first: bool | None = None, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, f16_dot: bool = False,
-                           fp8_words: str | None = None, fp8_words_k: bool = False,
-                           kv_heads_per_program: int = 1) -> torch.Tensor:
+                           fp8_words: str | None = None, fp8_words_k: bool = False) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -568,10 +553,6 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, cache_dim = k_cache.shape
     assert cache_dim == head_dim and num_heads % num_kv_heads == 0
-    hp = kv_heads_per_program
-    if not isinstance(hp, int) or hp < 1 or hp & (hp - 1) or num_kv_heads % hp:
-        raise ValueError(f"kv_heads_per_program must be a power of two dividing the {num_kv_heads} KV heads, "
-                         f"got {hp!r}")
     assert block_tables.dim() == 2 and block_tables.stride(1) == 1
     assert block_n is None or (block_n >= 16 and block_n & (block_n - 1) == 0)
     if out is None:
@@ -583,10 +564,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if num_splits is None:
         if max_context_len is None:
             max_context_len = block_tables.shape[1] * block_size
-        num_splits = pick_num_splits(batch, num_kv_heads // hp, max_context_len, sms, block_n or DECODE_BLOCK_N)
+        num_splits = pick_num_splits(batch, num_kv_heads, max_context_len, sms, block_n or DECODE_BLOCK_N)
     num_splits = max(int(num_splits), 1)
     block_d = max(next_pow2(head_dim), 16)
-    auto = decode_launch(batch, num_kv_heads // hp, num_splits, hp * block_d, q.element_size(), q.device, fp8=fp8)
+    auto = decode_launch(batch, num_kv_heads, num_splits, block_d, q.element_size(), q.device, fp8=fp8)
     block_n = auto["block_n"] if block_n is None else block_n
     num_stages = auto["num_stages"] if num_stages is None else num_stages
     heads_first = auto["heads_first"] if heads_first is None else heads_first
@@ -596,10 +577,9 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     else:
         mid_o = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
-    programs = num_kv_heads // hp
-    grid = (programs, batch, num_splits) if heads_first else (batch, programs, num_splits)
+    grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
     key = ("decode", q.device.index, q.dtype, k_cache.dtype, block_n, block_d, group, heads_first, single,
-           num_warps, num_stages, f16_dot, words, fp8_words_k, hp)
+           num_warps, num_stages, f16_dot, words, fp8_words_k)
     launch_fitting_stages(
         _decode_split_kernel, grid, key, num_stages,
         q, k_cache, v_cache, block_tables, context_lens, k_scale if fp8 else context_lens,
@@ -612,11 +592,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         *(x // 2 for x in v_cache.stride()[:3]),
         block_tables.stride(0),
         out.stride(0), out.stride(1), out.stride(2),
-        GROUP=group, GROUP_PAD=max(next_pow2(group * hp), 16),
+        GROUP=group, GROUP_PAD=max(next_pow2(group), 16),
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
-        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, HEADS=hp, num_warps=num_warps,
+        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, num_warps=num_warps,
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -783,8 +763,6 @@ class TritonBackend(AttentionBackend):
     # K and V as 16-bit words widened by the GPU's e4m3 instruction, the fastest on an H100 (kernel_measurements.md)
     fp8_words: str | None = "asm"
     fp8_words_k: bool = True
-    # decode over an FP8 cache: KV heads a program (paged_decode_attention's kv_heads_per_program)
-    fp8_kv_heads_per_program: int = 1
 
     def __init__(self, num_splits: int | None = None, fp8_f16_dot: bool = True):
         self.num_splits = num_splits  # decode split count; None: heuristic
@@ -819,12 +797,10 @@ class TritonBackend(AttentionBackend):
             words = f16_dot and self.fp8_words is not None and v_cache.stride(-1) == 1 and not any(
                 x % 2 for x in (*v_cache.stride()[:-1], v_cache.shape[-1]))  # whole 16-bit words per head
             k_words = words and self.fp8_words_k and k_cache.stride() == v_cache.stride()
-            hp = self.fp8_kv_heads_per_program
-            hp = hp if k_scale is not None and k_cache.shape[2] % hp == 0 else 1
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                           num_splits=self.num_splits, k_scale=k_scale, v_scale=v_scale,
                                           f16_dot=f16_dot, fp8_words=self.fp8_words if words else None,
-                                          fp8_words_k=k_words, kv_heads_per_program=hp)
+                                          fp8_words_k=k_words)
         return paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                        meta.block_tables, scale, meta.max_seqlen_q, k_scale=k_scale,
                                        v_scale=v_scale)

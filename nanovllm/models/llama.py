@@ -50,8 +50,6 @@ class DecoderAttention(nn.Module):
                                    kernels.attention)
         self.q_size, self.kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.qkv_rope_store = kernels.qkv_rope_store  # None: the step-by-step path below
-        self.l2_prefetch = kernels.l2_prefetch  # None: off
-        self.read_after = ()  # (set by the model) the modules whose weights the layer reads after attention
 
     def forward(self, positions, x, meta: AttentionMetadata):
         qkv = self.qkv_proj(x)
@@ -62,7 +60,6 @@ class DecoderAttention(nn.Module):
                 self.q_norm.weight if norm else None, self.k_norm.weight if norm else None,
                 self.q_norm.eps if norm else 0.0, self.attn.k_cache, self.attn.v_cache, meta.slot_mapping,
                 self.attn.k_scale, self.attn.v_scale)
-            self.prefetch_read_after(meta)
             return self.o_proj(self.attn(q, k, v, meta, kv_stored=True).flatten(1))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], -1)
         q = q.view(-1, self.num_heads, self.head_dim)
@@ -71,14 +68,8 @@ class DecoderAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rotary(positions, q, k)
-        self.prefetch_read_after(meta)
         o = self.attn(q, k, v, meta)
         return self.o_proj(o.flatten(1))
-
-    def prefetch_read_after(self, meta: AttentionMetadata) -> None:
-        """(decode, with ``l2_prefetch``) ask L2 for the weights read after attention, while attention runs."""
-        if self.l2_prefetch is not None and not meta.is_prefill:
-            self.l2_prefetch([m.weight for m in self.read_after])
 
 
 class MLP(nn.Module):
@@ -147,10 +138,6 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        for i, layer in enumerate(self.layers):  # what each layer reads after its attention, for l2_prefetch
-            nxt = self.layers[i + 1].self_attn.qkv_proj if i + 1 < len(self.layers) else None
-            layer.self_attn.read_after = tuple(m for m in (layer.self_attn.o_proj, layer.mlp.gate_up_proj,
-                                                           layer.mlp.down_proj, nxt) if m is not None)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of every new token: [N, hidden]."""

@@ -173,14 +173,7 @@ def graph_sweep(w, steps: list[int], fp8: bool = False, out: str | None = None, 
                        # registers and less shared memory a program, so more programs an SM
                        (" bn128 st1", dict(block_n=128, num_stages=1)), (" bn64 st1", dict(block_n=64, num_stages=1)),
                        (" bn32 st1", dict(block_n=32, num_stages=1)), (" bn64 st2", dict(block_n=64, num_stages=2)),
-                       (" bn128 st1 8 warps", dict(block_n=128, num_stages=1, num_warps=8)),
-                       # two or four KV heads a program (a token's rows of them one run of bytes; q block-diagonal)
-                       (" 2 heads bn64 st2", dict(kv_heads_per_program=2, block_n=64, num_stages=2)),
-                       (" 2 heads bn64 st3", dict(kv_heads_per_program=2, block_n=64, num_stages=3)),
-                       (" 2 heads bn32 st3", dict(kv_heads_per_program=2, block_n=32, num_stages=3)),
-                       (" 2 heads bn64 splits 2", dict(kv_heads_per_program=2, block_n=64, num_splits=2)),
-                       (" 4 heads bn32 st2", dict(kv_heads_per_program=4, block_n=32, num_stages=2)),
-                       (" 4 heads bn16 st3", dict(kv_heads_per_program=4, block_n=16, num_stages=3)))
+                       (" bn128 st1 8 warps", dict(block_n=128, num_stages=1, num_warps=8)))
             opts = [("engine", eng)] + [(f"engine{name}", dict(eng, **kw)) for name, kw in tilings[1:]] + [
                 ("V as words (asm), K as bytes", dict(eng, fp8_words_k=False)),
                 ("K and V as words (convert)", dict(eng, fp8_words="convert")),

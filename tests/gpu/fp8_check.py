@@ -166,24 +166,18 @@ def qwen3():
 
 
 # -- 4. the seed benchmark -----------------------------------------------------------------------------------------
-def bench(cap, out, words_variants=(), tilings=(), l2_modes=(), heads=()):
+def bench(cap, out, words_variants=(), tilings=()):
     """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
     splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
     each of ``tilings`` ("64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages, in place of
-    ``decode_launch``'s); then fp8 with each of ``l2_modes`` (names of ``nanovllm/layers/l2_prefetch.py``'s
-    ``SETTINGS``: decode asks L2 for each layer's weights before its attention); then fp8 with each of ``heads``
-    ("2": two KV heads a decode program, "2@64x3": with tiles of 64 tokens and 3 stages).  Each run sets the
-    backend's class attributes, ``decode_launch`` and ``nanovllm.kernels.L2_PREFETCH`` for its engine and
+    ``decode_launch``'s).  Each run sets the backend's class attributes and ``decode_launch`` for its engine and
     puts them back after."""
     from nanovllm import bench as nb
     from nanovllm.attention import triton_kernels as tk
 
     backend = tk.TritonBackend
-    from nanovllm import kernels as nk
-
-    default = dict(words=backend.fp8_words, k_words=backend.fp8_words_k, waves=tk.DECODE_WAVES, tiling=None,
-                   l2=nk.L2_PREFETCH, heads=backend.fp8_kv_heads_per_program)
+    default = dict(words=backend.fp8_words, k_words=backend.fp8_words_k, waves=tk.DECODE_WAVES, tiling=None)
     rates = {}
     runs = [("auto", "auto", default), ("fp8", "fp8", default)]
     for v in words_variants:
@@ -195,20 +189,10 @@ def bench(cap, out, words_variants=(), tilings=(), l2_modes=(), heads=()):
     for t in tilings:  # "64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages
         n, _, st = t.partition("x")
         runs.append((f"fp8_{t}", "fp8", dict(default, tiling=dict(block_n=int(n), num_stages=int(st)))))
-    from nanovllm.layers.l2_prefetch import SETTINGS
-
-    for m in l2_modes:
-        runs.append((f"fp8_l2_{m}", "fp8", dict(default, l2=SETTINGS[m])))
-    for h in heads:
-        n, _, t = h.partition("@")
-        tiling = dict(block_n=int(t.split("x")[0]), num_stages=int(t.split("x")[1])) if t else None
-        runs.append((f"fp8_heads{h}", "fp8", dict(default, heads=int(n), tiling=tiling)))
     launch = tk.decode_launch
 
     def use(run):  # the decode reads a run asks for
         backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = run["words"], run["k_words"], run["waves"]
-        nk.L2_PREFETCH = run["l2"]
-        backend.fp8_kv_heads_per_program = run["heads"]
 
     for name, kv, run in runs:
         if run["tiling"]:
@@ -229,8 +213,7 @@ def bench(cap, out, words_variants=(), tilings=(), l2_modes=(), heads=()):
             use(default)
             tk.decode_launch = launch
         print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={run['words']}, "
-              f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}, "
-              f"L2 prefetch {run['l2']}, KV heads a program {run['heads']}): "
+              f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}): "
               f"{rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
@@ -245,8 +228,6 @@ def main():
     ap.add_argument("--tilings", default="",
                     help="bench: also fp8 with these decode tilings (tokens x stages), e.g. 64x3,128x3")
     ap.add_argument("--words", default="", help="bench: also fp8 with these decode reads, e.g. bytes,convert,asm+K")
-    ap.add_argument("--heads", default="", help="bench: also fp8 with KV heads a decode program, e.g. 2,2@64x3")
-    ap.add_argument("--l2", default="", help="bench: also fp8 with decode's L2 prefetch, e.g. bulk-last,lines-last")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("fp8_check.py needs a CUDA GPU")
@@ -272,8 +253,7 @@ def main():
         if "bench" in only:
             section("seed benchmark: auto vs fp8" + (f" (capped at {args.cap_gib:g} GiB)" if cap else ""),
                     bench, cap, out, [w for w in args.words.split(",") if w],
-                    [t for t in args.tilings.split(",") if t], [m for m in args.l2.split(",") if m],
-                    [h for h in args.heads.split(",") if h])
+                    [t for t in args.tilings.split(",") if t])
     finally:
         with open(out / "fp8_check.jsonl", "a") as f:
             for r in RESULTS:
