@@ -221,7 +221,7 @@ def _fp8_decode_kernel(
 
     if WARP_SPLITS:  # every warp its own split of the reduction kernel's: no combining here
         has_w = l_i > 0  # [W, M]
-        o_w = acc / gl.where(has_w, l_i, 1.0)[:, :, None]
+        o_w = acc / gl.where(has_w, l_i, 1.0)[:, :, None] * gl.load(vs_ptr + kvh)
         ws, gs, es = _idx3(W, M, D, MMA)
         row_w = (seq.to(gl.int64) * num_heads + kvh * GROUP + gs) * (num_splits * W) + split * W + ws
         gl.store(mid_o_ptr + row_w * D + (es % 8) * (D // 8) + es // 8, o_w, mask=(gs < GROUP) & (es < D))
