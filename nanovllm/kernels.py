@@ -11,6 +11,8 @@ elementwise functions, and the fused kernels that apply; the model's layers keep
 | RMSNorm, RoPE, SiLU-and-mul  | plain PyTorch                      | ``torch.compile``d (unless ``enforce_eager``)|
 | qk-norm + RoPE + KV store    | three steps                        | one Triton kernel (``qkv_rope_store``)       |
 | gate-up GEMM + SiLU-and-mul  | cuBLAS GEMM, then the activation   | one Triton kernel for decode-sized batches   |
+| o / down GEMM + add-RMSNorm  | cuBLAS GEMM, then add + RMSNorm    | split-K GEMM, summed by the add-norm kernel  |
+|                              |                                    | (decode; only when ``SPLITK_ADD_NORM``)      |
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from nanovllm.triton_utils import HAS_TRITON
 #: the fused paths a model may declare
 QKV_ROPE_STORE = "qkv_rope_store"  # qk-norm, RoPE and the KV-cache store in one kernel
 GATE_UP_SILU = "gate_up_silu"  # the MLP's gate-up GEMM with SiLU-and-mul folded in
+SPLITK_NORM = "splitk_norm"  # o and down split along K, their parts summed by the residual add + RMSNorm
+
+#: SPLITK_NORM on a GPU: off until the seed benchmark and the book have run with it on a GPU
+#: (tests/gpu/splitk_check.py timed the kernels; figures/data/fp8_words_h100.txt section 19)
+SPLITK_ADD_NORM = False
 
 
 def _reference_attention():
@@ -49,6 +56,9 @@ class Kernels:
     qkv_rope_store: Callable | None = None  # (qkv, positions, cos_sin, ...) -> q, k, v with K/V stored
     gate_up_silu: Callable | None = None  # (x, gate_up_weight) -> silu(x @ gate.T) * (x @ up.T)
     gate_up_silu_max_rows: int = 256  # larger batches (prefill) are faster with cuBLAS + the activation
+    splitk_gemm: Callable | None = None  # (x, weight) -> SplitK, partial products along K (o and down)
+    sum_add_rms_norm: Callable | None = None  # (SplitK, residual, weight, eps) -> normed, residual
+    splitk_max_rows: int = 256
 
 
 @functools.cache
@@ -92,4 +102,8 @@ def select_kernels(attention_backend: str, device: torch.device, dtype: torch.dt
             pass
         else:
             chosen["gate_up_silu"] = functools.partial(skinny_gemm, act="silu_mul")
+    if SPLITK_NORM in fusions and SPLITK_ADD_NORM and device.type == "cuda" and HAS_TRITON:
+        from nanovllm.layers.triton_gemm import splitk_gemm, sum_add_rms_norm
+
+        chosen.update(splitk_gemm=splitk_gemm, sum_add_rms_norm=sum_add_rms_norm)
     return Kernels(**chosen)

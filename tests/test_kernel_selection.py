@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanovllm.attention import AUTO_ORDER, BACKENDS, backend_class, create_backend, resolve_backend_name
-from nanovllm.kernels import GATE_UP_SILU, QKV_ROPE_STORE, Kernels, select_kernels
+from nanovllm.kernels import GATE_UP_SILU, QKV_ROPE_STORE, SPLITK_NORM, Kernels, select_kernels
 from nanovllm.layers.activation import SiluAndMul, silu_and_mul
 from nanovllm.layers.attention import PagedAttention
 from nanovllm.layers.norm import RMSNorm, rms_norm
@@ -51,7 +51,7 @@ def test_reference_kernels_build_the_step_by_step_model(tiny_qwen3):
 
     cfg = AutoConfig.from_pretrained(tiny_qwen3[0])
     model = Qwen3ForCausalLM(cfg)  # no kernels: the reference
-    assert Qwen3ForCausalLM.fusions(cfg) == {QKV_ROPE_STORE, GATE_UP_SILU}
+    assert Qwen3ForCausalLM.fusions(cfg) == {QKV_ROPE_STORE, GATE_UP_SILU, SPLITK_NORM}
     attn = [m for m in model.modules() if isinstance(m, DecoderAttention)]
     assert attn and all(m.qkv_rope_store is None for m in attn)
     assert all(m.gate_up_silu is None for m in model.modules() if isinstance(m, MLP))

@@ -1,5 +1,7 @@
 """The Triton skinny GEMM (layers/triton_gemm.py) against torch: the plain product, the fused gate-up +
-SiLU-and-mul, odd sizes, and the MLP's fused path against its step-by-step one.  Without a GPU the kernel
+SiLU-and-mul, odd sizes, and the MLP's fused path against its step-by-step one; the split-K GEMM and the
+residual add + RMSNorm that sums its parts, against the product and ``add_rms_norm``, and a model with them
+against the reference model.  Without a GPU the kernel
 runs in Triton's interpreter on the CPU (float32); with one, on the GPU (float32, exact products)."""
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ triton_gemm = importlib.import_module("nanovllm.layers.triton_gemm")
 if DEV == "cpu" and type(triton_gemm._skinny_gemm_kernel).__name__ != "InterpretedFunction":
     triton_gemm = importlib.reload(triton_gemm)  # imported earlier without the interpreter
 skinny_gemm, default_config = triton_gemm.skinny_gemm, triton_gemm.default_config
+splitk_gemm, sum_add_rms_norm = triton_gemm.splitk_gemm, triton_gemm.sum_add_rms_norm
 
 
 def randn(*shape, generator, scale=1.0):
@@ -98,3 +101,90 @@ def test_mlp_fused_path_equals_step_by_step():
         big = randn(fused_kernels.gate_up_silu_max_rows + 1, 64, generator=g)  # past the fused rows: cuBLAS
         torch.testing.assert_close(mlp_fused(big), mlp(big))
     torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 64, 2048), (20, 48, 576), (70, 40, 3072), (3, 16, 200)])
+@pytest.mark.parametrize("splits", [None, 1, 2, 4])
+def test_splitk_parts_sum_to_the_product(m, n, k, splits):
+    """The parts along K add up to x @ w.T, for split counts chosen (None: ``splitk_config``) or given, K that
+    the splits and tiles divide (2048, 3072) and K they do not (576, 200)."""
+    g = torch.Generator().manual_seed(m * 7 + k)
+    x, w = randn(m, k, generator=g), randn(n, k, generator=g, scale=0.05)
+    cfg = {} if splits is None else dict(splits=splits)
+    y = splitk_gemm(x, w, BLOCK_N=16, BLOCK_K=64, **cfg)
+    assert y.parts.shape == (splits or triton_gemm.splitk_config(m, k)["splits"], m, n) and y.shape == (m, n)
+    assert y.dtype == x.dtype and y.parts.dtype == torch.float32
+    torch.testing.assert_close(y.total(), x @ w.T, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_sum_add_rms_norm_is_add_rms_norm_of_the_sum(dtype):
+    """One kernel: the parts' sum rounded as the GEMM stores it, the residual added, the RMSNorm, each rounded as
+    ``add_rms_norm`` rounds it; a hidden size that is not a power of two."""
+    from nanovllm.layers.linear import SplitK
+    from nanovllm.layers.norm import add_rms_norm
+
+    g = torch.Generator().manual_seed(5)
+    y = SplitK(randn(3, 7, 96, generator=g), dtype)
+    residual, weight = randn(7, 96, generator=g).to(dtype), (randn(96, generator=g) * 0.1 + 1).to(dtype)
+    out, res = sum_add_rms_norm(y, residual, weight, 1e-6)
+    ref_out, ref_res = add_rms_norm(y.total(), residual, weight, 1e-6)
+    assert out.dtype == res.dtype == dtype
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(res, ref_res, **tol)
+    torch.testing.assert_close(out, ref_out, **tol)
+
+
+def test_splitk_bad_input_is_named():
+    from nanovllm.layers.linear import SplitK
+
+    with pytest.raises(ValueError, match="agree in K"):
+        splitk_gemm(torch.randn(2, 32), torch.randn(16, 31))
+    with pytest.raises(ValueError, match="share a dtype"):
+        splitk_gemm(torch.randn(2, 32), torch.randn(16, 32, dtype=torch.float64))
+    with pytest.raises(ValueError, match="residual must be a contiguous"):
+        sum_add_rms_norm(SplitK(torch.zeros(2, 3, 8), torch.float32), torch.zeros(3, 9), torch.ones(8), 1e-6)
+
+
+def test_splitk_config_is_the_timed_one():
+    """tests/gpu/splitk_check.py timed (on an H100) 4 splits of narrow tiles best at 48 rows and 2 of wider ones at
+    224, for o (K 2048) and down (K 3072); every split a whole number of K tiles there."""
+    for k in (2048, 3072):
+        few, many = triton_gemm.splitk_config(48, k), triton_gemm.splitk_config(224, k)
+        assert (few["splits"], few["BLOCK_N"], many["splits"], many["BLOCK_N"]) == (4, 32, 2, 64)
+        assert all(k % (c["splits"] * c["BLOCK_K"]) == 0 for c in (few, many))
+    assert triton_gemm.splitk_config(1, 64)["splits"] == 1
+
+
+def test_model_with_splitk_equals_the_reference(tiny_qwen3):
+    """A model whose o and down projections leave partial sums, summed by the RMSNorms after them (as on CUDA
+    with ``nanovllm.kernels.SPLITK_ADD_NORM``), gives the reference model's greedy tokens and logits; batches
+    past ``splitk_max_rows`` take the plain product."""
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.engine import model_runner
+    from nanovllm.kernels import Kernels
+    from nanovllm.layers.linear import RowParallelLinear
+
+    def run(**fused):
+        def select(*args, **kwargs):
+            return Kernels(**fused)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(model_runner, "select_kernels", select)
+            llm = LLM(tiny_qwen3[0], device=DEV, dtype=torch.float32, enforce_eager=True, max_num_seqs=4,
+                      max_model_len=128, num_kvcache_blocks=64)
+        projs = [m for m in llm.runner.model.modules() if isinstance(m, RowParallelLinear)]
+        prompts = [[5, 9, 2, 33, 7], [1, 2, 3], list(range(40, 75))]
+        sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        return projs, [o.token_ids for o in outs], [o.outputs[0].logprobs for o in outs]
+
+    ref_projs, ref_tokens, ref_lp = run()
+    assert all(p.splitk is None for p in ref_projs)
+    for max_rows in (256, 8):  # 8: the 35-token prefill past it, decode within
+        projs, tokens, lp = run(splitk_gemm=splitk_gemm, sum_add_rms_norm=sum_add_rms_norm, splitk_max_rows=max_rows)
+        assert len(projs) == 2 * 2 and all(p.splitk is splitk_gemm and p.splitk_max_rows == max_rows for p in projs)
+        assert tokens == ref_tokens
+        for a, b in zip(lp, ref_lp):
+            for sa, sb in zip(a, b):
+                assert sa.keys() == sb.keys()
+                assert all(abs(sa[t].logprob - sb[t].logprob) < 1e-3 for t in sa)

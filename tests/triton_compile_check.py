@@ -100,7 +100,8 @@ def configurations(arch: int):
     import torch
 
     from nanovllm.attention import triton_kernels as tk
-    from nanovllm.layers.triton_gemm import skinny_gemm
+    from nanovllm.layers.linear import SplitK
+    from nanovllm.layers.triton_gemm import skinny_gemm, splitk_gemm, sum_add_rms_norm
     from nanovllm.layers.triton_sampler import gumbel_sample
 
     fp8_ok = arch >= 89  # Triton's e4m3 conversions need Ada (8.9) or newer, as TritonBackend.fp8_kv_usable says
@@ -118,6 +119,15 @@ def configurations(arch: int):
                 x, w = torch.zeros(m, 1024, dtype=dtype), torch.zeros(2048, 1024, dtype=dtype)
                 yield (f"skinny_gemm {str(dtype)[6:]} M={m} act={act}",
                        lambda x=x, w=w, act=act: skinny_gemm(x, w, act))
+        for m in (1, 48, 224):  # o and down of Qwen3-0.6B, each row count's splits and tiles
+            for k in (2048, 3072):
+                x, w = torch.zeros(m, k, dtype=dtype), torch.zeros(1024, k, dtype=dtype)
+                yield (f"splitk_gemm {str(dtype)[6:]} M={m} K={k}", lambda x=x, w=w: splitk_gemm(x, w))
+        for splits, hidden in ((2, 1024), (4, 576)):
+            y = SplitK(torch.zeros(splits, 8, hidden), dtype)
+            res, weight = torch.zeros(8, hidden, dtype=dtype), torch.ones(hidden, dtype=dtype)
+            yield (f"sum_add_rms_norm {str(dtype)[6:]} splits={splits} hidden={hidden}",
+                   lambda y=y, r=res, w=weight: sum_add_rms_norm(y, r, w, 1e-6))
         for rows in (1, 1024):
             logits = torch.zeros(rows, 49152, dtype=dtype)
             temps, seeds = torch.ones(rows), torch.zeros(rows, dtype=torch.int64)

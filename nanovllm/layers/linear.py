@@ -13,12 +13,31 @@ freed as soon as the engine lets go of it.
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import all_reduce, current_group, tp_rank_size
+
+
+class SplitK(NamedTuple):
+    """A product left as its ``parts.shape[0]`` partial sums along K: ``parts`` [S, M, N] float32, ``dtype``
+    what the product would have been stored as.  ``RowParallelLinear`` returns one where it is given a split-K
+    GEMM (decode, ``nanovllm/layers/triton_gemm.py``), and only ``RMSNorm``'s residual add takes it: it sums the
+    parts first."""
+
+    parts: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self):
+        return self.parts.shape[1:]
+
+    def total(self) -> torch.Tensor:
+        """The product as the unsplit GEMM stores it (the reference path, and tests)."""
+        return self.parts.sum(0).to(self.dtype)
 
 
 def narrow(loaded, dim: int, start: int, size: int):
@@ -186,6 +205,11 @@ def check_head_split(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
 
 
 class RowParallelLinear(LinearBase):
+    # (set by the model) x, weight -> SplitK: the product left as partial sums along K for batches of up to
+    # ``splitk_max_rows`` rows, where the next layer is a residual add + RMSNorm that sums them (one rank, no bias)
+    splitk = None
+    splitk_max_rows = 0
+
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         tp_size = tp_rank_size()[1]
         if input_size % tp_size:
@@ -200,5 +224,7 @@ class RowParallelLinear(LinearBase):
         size = param.shape[1]
         param.data.copy_(materialize(narrow(loaded, 1, self.tp_rank * size, size)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | SplitK:
+        if self.splitk is not None and x.shape[0] <= self.splitk_max_rows:
+            return self.splitk(x, self.weight)
         return all_reduce(F.linear(x, self.weight, self.bias), self.tp_group)

@@ -26,6 +26,7 @@ try:
 except ImportError as exc:  # only this module (and the attention kernels) need triton
     raise ImportError("nanovllm.layers.triton_gemm needs the `triton` package (pip install triton)") from exc
 
+from nanovllm.layers.linear import SplitK  # noqa: E402
 from nanovllm.triton_utils import dot_precision, launch_fitting_stages  # noqa: E402
 
 ACTS = {None: 0, "silu_mul": 1}
@@ -132,3 +133,124 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, act: str | None = None, out: t
         num_warps=cfg["num_warps"],
     )
     return out
+
+
+# -- the projections into the hidden size, split along K, summed by the residual add + RMSNorm -----------------
+# o_proj and down_proj have few output columns (Qwen3-0.6B: 1024) and long rows (K 2048 and 3072), so a decode
+# step's tile grid is a few column stripes with long K loops: the products wait on their loops and launches, not on
+# bytes (figures/data/fp8_words_h100.txt sections 16 and 19).  Split along K, a product has S times the programs
+# and 1/S of the loop each; its S partial products (fp32) go to the kernel that follows it anyway, the residual
+# add + RMSNorm, which sums them first.  On an H100, 28 layers from a CUDA graph: 1.7 us a layer faster than cuBLAS
+# + the compiled add-norm at 224 rows, 5.5 at 48 (tests/gpu/splitk_check.py, section 19).
+
+
+@triton.jit
+def _splitk_gemm_kernel(
+    x_ptr, w_ptr, part_ptr, M, N, K, K_PER_SPLIT,
+    stride_xm, stride_wn,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # part[s, m, n] = x[m, ks] @ w[n, ks].T over split s's K_PER_SPLIT columns (a multiple of BLOCK_K)
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    k_first = split * K_PER_SPLIT
+    for k0 in range(k_first, k_first + K_PER_SPLIT, BLOCK_K):
+        k = k0 + offs_k
+        if EVEN:
+            a_mask = m_mask[:, None]
+            b_mask = n_mask[:, None]
+        else:
+            a_mask = m_mask[:, None] & (k < K)[None, :]
+            b_mask = n_mask[:, None] & (k < K)[None, :]
+        a = tl.load(x_rows + k[None, :], mask=a_mask, other=0.0)
+        b = tl.load(w_rows + k[None, :], mask=b_mask, other=0.0)
+        acc += tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
+    rows = (split * M + offs_m).to(tl.int64)
+    tl.store(part_ptr + rows[:, None] * N + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _sum_add_rms_norm_kernel(
+    part_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, N, eps,
+    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # row m: y = the partials' sum, rounded as the GEMM stores it; h = y + residual, rounded (the new residual);
+    # out = weight * rms_norm(h), rounded as add_rms_norm (nanovllm/layers/norm.py) rounds each step
+    m = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_N)
+    mask = offs < N
+    y = tl.zeros([BLOCK_N], tl.float32)
+    for s in tl.static_range(SPLITS):
+        y += tl.load(part_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
+    dt = res_ptr.dtype.element_ty
+    h = (y.to(dt).to(tl.float32) + tl.load(res_ptr + m * N + offs, mask=mask, other=0.0).to(tl.float32)).to(dt)
+    tl.store(res_out_ptr + m * N + offs, h, mask=mask)
+    hf = h.to(tl.float32)
+    normed = (hf * tl.rsqrt(tl.sum(hf * hf, 0) / N + eps)).to(dt)
+    out = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32) * normed.to(tl.float32)
+    tl.store(out_ptr + m * N + offs, out.to(dt), mask=mask)
+
+
+def splitk_config(m: int, k: int) -> dict:
+    """Splits and tiles for ``m`` rows and ``k``-long rows, from tests/gpu/splitk_check.py's timings: about 512
+    columns a split up to 64 rows (narrow tiles), about 1,024 above (wider tiles)."""
+    few = m <= 64
+    splits = 1
+    while splits < 8 and k // (2 * splits) >= (512 if few else 1024):
+        splits *= 2
+    return dict(splits=splits, BLOCK_M=min(64, max(16, triton.next_power_of_2(m))), BLOCK_N=32 if few else 64,
+                BLOCK_K=128, num_stages=3, num_warps=4)
+
+
+def splitk_gemm(x: torch.Tensor, w: torch.Tensor, **config) -> SplitK:
+    """``x @ w.T`` (``x`` [M, K], row-major ``w`` [N, K]) as ``SplitK`` partial sums along K.  ``config``
+    overrides ``splitk_config``'s choice (``splits``, ``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, ``num_stages``,
+    ``num_warps``)."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"x [M, K] and w [N, K] must agree in K, got {tuple(x.shape)} and {tuple(w.shape)}")
+    if x.dtype != w.dtype or x.stride(1) != 1 or w.stride(1) != 1:
+        raise ValueError("x and w must share a dtype and be contiguous along their last dimension")
+    (m, k), n = x.shape, w.shape[0]
+    cfg = splitk_config(m, k)
+    cfg.update(config)
+    splits, bk = cfg["splits"], cfg["BLOCK_K"]
+    if x.device.type == "cpu":  # the interpreter: no pipelining
+        cfg["num_stages"] = 1
+    per_split = triton.cdiv(triton.cdiv(k, splits), bk) * bk
+    parts = torch.empty((splits, m, n), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return SplitK(parts, x.dtype)
+    even = per_split * splits == k
+    grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]), splits)
+    key = ("splitk_gemm", x.device.index, x.dtype, even,
+           *(cfg[c] for c in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")))
+    launch_fitting_stages(
+        _splitk_gemm_kernel, grid, key, cfg["num_stages"],
+        x, w, parts, m, n, k, per_split, x.stride(0), w.stride(0),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, EVEN=even,
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"],
+    )
+    return SplitK(parts, x.dtype)
+
+
+def sum_add_rms_norm(y: SplitK, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``add_rms_norm(y.total(), residual, weight, eps)`` in one kernel: returns (normed, new residual)."""
+    s, m, n = y.parts.shape
+    if residual.shape != (m, n) or residual.dtype != y.dtype or not residual.is_contiguous():
+        raise ValueError(f"residual must be a contiguous [{m}, {n}] {y.dtype} tensor, got "
+                         f"{tuple(residual.shape)} {residual.dtype}")
+    out, res_out = torch.empty_like(residual), torch.empty_like(residual)
+    if m:
+        _sum_add_rms_norm_kernel[(m,)](y.parts, residual, weight, out, res_out, m, n, eps, SPLITS=s,
+                                       BLOCK_N=triton.next_power_of_2(n), num_warps=4)
+    return out, res_out

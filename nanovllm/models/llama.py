@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from nanovllm.attention.base import AttentionMetadata
-from nanovllm.kernels import GATE_UP_SILU, QKV_ROPE_STORE, Kernels
+from nanovllm.distributed import tp_rank_size
+from nanovllm.kernels import GATE_UP_SILU, QKV_ROPE_STORE, SPLITK_NORM, Kernels
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import PagedAttention
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -97,7 +98,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = DecoderAttention(cfg, qkv_bias, qk_norm, rotary, kernels)
         self.mlp = MLP(cfg, kernels)
-        norm = dict(fn=kernels.rms_norm, add_fn=kernels.add_rms_norm)
+        norm = dict(fn=kernels.rms_norm, add_fn=kernels.add_rms_norm, sum_add_fn=kernels.sum_add_rms_norm)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
 
@@ -121,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def fusions(cls, cfg) -> frozenset[str]:
         """The fused paths this model can take (``nanovllm/kernels.py`` picks among them)."""
-        return frozenset({QKV_ROPE_STORE, GATE_UP_SILU})
+        return frozenset({QKV_ROPE_STORE, GATE_UP_SILU, SPLITK_NORM})
 
     def __init__(self, cfg, kernels: Kernels | None = None):
         super().__init__()
@@ -133,11 +134,17 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, qkv_bias, self.qk_norm, rotary, kernels)
                                     for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.rms_norm, kernels.add_rms_norm)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, kernels.rms_norm, kernels.add_rms_norm,
+                            kernels.sum_add_rms_norm)
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size)
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        if kernels.splitk_gemm is not None and tp_rank_size()[1] == 1:  # (on one rank: no all-reduce to do)
+            # o and down leave their products as partial sums along K; the RMSNorm after each sums them
+            for layer in self.layers:
+                for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                    proj.splitk, proj.splitk_max_rows = kernels.splitk_gemm, kernels.splitk_max_rows
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of every new token: [N, hidden]."""
