@@ -33,6 +33,17 @@ ACTS = {None: 0, "silu_mul": 1}
 
 
 @triton.jit
+def _load_k_tile(rows, k, row_mask, K, EVEN_K: tl.constexpr):
+    """Columns ``k`` of the rows at ``rows`` ([R, 1] pointers), zeros for masked rows (and, unless ``EVEN_K``,
+    past ``K``)."""
+    if EVEN_K:
+        mask = row_mask[:, None]
+    else:
+        mask = row_mask[:, None] & (k < K)[None, :]
+    return tl.load(rows + k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
@@ -54,17 +65,11 @@ def _skinny_gemm_kernel(
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + offs_k
-        if EVEN_K:
-            a_mask = m_mask[:, None]
-            b_mask = n_mask[:, None]
-        else:
-            a_mask = m_mask[:, None] & (k < K)[None, :]
-            b_mask = n_mask[:, None] & (k < K)[None, :]
-        a = tl.load(x_rows + k[None, :], mask=a_mask, other=0.0)
-        b = tl.load(w_rows + k[None, :], mask=b_mask, other=0.0)
+        a = _load_k_tile(x_rows, k, m_mask, K, EVEN_K)
+        b = _load_k_tile(w_rows, k, n_mask, K, EVEN_K)
         acc += tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
         if ACT == 1:
-            b_up = tl.load(up_rows + k[None, :], mask=b_mask, other=0.0)
+            b_up = _load_k_tile(up_rows, k, n_mask, K, EVEN_K)
             acc_up += tl.dot(a, tl.trans(b_up), input_precision=DOT_PRECISION)
     out_ty = y_ptr.dtype.element_ty
     if ACT == 1:  # round the projections as the unfused GEMM stores them, then the activation in float32
@@ -166,14 +171,8 @@ def _splitk_gemm_kernel(
     k_first = split * K_PER_SPLIT
     for k0 in range(k_first, k_first + K_PER_SPLIT, BLOCK_K):
         k = k0 + offs_k
-        if EVEN:
-            a_mask = m_mask[:, None]
-            b_mask = n_mask[:, None]
-        else:
-            a_mask = m_mask[:, None] & (k < K)[None, :]
-            b_mask = n_mask[:, None] & (k < K)[None, :]
-        a = tl.load(x_rows + k[None, :], mask=a_mask, other=0.0)
-        b = tl.load(w_rows + k[None, :], mask=b_mask, other=0.0)
+        a = _load_k_tile(x_rows, k, m_mask, K, EVEN)
+        b = _load_k_tile(w_rows, k, n_mask, K, EVEN)
         acc += tl.dot(a, tl.trans(b), input_precision=DOT_PRECISION)
     rows = (split * M + offs_m).to(tl.int64)
     tl.store(part_ptr + rows[:, None] * N + offs_n[None, :], acc, mask=m_mask[:, None] & n_mask[None, :])
