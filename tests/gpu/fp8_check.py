@@ -166,18 +166,21 @@ def qwen3():
 
 
 # -- 4. the seed benchmark -----------------------------------------------------------------------------------------
-def bench(cap, out, words_variants=(), tilings=()):
+def bench(cap, out, words_variants=(), tilings=(), splitk=False):
     """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
     splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
     each of ``tilings`` ("64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages, in place of
-    ``decode_launch``'s).  Each run sets the backend's class attributes and ``decode_launch`` for its engine and
-    puts them back after."""
+    ``decode_launch``'s); with ``splitk``, auto and fp8 once more with o and down split along K
+    (``nanovllm.kernels.SPLITK_ADD_NORM``).  Each run sets the backend's class attributes, ``decode_launch`` and
+    that switch for its engine and puts them back after."""
     from nanovllm import bench as nb
+    from nanovllm import kernels as nk
     from nanovllm.attention import triton_kernels as tk
 
     backend = tk.TritonBackend
-    default = dict(words=backend.fp8_words, k_words=backend.fp8_words_k, waves=tk.DECODE_WAVES, tiling=None)
+    default = dict(words=backend.fp8_words, k_words=backend.fp8_words_k, waves=tk.DECODE_WAVES, tiling=None,
+                   splitk=nk.SPLITK_ADD_NORM)
     rates = {}
     runs = [("auto", "auto", default), ("fp8", "fp8", default)]
     for v in words_variants:
@@ -189,10 +192,13 @@ def bench(cap, out, words_variants=(), tilings=()):
     for t in tilings:  # "64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages
         n, _, st = t.partition("x")
         runs.append((f"fp8_{t}", "fp8", dict(default, tiling=dict(block_n=int(n), num_stages=int(st)))))
+    if splitk:
+        runs += [("auto_splitk", "auto", dict(default, splitk=True)), ("fp8_splitk", "fp8", dict(default, splitk=True))]
     launch = tk.decode_launch
 
     def use(run):  # the decode reads a run asks for
         backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = run["words"], run["k_words"], run["waves"]
+        nk.SPLITK_ADD_NORM = run["splitk"]
 
     for name, kv, run in runs:
         if run["tiling"]:
@@ -213,7 +219,8 @@ def bench(cap, out, words_variants=(), tilings=()):
             use(default)
             tk.decode_launch = launch
         print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={run['words']}, "
-              f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}): "
+              f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}, "
+              f"split-K {run['splitk']}): "
               f"{rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
@@ -227,6 +234,7 @@ def main():
     ap.add_argument("--cap-gib", type=float, default=None, help="size the engines for a card of this many GiB")
     ap.add_argument("--tilings", default="",
                     help="bench: also fp8 with these decode tilings (tokens x stages), e.g. 64x3,128x3")
+    ap.add_argument("--splitk", action="store_true", help="bench: also auto and fp8 with o and down split along K")
     ap.add_argument("--words", default="", help="bench: also fp8 with these decode reads, e.g. bytes,convert,asm+K")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -253,7 +261,7 @@ def main():
         if "bench" in only:
             section("seed benchmark: auto vs fp8" + (f" (capped at {args.cap_gib:g} GiB)" if cap else ""),
                     bench, cap, out, [w for w in args.words.split(",") if w],
-                    [t for t in args.tilings.split(",") if t])
+                    [t for t in args.tilings.split(",") if t], args.splitk)
     finally:
         with open(out / "fp8_check.jsonl", "a") as f:
             for r in RESULTS:
