@@ -34,8 +34,8 @@ QKV_ROPE_STORE = "qkv_rope_store"  # qk-norm, RoPE and the KV-cache store in one
 GATE_UP_SILU = "gate_up_silu"  # the MLP's gate-up GEMM with SiLU-and-mul folded in
 SPLITK_NORM = "splitk_norm"  # o and down split along K, their parts summed by the residual add + RMSNorm
 
-#: SPLITK_NORM on a GPU: off until the seed benchmark and the book have run with it on a GPU
-#: (tests/gpu/splitk_check.py timed the kernels; figures/data/fp8_words_h100.txt section 19)
+#: whether a GPU engine takes SPLITK_NORM: off until the seed benchmark and the book have run with it on a GPU
+#: (tests/gpu/splitk_check.py timed its kernels alone; figures/data/fp8_words_h100.txt sections 19-20)
 SPLITK_ADD_NORM = False
 
 

@@ -144,7 +144,8 @@ class LlamaForCausalLM(nn.Module):
             # o and down leave their products as partial sums along K; the RMSNorm after each sums them
             for layer in self.layers:
                 for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                    proj.splitk, proj.splitk_max_rows = kernels.splitk_gemm, kernels.splitk_max_rows
+                    if proj.bias is None:  # (the parts carry no bias)
+                        proj.splitk, proj.splitk_max_rows = kernels.splitk_gemm, kernels.splitk_max_rows
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of every new token: [N, hidden]."""
