@@ -31,10 +31,6 @@ class SplitK(NamedTuple):
     parts: torch.Tensor
     dtype: torch.dtype
 
-    @property
-    def shape(self):
-        return self.parts.shape[1:]
-
     def total(self) -> torch.Tensor:
         """The product as the unsplit GEMM stores it (the reference path, and tests)."""
         return self.parts.sum(0).to(self.dtype)

@@ -44,6 +44,17 @@ def _load_k_tile(rows, k, row_mask, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
+def _tile_rows(x_ptr, w_ptr, M, N, stride_xm, stride_wn, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The program's output tile (column stripe ``program_id(0)``, row block ``program_id(1)``): its row and
+    column offsets and masks, and pointers to the starts of its rows of ``x`` and of ``w``."""
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    return offs_m, offs_n, offs_m < M, offs_n < N, x_rows, w_rows
+
+
+@triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
@@ -51,15 +62,9 @@ def _skinny_gemm_kernel(
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # ACT == 1: y[:, j] = silu(g[:, j]) * u[:, j] with g = x @ W[j].T and u = x @ W[N + j].T (W holds 2N rows)
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_mask, n_mask, x_rows, w_rows = _tile_rows(x_ptr, w_ptr, M, N, stride_xm, stride_wn,
+                                                                BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     up_rows = w_rows + N * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -157,16 +162,10 @@ def _splitk_gemm_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # part[s, m, n] = x[m, ks] @ w[n, ks].T over split s's K_PER_SPLIT columns (a multiple of BLOCK_K)
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    split = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m, offs_n, m_mask, n_mask, x_rows, w_rows = _tile_rows(x_ptr, w_ptr, M, N, stride_xm, stride_wn,
+                                                                BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    split = tl.program_id(2)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_first = split * K_PER_SPLIT
     for k0 in range(k_first, k_first + K_PER_SPLIT, BLOCK_K):
