@@ -49,6 +49,7 @@ def install_compile_only(arch: int):
     from triton.runtime.errors import OutOfResources
     from triton.runtime.jit import JITFunction
 
+    import nanovllm.triton_pdl as tp
     import nanovllm.triton_utils as tu
 
     shared_limit, sms, _ = ARCHS[arch]
@@ -92,6 +93,7 @@ def install_compile_only(arch: int):
     driver.set_active(CompileOnlyDriver())
     tu._num_sms = lambda device_type, index: sms
     tu._max_shared_memory = lambda device_type, index: shared_limit
+    tp._pdl_capable = lambda device_type, index: arch >= 90  # programmatic dependent launch: sm_90+
     return compiled
 
 
@@ -225,9 +227,13 @@ def main(argv=None) -> int:
             print(f"FAIL {label}: {type(e).__name__}: {' | '.join(first[:12])}", flush=True)
     done = {name for name, _ in compiled}
     missing = sorted(package_kernels() - done) if not args.k else []
+    # from sm_90 on every kernel is launched with PDL and so must wait for the kernel before it; below, none may
+    pdl = args.arch >= 90
+    wrong = sorted({name for name, k in compiled if ("griddepcontrol.wait" in k.asm["ptx"]) != pdl})
     print(f"{len(done)} kernels compiled ({len(compiled)} compilations) in {time.perf_counter() - t0:.0f} s; "
-          f"{failures} configuration(s) failed; never compiled: {', '.join(missing) or 'none'}")
-    return 1 if failures or missing else 0
+          f"{failures} configuration(s) failed; never compiled: {', '.join(missing) or 'none'}; "
+          f"{'without' if pdl else 'with'} the PDL wait: {', '.join(wrong) or 'none'}")
+    return 1 if failures or missing or wrong else 0
 
 
 if __name__ == "__main__":

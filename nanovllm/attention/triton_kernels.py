@@ -40,6 +40,7 @@ except ImportError as exc:  # only this module needs triton
 from nanovllm.attention.base import AttentionBackend, AttentionMetadata
 from nanovllm.attention.fp8 import is_fp8
 from nanovllm.attention.torch_ref import varlen_causal_attention
+from nanovllm.triton_pdl import pdl_options, pdl_wait
 from nanovllm.triton_utils import (
     dot_precision,
     launch_fitting_stages,
@@ -116,8 +117,9 @@ def _store_kvcache_kernel(
     stride_cb, stride_cs, stride_ch, stride_cd,
     num_kv_heads,
     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr = False,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, FP8: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + tok).to(tl.int64)
     heads_kept = tl.where(slot >= 0, num_kv_heads, 0)  # slot -1: store (and load) nothing
@@ -161,7 +163,7 @@ def store_kvcache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cac
         num_kv_heads,
         BLOCK_SIZE=k_cache.shape[1], HEAD_DIM=head_dim,
         BLOCK_H=next_pow2(num_kv_heads), BLOCK_D=next_pow2(head_dim), FP8=fp8,
-        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1,
+        num_warps=4 if num_kv_heads * head_dim >= 1024 else 1, **pdl_options(k.device),
     )
 
 
@@ -178,7 +180,9 @@ def _qkv_rope_store_kernel(
     NUM_HEADS: tl.constexpr, NUM_KV: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_KV: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, HAS_NORM: tl.constexpr, STORE: tl.constexpr, FP8: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     tok = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + tok)
     offs_d = tl.arange(0, BLOCK_HALF)
@@ -297,7 +301,7 @@ def qkv_rope_store(qkv: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Te
             NUM_HEADS=num_heads, NUM_KV=num_kv_heads, HEAD_DIM=head_dim, HALF=half,
             BLOCK_H=next_pow2(num_heads), BLOCK_KV=next_pow2(num_kv_heads), BLOCK_HALF=next_pow2(half),
             BLOCK_SIZE=k_cache.shape[1] if store else 1, HAS_NORM=norm, STORE=store, FP8=fp8,
-            num_warps=4 if num_heads * head_dim >= 1024 else 1,
+            num_warps=4 if num_heads * head_dim >= 1024 else 1, **pdl_options(qkv.device),
         )
     q, k, v = qkv.split([num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], -1)
     return (q.view(-1, num_heads, head_dim), k.view(-1, num_kv_heads, head_dim),
@@ -345,8 +349,9 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
     FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False, FP8_WORDS: tl.constexpr = 0,
-    FP8_K_WORDS: tl.constexpr = False,
+    FP8_K_WORDS: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
         kvh = tl.program_id(0)
         seq = tl.program_id(1)
@@ -434,8 +439,9 @@ def _decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, out_ptr,
     num_heads, num_splits,
     stride_ob, stride_oh, stride_od,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -596,7 +602,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
-        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, num_warps=num_warps,
+        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, num_warps=num_warps, **pdl_options(q.device),
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -604,7 +610,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
             num_heads, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=next_pow2(num_splits),
-            num_warps=4,
+            num_warps=4, **pdl_options(q.device),
         )
     return out
 
@@ -629,8 +635,9 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FP8: tl.constexpr = False,
+    FP8: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     q_blk = tl.program_id(0)
     seq = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -740,7 +747,7 @@ def paged_prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
         GROUP=group, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_Q=block_q, BLOCK_N=block_n,
         DOT_PRECISION=dot_precision(q.dtype), FP8=fp8,
-        num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s,
+        num_warps=num_warps or cfg_w, num_stages=num_stages or cfg_s, **pdl_options(q.device),
     )
     return out
 

@@ -27,6 +27,7 @@ except ImportError as exc:  # only this module (and the attention kernels) need 
     raise ImportError("nanovllm.layers.triton_gemm needs the `triton` package (pip install triton)") from exc
 
 from nanovllm.layers.linear import SplitK  # noqa: E402
+from nanovllm.triton_pdl import pdl_options, pdl_wait  # noqa: E402
 from nanovllm.triton_utils import dot_precision, launch_fitting_stages  # noqa: E402
 
 ACTS = {None: 0, "silu_mul": 1}
@@ -59,9 +60,10 @@ def _skinny_gemm_kernel(
     x_ptr, w_ptr, y_ptr, M, N, K,
     stride_xm, stride_wn, stride_ym,
     ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
     # ACT == 1: y[:, j] = silu(g[:, j]) * u[:, j] with g = x @ W[j].T and u = x @ W[N + j].T (W holds 2N rows)
+    pdl_wait(PDL)
     offs_m, offs_n, m_mask, n_mask, x_rows, w_rows = _tile_rows(x_ptr, w_ptr, M, N, stride_xm, stride_wn,
                                                                 BLOCK_M, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -140,7 +142,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, act: str | None = None, out: t
         x, w, out, m, n, k, x.stride(0), w.stride(0), out.stride(0),
         ACT=ACTS[act], BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         EVEN_K=even_k, DOT_PRECISION=dot_precision(x.dtype),
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], **pdl_options(x.device),
     )
     return out
 
@@ -159,8 +161,9 @@ def _splitk_gemm_kernel(
     x_ptr, w_ptr, part_ptr, M, N, K, K_PER_SPLIT,
     stride_xm, stride_wn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     # part[s, m, n] = x[m, ks] @ w[n, ks].T over split s's K_PER_SPLIT columns (a multiple of BLOCK_K)
     offs_m, offs_n, m_mask, n_mask, x_rows, w_rows = _tile_rows(x_ptr, w_ptr, M, N, stride_xm, stride_wn,
                                                                 BLOCK_M, BLOCK_N)
@@ -180,8 +183,9 @@ def _splitk_gemm_kernel(
 @triton.jit
 def _sum_add_rms_norm_kernel(
     part_ptr, res_ptr, w_ptr, out_ptr, res_out_ptr, M, N, eps,
-    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr = False,
 ):
+    pdl_wait(PDL)
     # row m: y = the partials' sum, rounded as the GEMM stores it; h = y + residual, rounded (the new residual);
     # out = weight * rms_norm(h), rounded as add_rms_norm (nanovllm/layers/norm.py) rounds each step
     m = tl.program_id(0).to(tl.int64)
@@ -236,7 +240,7 @@ def splitk_gemm(x: torch.Tensor, w: torch.Tensor, **config) -> SplitK:
         _splitk_gemm_kernel, grid, key, cfg["num_stages"],
         x, w, parts, m, n, k, per_split, x.stride(0), w.stride(0),
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=bk, EVEN=even,
-        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"],
+        DOT_PRECISION=dot_precision(x.dtype), num_warps=cfg["num_warps"], **pdl_options(x.device),
     )
     return SplitK(parts, x.dtype)
 
@@ -250,5 +254,6 @@ def sum_add_rms_norm(y: SplitK, residual: torch.Tensor, weight: torch.Tensor, ep
     out, res_out = torch.empty_like(residual), torch.empty_like(residual)
     if m:
         _sum_add_rms_norm_kernel[(m,)](y.parts, residual, weight, out, res_out, m, n, eps, SPLITS=s,
-                                       BLOCK_N=triton.next_power_of_2(n), num_warps=4)
+                                       BLOCK_N=triton.next_power_of_2(n), num_warps=4,
+                                       **pdl_options(residual.device))
     return out, res_out

@@ -24,6 +24,7 @@ except ImportError as exc:  # only the Triton modules need triton; the engine th
     raise ImportError("nanovllm.layers.triton_sampler needs the `triton` package (pip install triton, on Linux); "
                       "without it the engine samples with nanovllm.layers.sampler") from exc
 
+from nanovllm.triton_pdl import pdl_options, pdl_wait
 from nanovllm.triton_utils import num_sms
 from nanovllm.utils import cdiv
 
@@ -55,7 +56,8 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2); a constexpr, so the kernels may
 @triton.jit(do_not_specialize=["stride_row", "vocab", "chunk", "num_chunks"])  # one compile for every batch
 def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr, best_val_ptr, best_idx_ptr,
                           vocab, chunk, num_chunks, BLOCK: tl.constexpr, SINGLE: tl.constexpr,
-                          FAST_LOG: tl.constexpr):
+                          FAST_LOG: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     part = tl.program_id(1)  # this program's share of the row: columns [part * chunk, (part + 1) * chunk)
     temp = tl.load(temps_ptr + row).to(tl.float32)
@@ -88,7 +90,9 @@ def _gumbel_argmax_kernel(logits_ptr, stride_row, temps_ptr, seeds_ptr, out_ptr,
 
 
 @triton.jit(do_not_specialize=["vocab", "num_chunks"])
-def _argmax_of_parts_kernel(best_val_ptr, best_idx_ptr, out_ptr, vocab, num_chunks, BLOCK_C: tl.constexpr):
+def _argmax_of_parts_kernel(best_val_ptr, best_idx_ptr, out_ptr, vocab, num_chunks, BLOCK_C: tl.constexpr,
+                            PDL: tl.constexpr = False):
+    pdl_wait(PDL)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_C)
     mask = offs < num_chunks
@@ -135,8 +139,9 @@ def gumbel_sample(logits: torch.Tensor, temperatures: torch.Tensor, seeds: torch
         best_idx = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
     _gumbel_argmax_kernel[(rows, num_chunks)](logits, logits.stride(0), temperatures, seeds, out, best_val,
                                               best_idx, vocab, chunk, num_chunks, BLOCK=block, SINGLE=single,
-                                              FAST_LOG=logits.is_cuda, num_warps=8 if block >= 1024 else 4)
+                                              FAST_LOG=logits.is_cuda, num_warps=8 if block >= 1024 else 4,
+                                              **pdl_options(logits.device))
     if not single:
         _argmax_of_parts_kernel[(rows,)](best_val, best_idx, out, vocab, num_chunks, BLOCK_C=MAX_CHUNKS,
-                                         num_warps=1)
+                                         num_warps=1, **pdl_options(logits.device))
     return out

@@ -165,22 +165,55 @@ def qwen3():
         return compare(tmp, args, prompt[:200], prompt, 512)
 
 
+def pdl_same():
+    """Programmatic dependent launch changes when a kernel starts, never what it computes: the Qwen3-0.6B shape
+    (random weights, an FP8 cache, split-K on so every kernel of a layer but the qkv GEMM is Triton's) gives
+    the same greedy tokens and the same logprobs, bit for bit, with ``nanovllm.triton_pdl.PDL`` off and on, at
+    batch sizes from 1 to 48 (CUDA graphs and eager prefill both)."""
+    from nanovllm import kernels as nk
+    from nanovllm import triton_pdl
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 10000, (int(n),), generator=g).tolist()
+               for n in torch.randint(5, 700, (48,), generator=g)]
+    params = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True, logprobs=1)
+    outs, splitk = {}, nk.SPLITK_ADD_NORM
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(QWEN3_0_6B_CONFIG.read_text())
+        for pdl in (False, True):
+            triton_pdl.PDL, nk.SPLITK_ADD_NORM = pdl, True
+            llm = LLM(tmp, dtype="bfloat16", load_format="dummy", kv_cache_dtype="fp8", max_num_seqs=64,
+                      max_model_len=1024)
+            try:
+                outs[pdl] = [(o.token_ids, [lp for lp in o.logprobs]) for o in
+                             llm.generate(prompts[:1] + prompts, params, use_tqdm=False)]
+            finally:
+                llm.shutdown()
+                triton_pdl.PDL, nk.SPLITK_ADD_NORM = True, splitk
+    same_tokens = sum(a[0] == b[0] for a, b in zip(outs[False], outs[True]))
+    same_logprobs = sum(a[1] == b[1] for a, b in zip(outs[False], outs[True]))
+    assert same_tokens == same_logprobs == len(prompts) + 1, (same_tokens, same_logprobs)
+    return dict(sequences=len(prompts) + 1, same_tokens=same_tokens, same_logprobs=same_logprobs)
+
+
 # -- 4. the seed benchmark -----------------------------------------------------------------------------------------
-def bench(cap, out, words_variants=(), tilings=(), splitk=False):
+def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False):
     """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
     splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
     each of ``tilings`` ("64x3": the FP8 decode launches with tiles of 64 tokens and 3 stages, in place of
     ``decode_launch``'s); with ``splitk``, auto and fp8 once more with o and down split along K
-    (``nanovllm.kernels.SPLITK_ADD_NORM``).  Each run sets the backend's class attributes, ``decode_launch`` and
-    that switch for its engine and puts them back after."""
+    (``nanovllm.kernels.SPLITK_ADD_NORM``); with ``pdl``, auto and fp8 (and with ``splitk`` fp8 split along K)
+    once more with the other setting of programmatic dependent launch (``nanovllm.triton_pdl.PDL``).  Each run sets the backend's
+    class attributes, ``decode_launch`` and those switches for its engine and puts them back after."""
     from nanovllm import bench as nb
     from nanovllm import kernels as nk
+    from nanovllm import triton_pdl
     from nanovllm.attention import triton_kernels as tk
 
     backend = tk.TritonBackend
     default = dict(words=backend.fp8_words, k_words=backend.fp8_words_k, waves=tk.DECODE_WAVES, tiling=None,
-                   splitk=nk.SPLITK_ADD_NORM)
+                   splitk=nk.SPLITK_ADD_NORM, pdl=triton_pdl.PDL)
     rates = {}
     runs = [("auto", "auto", default), ("fp8", "fp8", default)]
     for v in words_variants:
@@ -194,11 +227,16 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False):
         runs.append((f"fp8_{t}", "fp8", dict(default, tiling=dict(block_n=int(n), num_stages=int(st)))))
     if splitk:
         runs += [("auto_splitk", "auto", dict(default, splitk=True)), ("fp8_splitk", "fp8", dict(default, splitk=True))]
+    if pdl:  # the other setting of the PDL switch than the package's
+        other, tag = not default["pdl"], "_pdl" if not default["pdl"] else "_nopdl"
+        runs += [("auto" + tag, "auto", dict(default, pdl=other)), ("fp8" + tag, "fp8", dict(default, pdl=other))]
+        if splitk:
+            runs.append(("fp8_splitk" + tag, "fp8", dict(default, splitk=True, pdl=other)))
     launch = tk.decode_launch
 
     def use(run):  # the decode reads a run asks for
         backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = run["words"], run["k_words"], run["waves"]
-        nk.SPLITK_ADD_NORM = run["splitk"]
+        nk.SPLITK_ADD_NORM, triton_pdl.PDL = run["splitk"], run["pdl"]
 
     for name, kv, run in runs:
         if run["tiling"]:
@@ -220,7 +258,7 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False):
             tk.decode_launch = launch
         print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={run['words']}, "
               f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}, "
-              f"split-K {run['splitk']}): "
+              f"split-K {run['splitk']}, PDL {run['pdl']}): "
               f"{rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
@@ -235,6 +273,8 @@ def main():
     ap.add_argument("--tilings", default="",
                     help="bench: also fp8 with these decode tilings (tokens x stages), e.g. 64x3,128x3")
     ap.add_argument("--splitk", action="store_true", help="bench: also auto and fp8 with o and down split along K")
+    ap.add_argument("--pdl", action="store_true",
+                    help="the same tokens with and without PDL; bench: also auto and fp8 with the other setting")
     ap.add_argument("--words", default="", help="bench: also fp8 with these decode reads, e.g. bytes,convert,asm+K")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -258,10 +298,12 @@ def main():
             section("embedded SmolLM2-135M bf16: fp8 vs auto", embedded)
         if "qwen3" in only:
             section("Qwen3-0.6B shape, random weights, bf16: fp8 vs auto", qwen3)
+        if args.pdl:
+            section("PDL off vs on: the same tokens and logprobs", pdl_same)
         if "bench" in only:
             section("seed benchmark: auto vs fp8" + (f" (capped at {args.cap_gib:g} GiB)" if cap else ""),
                     bench, cap, out, [w for w in args.words.split(",") if w],
-                    [t for t in args.tilings.split(",") if t], args.splitk)
+                    [t for t in args.tilings.split(",") if t], args.splitk, args.pdl)
     finally:
         with open(out / "fp8_check.jsonl", "a") as f:
             for r in RESULTS:
