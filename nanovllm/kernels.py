@@ -13,6 +13,11 @@ elementwise functions, and the fused kernels that apply; the model's layers keep
 | gate-up GEMM + SiLU-and-mul  | cuBLAS GEMM, then the activation   | one Triton kernel for decode-sized batches   |
 | o / down GEMM + add-RMSNorm  | cuBLAS GEMM, then add + RMSNorm    | split-K GEMM, summed by the add-norm kernel  |
 |                              |                                    | (decode; only when ``SPLITK_ADD_NORM``)      |
+| qkv GEMM                     | cuBLAS GEMM                        | the Triton skinny GEMM for small batches     |
+|                              |                                    | (only when ``TRITON_QKV``)                   |
+
+On sm_90+ the Triton kernels can also be launched with programmatic dependent launch (``nanovllm/triton_pdl.py``,
+its ``PDL`` switch): each may start while the kernel before it ends.
 """
 
 from __future__ import annotations
@@ -33,10 +38,13 @@ from nanovllm.triton_utils import HAS_TRITON
 QKV_ROPE_STORE = "qkv_rope_store"  # qk-norm, RoPE and the KV-cache store in one kernel
 GATE_UP_SILU = "gate_up_silu"  # the MLP's gate-up GEMM with SiLU-and-mul folded in
 SPLITK_NORM = "splitk_norm"  # o and down split along K, their parts summed by the residual add + RMSNorm
+QKV_GEMM = "qkv_gemm"  # the qkv projection (no bias) in the Triton skinny GEMM at decode sizes
 
 #: whether a GPU engine takes SPLITK_NORM: off until the seed benchmark and the book have run with it on a GPU
 #: (tests/gpu/splitk_check.py timed its kernels alone; figures/data/fp8_words_h100.txt sections 19-20)
 SPLITK_ADD_NORM = False
+#: whether a GPU engine takes QKV_GEMM: off until timed in the engine (with PDL, a layer's chain is then all Triton)
+TRITON_QKV = False
 
 
 def _reference_attention():
@@ -59,6 +67,8 @@ class Kernels:
     splitk_gemm: Callable | None = None  # (x, weight) -> SplitK, partial products along K (o and down)
     sum_add_rms_norm: Callable | None = None  # (SplitK, residual, weight, eps) -> normed, residual
     splitk_max_rows: int = 256
+    qkv_gemm: Callable | None = None  # (x, qkv_weight) -> x @ qkv_weight.T
+    qkv_gemm_max_rows: int = 64
 
 
 @functools.cache
@@ -106,4 +116,8 @@ def select_kernels(attention_backend: str, device: torch.device, dtype: torch.dt
         from nanovllm.layers.triton_gemm import splitk_gemm, sum_add_rms_norm
 
         chosen.update(splitk_gemm=splitk_gemm, sum_add_rms_norm=sum_add_rms_norm)
+    if QKV_GEMM in fusions and TRITON_QKV and device.type == "cuda" and HAS_TRITON:
+        from nanovllm.layers.triton_gemm import skinny_gemm
+
+        chosen["qkv_gemm"] = skinny_gemm
     return Kernels(**chosen)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nanovllm.attention import AUTO_ORDER, BACKENDS, backend_class, create_backend, resolve_backend_name
-from nanovllm.kernels import GATE_UP_SILU, QKV_ROPE_STORE, SPLITK_NORM, Kernels, select_kernels
+from nanovllm.kernels import GATE_UP_SILU, QKV_GEMM, QKV_ROPE_STORE, SPLITK_NORM, Kernels, select_kernels
 from nanovllm.layers.activation import SiluAndMul, silu_and_mul
 from nanovllm.layers.attention import PagedAttention
 from nanovllm.layers.norm import RMSNorm, rms_norm
@@ -51,7 +51,7 @@ def test_reference_kernels_build_the_step_by_step_model(tiny_qwen3):
 
     cfg = AutoConfig.from_pretrained(tiny_qwen3[0])
     model = Qwen3ForCausalLM(cfg)  # no kernels: the reference
-    assert Qwen3ForCausalLM.fusions(cfg) == {QKV_ROPE_STORE, GATE_UP_SILU, SPLITK_NORM}
+    assert Qwen3ForCausalLM.fusions(cfg) == {QKV_ROPE_STORE, GATE_UP_SILU, SPLITK_NORM, QKV_GEMM}
     attn = [m for m in model.modules() if isinstance(m, DecoderAttention)]
     assert attn and all(m.qkv_rope_store is None for m in attn)
     assert all(m.gate_up_silu is None for m in model.modules() if isinstance(m, MLP))
@@ -88,11 +88,13 @@ def test_select_kernels_on_a_cpu_is_the_reference(monkeypatch):
     import nanovllm.kernels as nk
 
     assert nk.SPLITK_ADD_NORM is False  # off until timed in the engine (fp8_words_h100.txt section 20)
-    monkeypatch.setattr(nk, "SPLITK_ADD_NORM", True)  # and a CUDA-only path even when switched on
+    assert nk.TRITON_QKV is False  # likewise (section 21)
+    monkeypatch.setattr(nk, "SPLITK_ADD_NORM", True)  # and CUDA-only paths even when switched on
+    monkeypatch.setattr(nk, "TRITON_QKV", True)
     k = select_kernels("auto", CPU, torch.float32, enforce_eager=False,
-                       fusions=frozenset({QKV_ROPE_STORE, GATE_UP_SILU, SPLITK_NORM}))
+                       fusions=frozenset({QKV_ROPE_STORE, GATE_UP_SILU, SPLITK_NORM, QKV_GEMM}))
     assert k.attention.name == "torch" and k.qkv_rope_store is None and k.gate_up_silu is None
-    assert k.splitk_gemm is None and k.sum_add_rms_norm is None
+    assert k.splitk_gemm is None and k.sum_add_rms_norm is None and k.qkv_gemm is None
     assert k.rms_norm is rms_norm and k.silu_and_mul is silu_and_mul  # nothing compiled on a CPU
 
 

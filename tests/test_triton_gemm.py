@@ -159,11 +159,12 @@ def test_splitk_config_is_the_timed_one():
 def test_model_with_splitk_equals_the_reference(tiny_qwen3):
     """A model whose o and down projections leave partial sums, summed by the RMSNorms after them (as on CUDA
     with ``nanovllm.kernels.SPLITK_ADD_NORM``), gives the reference model's greedy tokens and logits; batches
-    past ``splitk_max_rows`` take the plain product."""
+    past ``splitk_max_rows`` take the plain product.  The same with the qkv projection in the skinny GEMM
+    (``nanovllm.kernels.TRITON_QKV``), alone and with split-K."""
     from nanovllm import LLM, SamplingParams
     from nanovllm.engine import model_runner
     from nanovllm.kernels import Kernels
-    from nanovllm.layers.linear import RowParallelLinear
+    from nanovllm.layers.linear import QKVParallelLinear, RowParallelLinear
 
     def run(**fused):
         def select(*args, **kwargs):
@@ -172,17 +173,26 @@ def test_model_with_splitk_equals_the_reference(tiny_qwen3):
             mp.setattr(model_runner, "select_kernels", select)
             llm = LLM(tiny_qwen3[0], device=DEV, dtype=torch.float32, enforce_eager=True, max_num_seqs=4,
                       max_model_len=128, num_kvcache_blocks=64)
-        projs = [m for m in llm.runner.model.modules() if isinstance(m, RowParallelLinear)]
+        projs = [m for m in llm.runner.model.modules() if isinstance(m, RowParallelLinear | QKVParallelLinear)]
         prompts = [[5, 9, 2, 33, 7], [1, 2, 3], list(range(40, 75))]
         sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
         outs = llm.generate(prompts, sp, use_tqdm=False)
         return projs, [o.token_ids for o in outs], [o.outputs[0].logprobs for o in outs]
 
     ref_projs, ref_tokens, ref_lp = run()
-    assert all(p.splitk is None for p in ref_projs)
-    for max_rows in (256, 8):  # 8: the 35-token prefill past it, decode within
-        projs, tokens, lp = run(splitk_gemm=splitk_gemm, sum_add_rms_norm=sum_add_rms_norm, splitk_max_rows=max_rows)
-        assert len(projs) == 2 * 2 and all(p.splitk is splitk_gemm and p.splitk_max_rows == max_rows for p in projs)
+    assert all(getattr(p, "splitk", None) is None and p.skinny is None for p in ref_projs)
+    splitk = dict(splitk_gemm=splitk_gemm, sum_add_rms_norm=sum_add_rms_norm)
+    for fused in (dict(splitk, splitk_max_rows=256), dict(splitk, splitk_max_rows=8),  # 8: the 35-token prefill
+                  dict(qkv_gemm=skinny_gemm, qkv_gemm_max_rows=8),                     # past it, decode within
+                  dict(splitk, splitk_max_rows=256, qkv_gemm=skinny_gemm, qkv_gemm_max_rows=64)):
+        projs, tokens, lp = run(**fused)
+        rows = [p for p in projs if isinstance(p, RowParallelLinear)]
+        qkv = [p for p in projs if isinstance(p, QKVParallelLinear)]
+        assert len(rows) == len(qkv) * 2 == 2 * 2
+        assert all(p.splitk is fused.get("splitk_gemm") for p in rows)
+        assert all(p.splitk_max_rows == fused["splitk_max_rows"] for p in rows if "splitk_gemm" in fused)
+        assert all(p.skinny is fused.get("qkv_gemm") for p in qkv)
+        assert all(p.skinny_max_rows == fused["qkv_gemm_max_rows"] for p in qkv if "qkv_gemm" in fused)
         assert tokens == ref_tokens
         for a, b in zip(lp, ref_lp):
             for sa, sb in zip(a, b):

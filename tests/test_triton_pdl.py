@@ -26,6 +26,7 @@ def test_pdl_only_on_a_gpu_that_has_it(monkeypatch):
     assert not triton_pdl.use_pdl(cpu)
     assert triton_pdl.pdl_options(cpu) == {"PDL": False}  # no launch_pdl: the interpreter never meets it
     monkeypatch.setattr(triton_pdl, "_pdl_capable", lambda device_type, index: device_type == "cuda")
+    monkeypatch.setattr(triton_pdl, "PDL", True)
     assert triton_pdl.pdl_options(gpu) == {"PDL": True, "launch_pdl": True}
     assert triton_pdl.pdl_options(cpu) == {"PDL": False}
     monkeypatch.setattr(triton_pdl, "PDL", False)  # the switch, for timing without it

@@ -95,9 +95,14 @@ TILES = ((16, (16, 32, 128, 5, 4)), (32, (32, 64, 128, 4, 4)), (64, (64, 32, 128
          (128, (64, 64, 128, 4, 4)), (None, (128, 64, 64, 4, 8)))
 
 
-def default_config(m: int) -> dict:
-    """Tile settings for ``m`` rows (``TILES``)."""
-    for rows, (bm, bn, bk, stages, warps) in TILES:
+# the same for a plain product (the qkv projection at decode sizes): TILES' 32-row tile is slow there
+# (figures/data/fp8_words_h100.txt section 21), so 64-row tiles from 17 rows on
+PLAIN_TILES = ((16, (16, 32, 128, 5, 4)), (None, (64, 32, 128, 5, 4)))
+
+
+def default_config(m: int, tiles=TILES) -> dict:
+    """Tile settings for ``m`` rows (``TILES``, or another such table)."""
+    for rows, (bm, bn, bk, stages, warps) in tiles:
         if rows is None or m <= rows:
             return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_stages=stages, num_warps=warps)
     raise AssertionError("unreachable")
@@ -129,7 +134,7 @@ def skinny_gemm(x: torch.Tensor, w: torch.Tensor, act: str | None = None, out: t
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg = default_config(m)
+    cfg = default_config(m, TILES if act else PLAIN_TILES)
     cfg.update(config)
     if x.device.type == "cpu":  # the interpreter: no pipelining
         cfg["num_stages"] = 1

@@ -16,7 +16,7 @@ from torch import nn
 
 from nanovllm.attention.base import AttentionMetadata
 from nanovllm.distributed import tp_rank_size
-from nanovllm.kernels import GATE_UP_SILU, QKV_ROPE_STORE, SPLITK_NORM, Kernels
+from nanovllm.kernels import GATE_UP_SILU, QKV_GEMM, QKV_ROPE_STORE, SPLITK_NORM, Kernels
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import PagedAttention
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
@@ -122,7 +122,7 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def fusions(cls, cfg) -> frozenset[str]:
         """The fused paths this model can take (``nanovllm/kernels.py`` picks among them)."""
-        return frozenset({QKV_ROPE_STORE, GATE_UP_SILU, SPLITK_NORM})
+        return frozenset({QKV_ROPE_STORE, GATE_UP_SILU, SPLITK_NORM, QKV_GEMM})
 
     def __init__(self, cfg, kernels: Kernels | None = None):
         super().__init__()
@@ -146,6 +146,11 @@ class LlamaForCausalLM(nn.Module):
                 for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
                     if proj.bias is None:  # (the parts carry no bias)
                         proj.splitk, proj.splitk_max_rows = kernels.splitk_gemm, kernels.splitk_max_rows
+        if kernels.qkv_gemm is not None:
+            for layer in self.layers:
+                if layer.self_attn.qkv_proj.bias is None:  # (the kernel adds no bias)
+                    qkv = layer.self_attn.qkv_proj
+                    qkv.skinny, qkv.skinny_max_rows = kernels.qkv_gemm, kernels.qkv_gemm_max_rows
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of every new token: [N, hidden]."""
