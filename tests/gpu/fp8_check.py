@@ -167,7 +167,7 @@ def qwen3():
 
 def pdl_same():
     """Programmatic dependent launch changes when a kernel starts, never what it computes: the Qwen3-0.6B shape
-    (random weights, an FP8 cache, split-K on so every kernel of a layer but the qkv GEMM is Triton's) gives
+    (random weights, an FP8 cache, split-K and the Triton qkv GEMM on, so every kernel of a layer is Triton's) gives
     the same greedy tokens and the same logprobs, bit for bit, with ``nanovllm.triton_pdl.PDL`` off and on, at
     batch sizes from 1 to 48 (CUDA graphs and eager prefill both)."""
     from nanovllm import kernels as nk
@@ -177,19 +177,19 @@ def pdl_same():
     prompts = [torch.randint(0, 10000, (int(n),), generator=g).tolist()
                for n in torch.randint(5, 700, (48,), generator=g)]
     params = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True, logprobs=1)
-    outs, splitk = {}, nk.SPLITK_ADD_NORM
+    outs, switches = {}, (triton_pdl.PDL, nk.SPLITK_ADD_NORM, nk.TRITON_QKV)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(QWEN3_0_6B_CONFIG.read_text())
         for pdl in (False, True):
-            triton_pdl.PDL, nk.SPLITK_ADD_NORM = pdl, True
+            triton_pdl.PDL, nk.SPLITK_ADD_NORM, nk.TRITON_QKV = pdl, True, True
             llm = LLM(tmp, dtype="bfloat16", load_format="dummy", kv_cache_dtype="fp8", max_num_seqs=64,
                       max_model_len=1024)
             try:
-                outs[pdl] = [(o.token_ids, [lp for lp in o.logprobs]) for o in
+                outs[pdl] = [(o.token_ids, o.outputs[0].logprobs) for o in
                              llm.generate(prompts[:1] + prompts, params, use_tqdm=False)]
             finally:
                 llm.shutdown()
-                triton_pdl.PDL, nk.SPLITK_ADD_NORM = True, splitk
+                triton_pdl.PDL, nk.SPLITK_ADD_NORM, nk.TRITON_QKV = switches
     same_tokens = sum(a[0] == b[0] for a, b in zip(outs[False], outs[True]))
     same_logprobs = sum(a[1] == b[1] for a, b in zip(outs[False], outs[True]))
     assert same_tokens == same_logprobs == len(prompts) + 1, (same_tokens, same_logprobs)
