@@ -2,11 +2,13 @@
 Qwen2 adds a bias to the Q/K/V projection, Qwen3 an RMSNorm on each query and key head.
 
 Which kernels run is decided outside, once (``nanovllm/kernels.py``): the model is built with a ``Kernels``
-object and each layer keeps what it needs.  Two fused paths replace steps of the reference path when the
-engine chose them (``fusions()`` says the model can take both):
+object and each layer keeps what it needs.  These paths replace steps of the reference path when the
+engine chose them (``fusions()`` says the model can take them all):
 
 * ``qkv_rope_store``: qk-norm, RoPE and the KV-cache store in one kernel (``DecoderAttention``);
-* ``gate_up_silu``: the gate-up GEMM and SiLU-and-mul in one kernel, for decode-sized batches (``MLP``).
+* ``gate_up_silu``: the gate-up GEMM and SiLU-and-mul in one kernel, for decode-sized batches (``MLP``);
+* ``splitk_norm``: o and down left as partial sums along K, summed by the RMSNorm after them (on one rank);
+* ``qkv_gemm``: the qkv projection in the Triton skinny GEMM, for decode-sized batches.
 """
 
 from __future__ import annotations
