@@ -94,6 +94,7 @@ def install_compile_only(arch: int):
     tu._num_sms = lambda device_type, index: sms
     tu._max_shared_memory = lambda device_type, index: shared_limit
     tp._pdl_capable = lambda device_type, index: arch >= 90  # programmatic dependent launch: sm_90+
+    tp.PDL = True  # (compiled as a GPU with it switched on would)
     return compiled
 
 
