@@ -87,7 +87,8 @@ def test_model_keeps_the_kernels_it_is_built_with(tiny_qwen3):
 def test_select_kernels_on_a_cpu_is_the_reference(monkeypatch):
     import nanovllm.kernels as nk
 
-    monkeypatch.setattr(nk, "SPLITK_ADD_NORM", True)  # CUDA-only paths, even when switched on
+    assert nk.SPLITK_ADD_NORM is False and nk.TRITON_QKV is False  # off until the book has run with them on a GPU
+    monkeypatch.setattr(nk, "SPLITK_ADD_NORM", True)  # and CUDA-only paths even when switched on
     monkeypatch.setattr(nk, "TRITON_QKV", True)
     k = select_kernels("auto", CPU, torch.float32, enforce_eager=False,
                        fusions=frozenset({QKV_ROPE_STORE, GATE_UP_SILU, SPLITK_NORM, QKV_GEMM}))
