@@ -40,9 +40,10 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root
 
+from gemm_check import LAYERS, graph_us  # noqa: E402  (beside this script)
+
 from nanovllm.layers.triton_gemm import default_config  # noqa: E402
 
-LAYERS = 28
 HIDDEN, Q, KV, INTER = 1024, 2048, 1024, 3072
 
 
@@ -185,26 +186,6 @@ class Layers:
             else:
                 gemm(self.act, w["d"], self.h, False, pdl, early, l2)
         return self.h.clone()
-
-
-def graph_us(fn, reps: int = 30) -> float:
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / reps / LAYERS
 
 
 VARIANTS = {"engine": dict(cublas=True, pdl=False), "triton": dict(cublas=False, pdl=False),
