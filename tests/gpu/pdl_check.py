@@ -197,7 +197,7 @@ VARIANTS = {"engine": dict(cublas=True, pdl=False), "triton": dict(cublas=False,
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", default="8,32,64,128,224")
-    ap.add_argument("--attn-mb", type=float, default=24.0, help="bytes the attention stand-in reads a layer")
+    ap.add_argument("--attn-mb", type=float, default=24.0, help="MB the attention stand-in reads a layer")
     ap.add_argument("--out", default="/tmp/nanovllm-pdl")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), "torch", torch.__version__, "triton", triton.__version__, flush=True)
