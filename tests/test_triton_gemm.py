@@ -180,7 +180,7 @@ def test_model_with_splitk_equals_the_reference(tiny_qwen3):
         return projs, [o.token_ids for o in outs], [o.outputs[0].logprobs for o in outs]
 
     ref_projs, ref_tokens, ref_lp = run()
-    assert all(getattr(p, "splitk", None) is None and p.skinny is None for p in ref_projs)
+    assert all(p.triton_gemm is None for p in ref_projs)
     splitk = dict(splitk_gemm=splitk_gemm, sum_add_rms_norm=sum_add_rms_norm)
     for fused in (dict(splitk, splitk_max_rows=256), dict(splitk, splitk_max_rows=8),  # 8: the 35-token prefill
                   dict(qkv_gemm=skinny_gemm, qkv_gemm_max_rows=8),                     # past it, decode within
@@ -189,10 +189,10 @@ def test_model_with_splitk_equals_the_reference(tiny_qwen3):
         rows = [p for p in projs if isinstance(p, RowParallelLinear)]
         qkv = [p for p in projs if isinstance(p, QKVParallelLinear)]
         assert len(rows) == len(qkv) * 2 == 2 * 2
-        assert all(p.splitk is fused.get("splitk_gemm") for p in rows)
-        assert all(p.splitk_max_rows == fused["splitk_max_rows"] for p in rows if "splitk_gemm" in fused)
-        assert all(p.skinny is fused.get("qkv_gemm") for p in qkv)
-        assert all(p.skinny_max_rows == fused["qkv_gemm_max_rows"] for p in qkv if "qkv_gemm" in fused)
+        assert all(p.triton_gemm is fused.get("splitk_gemm") for p in rows)
+        assert all(p.triton_max_rows == fused["splitk_max_rows"] for p in rows if "splitk_gemm" in fused)
+        assert all(p.triton_gemm is fused.get("qkv_gemm") for p in qkv)
+        assert all(p.triton_max_rows == fused["qkv_gemm_max_rows"] for p in qkv if "qkv_gemm" in fused)
         assert tokens == ref_tokens
         for a, b in zip(lp, ref_lp):
             for sa, sb in zip(a, b):

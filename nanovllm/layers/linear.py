@@ -122,14 +122,18 @@ class LinearBase(nn.Module):
     def checkpoint_rows(self, shard_id) -> int:
         return self.whole_output_size
 
-    # (set by the model) x, weight -> x @ weight.T in a Triton kernel for batches of up to ``skinny_max_rows``
-    # rows (no bias): with programmatic dependent launch it starts while the kernel before it ends, cuBLAS does not
-    skinny = None
-    skinny_max_rows = 0
+    # (set by the model, for layers without a bias) x, weight -> the product from a Triton kernel, for batches of
+    # up to ``triton_max_rows`` rows: the qkv projection's plain product (``nanovllm.kernels.TRITON_QKV``), or o's
+    # and down's partial sums along K (``SplitK``, on one rank: the RMSNorm after them sums them)
+    triton_gemm = None
+    triton_max_rows = 0
+
+    def takes_triton(self, x: torch.Tensor) -> bool:
+        return self.triton_gemm is not None and x.shape[0] <= self.triton_max_rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.skinny is not None and x.shape[0] <= self.skinny_max_rows:
-            return self.skinny(x, self.weight)
+        if self.takes_triton(x):
+            return self.triton_gemm(x, self.weight)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -208,11 +212,6 @@ def check_head_split(num_heads: int, num_kv_heads: int, tp_size: int) -> None:
 
 
 class RowParallelLinear(LinearBase):
-    # (set by the model) x, weight -> SplitK: the product left as partial sums along K for batches of up to
-    # ``splitk_max_rows`` rows, where the next layer is a residual add + RMSNorm that sums them (one rank, no bias)
-    splitk = None
-    splitk_max_rows = 0
-
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         tp_size = tp_rank_size()[1]
         if input_size % tp_size:
@@ -228,6 +227,6 @@ class RowParallelLinear(LinearBase):
         param.data.copy_(materialize(narrow(loaded, 1, self.tp_rank * size, size)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | SplitK:
-        if self.splitk is not None and x.shape[0] <= self.splitk_max_rows:
-            return self.splitk(x, self.weight)
+        if self.takes_triton(x):  # a SplitK (set on one rank only: no all-reduce to do)
+            return self.triton_gemm(x, self.weight)
         return all_reduce(F.linear(x, self.weight, self.bias), self.tp_group)

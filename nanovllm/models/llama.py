@@ -142,17 +142,15 @@ class LlamaForCausalLM(nn.Module):
         self.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False))
         if self.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        if kernels.splitk_gemm is not None and tp_rank_size()[1] == 1:  # (on one rank: no all-reduce to do)
-            # o and down leave their products as partial sums along K; the RMSNorm after each sums them
-            for layer in self.layers:
-                for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
-                    if proj.bias is None:  # (the parts carry no bias)
-                        proj.splitk, proj.splitk_max_rows = kernels.splitk_gemm, kernels.splitk_max_rows
-        if kernels.qkv_gemm is not None:
-            for layer in self.layers:
-                if layer.self_attn.qkv_proj.bias is None:  # (the kernel adds no bias)
-                    qkv = layer.self_attn.qkv_proj
-                    qkv.skinny, qkv.skinny_max_rows = kernels.qkv_gemm, kernels.qkv_gemm_max_rows
+        # Triton products for decode-sized batches (the kernels add no bias): o and down leave their products as
+        # partial sums along K, which the RMSNorm after each sums (on one rank: no all-reduce to do); qkv plain
+        splitk = kernels.splitk_gemm if tp_rank_size()[1] == 1 else None
+        for layer in self.layers:
+            for proj, fn, rows in ((layer.self_attn.o_proj, splitk, kernels.splitk_max_rows),
+                                   (layer.mlp.down_proj, splitk, kernels.splitk_max_rows),
+                                   (layer.self_attn.qkv_proj, kernels.qkv_gemm, kernels.qkv_gemm_max_rows)):
+                if fn is not None and proj.bias is None:
+                    proj.triton_gemm, proj.triton_max_rows = fn, rows
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """Hidden states of every new token: [N, hidden]."""
