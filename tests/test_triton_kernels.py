@@ -205,44 +205,6 @@ def test_paged_decode_program_order(num_splits, heads_first):
     assert_close(out, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.2), dtype)
 
 
-@pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("heads_first", [False, True])
-def test_paged_decode_launch_order(num_splits, heads_first):
-    """Rows launched in another order (``order``, longest context first as the CUDA-graph decode step gives it)
-    compute exactly what rows launched in row order compute: each program's work is the same."""
-    import numpy as np
-
-    from nanovllm.engine.cuda_graphs import longest_first
-
-    dtype = DTYPES[-1]
-    gen = _gen(19)
-    ctx_lens = [5, 170, 33, 1, 70]
-    k_cache, v_cache, block_tables, ctx = make_paged_cache(ctx_lens, 16, 2, 64, dtype, gen)
-    q = _randn(len(ctx_lens), 4, 64, gen=gen, dtype=dtype)
-    order = np.zeros(len(ctx_lens), dtype=np.int64)
-    longest_first(np.array(ctx_lens, dtype=np.int32), order)
-    assert order.tolist() == [1, 4, 2, 0, 3]
-    kw = dict(num_splits=num_splits, heads_first=heads_first)
-    plain = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.125, **kw)
-    for dt in (torch.int64, torch.int32):
-        ordered = tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.125, **kw,
-                                            order=torch.from_numpy(order).to(DEVICE, dt))
-        assert torch.equal(ordered, plain)
-    assert_close(plain, paged_decode_ref(*reference_dtype(q, k_cache, v_cache), ctx, block_tables, 0.125), dtype)
-    with pytest.raises(ValueError, match="order must be"):
-        tk.paged_decode_attention(q, k_cache, v_cache, block_tables, ctx, 0.125, order=torch.arange(3, device=DEVICE))
-
-
-def test_longest_first_ties_keep_row_order():
-    import numpy as np
-
-    from nanovllm.engine.cuda_graphs import longest_first
-
-    out = np.full(6, -1, dtype=np.int64)
-    longest_first(np.array([3, 9, 3, 1, 9, 1], dtype=np.int32), out)
-    assert out.tolist() == [1, 4, 0, 2, 3, 5]
-
-
 def test_decode_launch_settings(monkeypatch):
     cpu = torch.device("cpu")
     big = tk.decode_launch(256, 8, 1, 128, 2, cpu)  # 2048 programs on 132 SMs (as on an H100)
@@ -348,13 +310,11 @@ def test_backend_prefill_then_decode():
     backends = {"triton": tk.TritonBackend(), "torch": TorchRefBackend()}
     assert backends["triton"].name == "triton"
 
-    def step(is_prefill, q_lens, ctx_lens, pad_slots=0, order=None):
+    def step(is_prefill, q_lens, ctx_lens, pad_slots=0):
         positions = [range(c - q, c) for q, c in zip(q_lens, ctx_lens)]
         slots = [s for i, pos in enumerate(positions) for s in _slots(block_tables, block_size, i, pos)]
         slots += [-1] * pad_slots
         meta = _meta(is_prefill, q_lens, ctx_lens, slots, block_tables)
-        if order is not None:
-            meta.decode_order = torch.tensor(order, device=DEVICE)
         n = len(slots)
         q = _randn(n, num_heads, head_dim, gen=gen, dtype=dtype)
         k = _randn(n, num_kv_heads, head_dim, gen=gen, dtype=dtype)
@@ -371,8 +331,6 @@ def test_backend_prefill_then_decode():
     step(True, [9, 13], [49, 33])       # chunked prefill over a cached prefix
     step(False, [1, 1], [50, 34])       # decode
     step(False, [1, 1], [51, 35], pad_slots=1)  # decode with a padded (-1) slot in the mapping
-    step(False, [1, 1], [52, 36], order=[0, 1])  # the launch order a CUDA-graph step gives: longest first
-    step(False, [1, 1], [53, 37], order=[1, 0])  # any other order computes the same
 
 
 def test_backend_without_cache():

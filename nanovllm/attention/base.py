@@ -37,8 +37,6 @@ class AttentionMetadata:
     max_seqlen_k: int
     has_prefix: bool = True  # False: no sequence has cached tokens (a pure varlen prefill)
     cu_seqlens_k: torch.Tensor | None = None  # [B + 1] int32, offsets of context_lens (prefill only)
-    # [B] int64 (decode, optional): the rows in the order a backend may launch them, longest context first
-    decode_order: torch.Tensor | None = None
     # host copies, so backends can loop without device syncs
     query_lens_cpu: list[int] | None = None
     context_lens_cpu: list[int] | None = None

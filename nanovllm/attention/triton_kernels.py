@@ -335,7 +335,7 @@ def _e4m3_words_to_f16(w, PTX: tl.constexpr, ROWS: tl.constexpr, COLS: tl.conste
 
 @triton.jit(do_not_specialize=["stride_btb"])  # the block-table width varies step to step
 def _decode_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, ks_ptr, vs_ptr, order_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, ctx_ptr, ks_ptr, vs_ptr,
     out_ptr, mid_o_ptr, mid_lse_ptr,
     qk_scale,  # softmax scale * log2(e): the kernel works in base 2
     num_heads, num_splits,
@@ -349,7 +349,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEADS_FIRST: tl.constexpr = False,
     FP8: tl.constexpr = False, F16_DOT: tl.constexpr = False, FP8_WORDS: tl.constexpr = 0,
-    FP8_K_WORDS: tl.constexpr = False, ORDERED: tl.constexpr = False, PDL: tl.constexpr = False,
+    FP8_K_WORDS: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     pdl_wait(PDL)
     if HEADS_FIRST:  # a sequence's KV heads side by side in launch order (they read the same cache blocks)
@@ -359,8 +359,6 @@ def _decode_split_kernel(
         seq = tl.program_id(0)
         kvh = tl.program_id(1)
     split = tl.program_id(2)
-    if ORDERED:  # the batch's rows in launch order (longest context first: the long programs start early)
-        seq = tl.load(order_ptr + seq).to(tl.int32)
 
     ctx = tl.load(ctx_ptr + seq)
     num_tiles = tl.cdiv(ctx, BLOCK_N)
@@ -521,8 +519,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            num_warps: int = 4, num_stages: int | None = None,
                            heads_first: bool | None = None, k_scale: torch.Tensor | None = None,
                            v_scale: torch.Tensor | None = None, f16_dot: bool = False,
-                           fp8_words: str | None = None, fp8_words_k: bool = False,
-                           order: torch.Tensor | None = None) -> torch.Tensor:
+                           fp8_words: str | None = None, fp8_words_k: bool = False) -> torch.Tensor:
     """Decode attention: ``q`` [B, H, D] (one query per sequence) over each sequence's
     ``context_lens[b]`` cached tokens.  Returns [B, H, D] (into ``out`` if given).
 
@@ -542,16 +539,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     (``_e4m3_words_to_f16``); ``fp8_words_k`` reads K's tile the same way.  ``TritonBackend`` takes "asm" for
     both: on an H100 at the seed benchmark's batches 218, 101 and 37 (the sweep above) it took 138 / 104 / 58 us
     per layer against 170 / 128 / 76 us reading bytes (``figures/data/kernel_measurements.md``).
-    ``order`` (optional, [B] integers, a permutation of the rows): the order in which the rows' programs are
-    launched; the output is the same in any order.  The GPU starts programs in launch order as earlier ones
-    finish, so a long context launched last runs on while the rest of the GPU idles; ``TritonBackend`` passes
-    the rows longest context first (``AttentionMetadata.decode_order``, filled by the CUDA-graph decode step).
     """
     fp8 = _check_cache(k_cache, v_cache, k_scale, v_scale)
-    if order is not None and (order.shape != (q.shape[0],) or order.dtype not in (torch.int32, torch.int64)
-                              or order.device != q.device):
-        raise ValueError(f"order must be a [{q.shape[0]}] int32/int64 tensor on {q.device} (a permutation of the "
-                         f"batch's rows), got {tuple(order.shape)} {order.dtype} on {order.device}")
     if f16_dot and not fp8:
         raise ValueError("f16_dot=True is for an FP8 cache (a model-dtype cache is read in its own dtype)")
     words = {None: 0, "convert": 1, "asm": 2}.get(fp8_words)
@@ -596,11 +585,11 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         mid_lse = torch.empty((batch, num_heads, num_splits), dtype=torch.float32, device=q.device)
     grid = (num_kv_heads, batch, num_splits) if heads_first else (batch, num_kv_heads, num_splits)
     key = ("decode", q.device.index, q.dtype, k_cache.dtype, block_n, block_d, group, heads_first, single,
-           num_warps, num_stages, f16_dot, words, fp8_words_k, order is not None)
+           num_warps, num_stages, f16_dot, words, fp8_words_k)
     launch_fitting_stages(
         _decode_split_kernel, grid, key, num_stages,
         q, k_cache, v_cache, block_tables, context_lens, k_scale if fp8 else context_lens,
-        v_scale if fp8 else context_lens, context_lens if order is None else order,
+        v_scale if fp8 else context_lens,
         out, mid_o, mid_lse,
         float(scale) * LOG2E,
         num_heads, num_splits,
@@ -613,8 +602,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         SINGLE_SPLIT=single, DOT_PRECISION=dot_precision(q.dtype), HEADS_FIRST=heads_first, FP8=fp8,
-        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, ORDERED=order is not None, num_warps=num_warps,
-        **pdl_options(q.device),
+        F16_DOT=f16_dot, FP8_WORDS=words, FP8_K_WORDS=fp8_words_k, num_warps=num_warps, **pdl_options(q.device),
     )
     if not single:
         _decode_reduce_kernel[(batch, num_heads)](
@@ -782,8 +770,6 @@ class TritonBackend(AttentionBackend):
     # K and V as 16-bit words widened by the GPU's e4m3 instruction, the fastest on an H100 (kernel_measurements.md)
     fp8_words: str | None = "asm"
     fp8_words_k: bool = True
-    # decode: launch the batch's rows longest context first when the step gives an order (meta.decode_order)
-    longest_first: bool = False
 
     def __init__(self, num_splits: int | None = None, fp8_f16_dot: bool = True):
         self.num_splits = num_splits  # decode split count; None: heuristic
@@ -821,8 +807,7 @@ class TritonBackend(AttentionBackend):
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                           num_splits=self.num_splits, k_scale=k_scale, v_scale=v_scale,
                                           f16_dot=f16_dot, fp8_words=self.fp8_words if words else None,
-                                          fp8_words_k=k_words,
-                                          order=meta.decode_order if self.longest_first else None)
+                                          fp8_words_k=k_words)
         return paged_prefill_attention(q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens,
                                        meta.block_tables, scale, meta.max_seqlen_q, k_scale=k_scale,
                                        v_scale=v_scale)

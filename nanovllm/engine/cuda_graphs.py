@@ -8,10 +8,8 @@ sizes (1, 2, 4, 8, 16, 32, ...); a batch runs in the smallest bucket that holds 
 store nothing.  The graphs share one memory pool (captured largest first), and every shape runs once
 before its capture, so that compiled kernels are built outside the capture.
 
-The inputs of a step travel in three host-to-device copies from pinned buffers: the int64 vectors (a decode
-step's five: tokens, positions, slots, the rows of overlapped tokens and the launch order of the attention
-kernel's rows, longest context first) sit in the rows of one buffer (``ints``), of which the named buffers
-are views.
+The inputs of a step travel in three host-to-device copies from pinned buffers: the four int64 vectors
+sit in the rows of one buffer (``ints``), of which the named buffers are views.
 
 Prefill (``PrefillGraphs``): a lone request's prefill is the same few hundred launches, over more tokens.
 Up to a couple of thousand tokens the GPU finishes each kernel faster than Python launches the next, so
@@ -85,13 +83,6 @@ def fill_prefill_inputs(seqs: list[Sequence], num_new_tokens: list[int], block_s
     ints[:2, total:], ints[2, total:] = 0, -1
 
 
-def longest_first(context_lens: np.ndarray, out: np.ndarray) -> None:
-    """``out`` [b] = the rows of ``context_lens`` [b], longest context first (ties in row order): the order
-    in which the decode kernel launches the rows' programs.  The GPU starts programs in launch order as earlier
-    ones finish; a long context started last would run on alone at the end of the kernel."""
-    out[:] = np.argsort(-context_lens.astype(np.int64), kind="stable")
-
-
 def fill_decode_inputs(seqs: list[Sequence], block_size: int, ints: np.ndarray, context_lens: np.ndarray,
                        block_tables: np.ndarray) -> None:
     """The host side of a decode step, in a few numpy calls for the whole batch (no per-sequence loop):
@@ -141,16 +132,15 @@ class DecodeGraphs:
         self.model, self.block_size, self.max_model_len, self.device = model, block_size, max_model_len, device
         self.batch_sizes = graph_batch_sizes(max_num_seqs)
         top, width = self.batch_sizes[-1], cdiv(max_model_len, block_size)
-        self.ints = torch.zeros(5, top, dtype=torch.int64, device=device)
-        self.input_ids, self.positions, self.slot_mapping, self.prev_rows, self.decode_order = self.ints.unbind(0)
+        self.ints = torch.zeros(4, top, dtype=torch.int64, device=device)
+        self.input_ids, self.positions, self.slot_mapping, self.prev_rows = self.ints.unbind(0)
         self.slot_mapping.fill_(-1)
-        self.decode_order.copy_(torch.arange(top))
         self.context_lens = torch.ones(top, dtype=torch.int32, device=device)
         self.block_tables = torch.zeros(top, width, dtype=torch.int32, device=device)
         self.cu_seqlens_q = torch.arange(top + 1, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(top, hidden_size, dtype=dtype, device=device)
         # pinned staging of each step's inputs: ints, context lengths, block tables
-        self.input_ring = PinnedRing(4, (5 * top, torch.int64), (top, torch.int32), (top * width, torch.int32))
+        self.input_ring = PinnedRing(4, (4 * top, torch.int64), (top, torch.int32), (top * width, torch.int32))
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
 
     @property
@@ -162,7 +152,7 @@ class DecodeGraphs:
         return AttentionMetadata(
             is_prefill=False, cu_seqlens_q=self.cu_seqlens_q[:b + 1], context_lens=self.context_lens[:b],
             slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b], max_seqlen_q=1,
-            max_seqlen_k=self.max_model_len, decode_order=self.decode_order[:b])
+            max_seqlen_k=self.max_model_len)
 
     @torch.inference_mode()
     def capture(self, pool=None):
@@ -190,18 +180,19 @@ class DecodeGraphs:
         n = len(seqs)
         b = next(size for size in self.batch_sizes if size >= n)
         (h_ints, h_context_lens, h_tables), event = self.input_ring.next()
-        h_ints, h_context_lens = h_ints[:5 * b].view(5, b), h_context_lens[:b]
+        h_ints, h_context_lens = h_ints[:4 * b].view(4, b), h_context_lens[:b]
         h_tables = h_tables[:b * self.block_tables.shape[1]].view(b, -1)
-        ints, lens = h_ints.numpy(), h_context_lens.numpy()
-        fill_decode_inputs(seqs, self.block_size, ints, lens, h_tables.numpy())
-        ints[3, :n] = -1 if prev_tokens is None else prev_rows
-        ints[3, n:b] = -1
-        longest_first(lens, ints[4])
-        self.ints[:, :b].copy_(h_ints, non_blocking=True)
+        ints = h_ints.numpy()
+        fill_decode_inputs(seqs, self.block_size, ints, h_context_lens.numpy(), h_tables.numpy())
         if prev_tokens is not None:
+            ints[3, :n] = prev_rows
+            ints[3, n:b] = -1
+            self.ints[:, :b].copy_(h_ints, non_blocking=True)
             rows = self.prev_rows[:b]
             from_prev = prev_tokens[rows.clamp(0, prev_tokens.numel() - 1)]
             self.input_ids[:b] = torch.where(rows >= 0, from_prev, self.input_ids[:b])
+        else:
+            self.ints[:3, :b].copy_(h_ints[:3], non_blocking=True)
         self.context_lens[:b].copy_(h_context_lens, non_blocking=True)
         self.block_tables[:b].copy_(h_tables, non_blocking=True)
         event.record()

@@ -165,47 +165,39 @@ def qwen3():
         return compare(tmp, args, prompt[:200], prompt, 512)
 
 
-def same_either_way(switch):
-    """A switch that changes when or in which order kernels run, never what they compute: the Qwen3-0.6B shape
+def pdl_same():
+    """Programmatic dependent launch changes when a kernel starts, never what it computes: the Qwen3-0.6B shape
     (random weights, an FP8 cache, split-K and the Triton qkv GEMM on, so every kernel of a layer is Triton's) gives
-    the same greedy tokens and the same logprobs, bit for bit, with the switch off and on, at batch sizes from 1
-    to 48 (CUDA graphs and eager prefill both).  ``switch``: "pdl" (programmatic dependent launch,
-    ``nanovllm.triton_pdl.PDL``) or "order" (the decode kernel's rows longest context first,
-    ``TritonBackend.longest_first``)."""
+    the same greedy tokens and the same logprobs, bit for bit, with ``nanovllm.triton_pdl.PDL`` off and on, at
+    batch sizes from 1 to 48 (CUDA graphs and eager prefill both)."""
     from nanovllm import kernels as nk
     from nanovllm import triton_pdl
-    from nanovllm.attention.triton_kernels import TritonBackend
 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 10000, (int(n),), generator=g).tolist()
                for n in torch.randint(5, 700, (48,), generator=g)]
     params = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True, logprobs=1)
-    saved = (triton_pdl.PDL, nk.SPLITK_ADD_NORM, nk.TRITON_QKV, TritonBackend.longest_first)
-    outs = {}
+    outs, switches = {}, (triton_pdl.PDL, nk.SPLITK_ADD_NORM, nk.TRITON_QKV)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(QWEN3_0_6B_CONFIG.read_text())
-        for on in (False, True):
-            nk.SPLITK_ADD_NORM, nk.TRITON_QKV = True, True
-            if switch == "pdl":
-                triton_pdl.PDL = on
-            else:
-                TritonBackend.longest_first = on
+        for pdl in (False, True):
+            triton_pdl.PDL, nk.SPLITK_ADD_NORM, nk.TRITON_QKV = pdl, True, True
             llm = LLM(tmp, dtype="bfloat16", load_format="dummy", kv_cache_dtype="fp8", max_num_seqs=64,
                       max_model_len=1024)
             try:
-                outs[on] = [(o.token_ids, o.outputs[0].logprobs) for o in
-                            llm.generate(prompts[:1] + prompts, params, use_tqdm=False)]
+                outs[pdl] = [(o.token_ids, o.outputs[0].logprobs) for o in
+                             llm.generate(prompts[:1] + prompts, params, use_tqdm=False)]
             finally:
                 llm.shutdown()
-                triton_pdl.PDL, nk.SPLITK_ADD_NORM, nk.TRITON_QKV, TritonBackend.longest_first = saved
+                triton_pdl.PDL, nk.SPLITK_ADD_NORM, nk.TRITON_QKV = switches
     same_tokens = sum(a[0] == b[0] for a, b in zip(outs[False], outs[True]))
     same_logprobs = sum(a[1] == b[1] for a, b in zip(outs[False], outs[True]))
     assert same_tokens == same_logprobs == len(prompts) + 1, (same_tokens, same_logprobs)
-    return dict(switch=switch, sequences=len(prompts) + 1, same_tokens=same_tokens, same_logprobs=same_logprobs)
+    return dict(sequences=len(prompts) + 1, same_tokens=same_tokens, same_logprobs=same_logprobs)
 
 
 # -- 4. the seed benchmark -----------------------------------------------------------------------------------------
-def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=False, order=False):
+def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=False):
     """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
     splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
@@ -215,8 +207,7 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=
     once more with the other setting of programmatic dependent launch (``nanovllm.triton_pdl.PDL``).  Each run
     sets the backend's class attributes, ``decode_launch`` and those switches for its engine and puts them
     back after.  With ``qkv``, auto and fp8 with every kernel of a decode layer Triton's (split-K, the qkv GEMM
-    too: ``nanovllm.kernels.TRITON_QKV``) and PDL on.  With ``order``, auto and fp8 once more with the other
-    setting of ``TritonBackend.longest_first`` (the decode kernel's rows launched longest context first)."""
+    too: ``nanovllm.kernels.TRITON_QKV``) and PDL on."""
     from nanovllm import bench as nb
     from nanovllm import kernels as nk
     from nanovllm import triton_pdl
@@ -224,7 +215,7 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=
 
     backend = tk.TritonBackend
     default = dict(words=backend.fp8_words, k_words=backend.fp8_words_k, waves=tk.DECODE_WAVES, tiling=None,
-                   splitk=nk.SPLITK_ADD_NORM, pdl=triton_pdl.PDL, qkv=nk.TRITON_QKV, order=backend.longest_first)
+                   splitk=nk.SPLITK_ADD_NORM, pdl=triton_pdl.PDL, qkv=nk.TRITON_QKV)
     rates = {}
     runs = [("auto", "auto", default), ("fp8", "fp8", default)]
     for v in words_variants:
@@ -243,9 +234,6 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=
         runs += [("auto" + tag, "auto", dict(default, pdl=other)), ("fp8" + tag, "fp8", dict(default, pdl=other))]
         if splitk:
             runs.append(("fp8_splitk" + tag, "fp8", dict(default, splitk=True, pdl=other)))
-    if order:  # the other setting of the launch order than the package's
-        tag = "_rowsorder" if default["order"] else "_longestfirst"
-        runs += [(kv + tag, kv, dict(default, order=not default["order"])) for kv in ("auto", "fp8")]
     if qkv:
         chain = dict(default, splitk=True, pdl=True, qkv=True)
         runs += [(f"{kv}_triton_chain_pdl", kv, chain) for kv in ("auto", "fp8")]
@@ -254,7 +242,6 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=
     def use(run):  # the decode reads a run asks for
         backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = run["words"], run["k_words"], run["waves"]
         nk.SPLITK_ADD_NORM, triton_pdl.PDL, nk.TRITON_QKV = run["splitk"], run["pdl"], run["qkv"]
-        backend.longest_first = run["order"]
 
     for name, kv, run in runs:
         if run["tiling"]:
@@ -276,7 +263,7 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=
             tk.decode_launch = launch
         print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={run['words']}, "
               f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}, "
-              f"split-K {run['splitk']}, PDL {run['pdl']}, Triton qkv {run['qkv']}, longest first {run['order']}): "
+              f"split-K {run['splitk']}, PDL {run['pdl']}, Triton qkv {run['qkv']}): "
               f"{rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
@@ -295,9 +282,6 @@ def main():
                     help="the same tokens with and without PDL; bench: also auto and fp8 with the other setting")
     ap.add_argument("--qkv", action="store_true",
                     help="bench: also auto and fp8 with a decode layer all Triton, PDL on")
-    ap.add_argument("--order", action="store_true",
-                    help="the same tokens with the decode rows in row order and longest first; bench: also auto "
-                         "and fp8 with the other setting")
     ap.add_argument("--words", default="", help="bench: also fp8 with these decode reads, e.g. bytes,convert,asm+K")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -322,14 +306,11 @@ def main():
         if "qwen3" in only:
             section("Qwen3-0.6B shape, random weights, bf16: fp8 vs auto", qwen3)
         if args.pdl:
-            section("PDL off vs on: the same tokens and logprobs", same_either_way, "pdl")
-        if args.order:
-            section("decode rows in row order vs longest first: the same tokens and logprobs", same_either_way,
-                    "order")
+            section("PDL off vs on: the same tokens and logprobs", pdl_same)
         if "bench" in only:
             section("seed benchmark: auto vs fp8" + (f" (capped at {args.cap_gib:g} GiB)" if cap else ""),
                     bench, cap, out, [w for w in args.words.split(",") if w],
-                    [t for t in args.tilings.split(",") if t], args.splitk, args.pdl, args.qkv, args.order)
+                    [t for t in args.tilings.split(",") if t], args.splitk, args.pdl, args.qkv)
     finally:
         with open(out / "fp8_check.jsonl", "a") as f:
             for r in RESULTS:
