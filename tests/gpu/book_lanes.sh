@@ -12,6 +12,12 @@
 # model (once per machine, so the lanes do not all do it at once).  Logs: $OUT/laneN/chNN.log (OUT defaults to
 # .gpu/lanes in the checkout); printed: a line
 # per chapter, then the failing cells' lines of every log (what a device call's reply shows).
+#
+# Memory: the lanes share one card. Chapter 10's seed benchmark and chapter 12's benchmark cell size their engines
+# from the whole card (a share of its memory, as `gpu_memory_utilization` does), so an uncapped lane holding either
+# starves the lanes beside it: on 2026-12-07 five lanes (00-06 / 07 08 09 13 / 10 / 12 / 10 12 at 8 GiB) ran out of
+# memory in 01, 07 and 08. Give uncapped 10 and 12 a call of their own, or run them capped ("8:10 12") beside the
+# rest.
 set -u
 root=$(pwd)
 B=$root/.gpu/bin
