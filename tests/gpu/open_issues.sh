@@ -5,6 +5,8 @@
 #   STASH=/tmp/stash bash tests/gpu/open_issues.sh [PART ...]
 #
 # PARTS (all when none, in this order; each under its own time limit, its result printed as it ends):
+#   switches  switch_tokens.py: the embedded model's greedy replies with PDL and split-K off and on (whether the
+#           two can go on by default: chapter 00's reply with them on failed its check in the book, 2026-12-07)
 #   book    chapter 12 through nbval on the full card and at 8 GiB, at once (book_lanes.sh)
 #   fp8     fp8_check.py's kernels section (the Triton FP8 store bit for bit, decode, prefill)
 #   sweep   decode_sweep.py --graph --fp8 at three decode steps: the engine's FP8 launch (K and V read as words,
@@ -19,7 +21,7 @@ root=$(pwd)
 OUT=${OUT:-$root/.gpu/open_issues}; mkdir -p "$OUT"
 env_sh=${ENV_SH:-$root/.gpu/bin/env.sh}  # (ENV_SH: another wrapper, to try this script without a GPU)
 [ -f "$env_sh" ] || { echo "no $env_sh: run the GPU notes' prepare first"; exit 3; }
-parts=${*:-book fp8 sweep bench spec serve}
+parts=${*:-switches book fp8 sweep bench spec serve}
 # the serve extra (chapter 11, the serve bench), where tests/gpu/serve_wheels.sh stashed it on this machine
 if [ -d /tmp/serve-stash ]; then
   bash "$root"/tests/gpu/serve_wheels.sh install && export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}
@@ -33,6 +35,9 @@ run() {  # NAME SECONDS CMD...: run CMD under a time limit, log to $OUT/NAME.log
 }
 for part in $parts; do
   case $part in
+    switches)
+      run switches 240 bash "$env_sh" python3 tests/gpu/switch_tokens.py
+      grep -vi warn "$OUT/switches.log" | tail -16 ;;
     book)
       run book 200 env OUT="$OUT/lanes" DEADLINE=170 bash tests/gpu/book_lanes.sh ":12" "8:12"
       cat "$OUT/book.log" ;;
@@ -54,6 +59,6 @@ for part in $parts; do
       run serve 200 bash "$env_sh" python3 -m nanovllm.bench --workload serve --engine nanovllm,hf \
         --prompt-kind chat --num-requests 16 --request-rate 4 inf --output-len 16 16 --json "$OUT/serve.jsonl"
       grep -E "serve chat|hf:|FAILED|Error" "$OUT/serve.log" | tail -20 ;;
-    *) echo "unknown part $part (book, fp8, sweep, bench, spec, serve)"; exit 2 ;;
+    *) echo "unknown part $part (switches, book, fp8, sweep, bench, spec, serve)"; exit 2 ;;
   esac
 done
