@@ -1,0 +1,240 @@
+"""An experiment: FP8 decode attention whose K and V tiles arrive by TMA (the Hopper tensor-memory accelerator), one
+cache block of 128 tokens a tile (not part of the package; a script for a GPU machine, its kernel also tested on a
+CPU by tests/test_tma_decode.py in Triton's interpreter).
+
+Why: Nsight Compute found the package's FP8 decode kernel waiting on shared memory (figures/data/fp8_words_h100.txt
+section 12: L1/shared 73 % busy, 28 % of its wavefronts bank conflicts: the cp.async buffers of the 16-bit words,
+laid out unswizzled by Triton 3.6). A TMA copy writes a tile into shared memory swizzled, in one instruction for the
+whole tile, with no per-thread address arithmetic. TMA copies a box of a dense tensor, so a tile must be one cache
+block: the cache is viewed as [num_blocks x block_size, kv_heads x head_dim] and a tile is the box at row
+``block x block_size``, column ``kv_head x head_dim``; the engine's default blocks of 16 tokens would make 16-token
+tiles, so this needs ``kvcache_block_size=128`` (the block size did not matter to the package's kernel:
+fp8_words_h100.txt section 18). The products and the online softmax are the package kernel's (float16 products,
+K's scale in the softmax scale, V's on the output); rows past a sequence's context in its last block are zeroed in
+V (TMA cannot mask them, and stale bytes may be NaN) and masked out of the scores.
+
+On a GPU (checks against the package's kernel, then times both from CUDA graphs over the seed benchmark's batches,
+28 layers each its own cache):
+
+    PYTHONPATH=. python3 tests/gpu/tma_decode.py [--steps 200,600,900] [--stages 2,3] [--bench]
+
+(Compiled for sm_90 by Triton 3.6 without a GPU, 2026-12-07: per tile, TMA copies (cp.async.bulk.tensor) behind
+mbarrier waits, e4m3 widened by cvt.rn.f16x2.e4m3x2, mma.sync products; ~74 KB of shared memory at 2 stages, as
+the package's launch. Not yet run on a GPU.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+from nanovllm.triton_utils import next_pow2  # noqa: E402
+
+BLOCK = 128  # tokens a cache block and a tile
+
+
+@triton.jit
+def _tma_decode_kernel(
+    q_ptr, k_desc, v_desc, bt_ptr, ctx_ptr, ks_ptr, vs_ptr, out_ptr,
+    qk_scale,  # softmax scale * log2(e)
+    stride_qb, stride_qh, stride_btb, stride_ob, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    kvh = tl.program_id(0)  # a sequence's KV heads side by side in launch order, as the package's launch
+    seq = tl.program_id(1)
+    ctx = tl.load(ctx_ptr + seq)
+    num_tiles = tl.cdiv(ctx, BLOCK_N)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * GROUP + offs_g
+    g_mask = offs_g < GROUP
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None], other=0.0)
+    q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+    qk_scale = qk_scale * tl.load(ks_ptr + kvh)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
+    col = kvh * HEAD_DIM
+    for t in range(0, num_tiles):
+        row = tl.load(bt_row + t) * BLOCK_N  # the tile is the sequence's t-th cache block
+        n_mask = t * BLOCK_N + offs_n < ctx
+        k = k_desc.load([row, col]).to(tl.float16)  # [BLOCK_N, HEAD_DIM]
+        qk = tl.dot(q, tl.trans(k))
+        qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.where(n_mask[:, None], v_desc.load([row, col]).to(tl.float16), 0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+        m_i = m_new
+    has = l_i > 0
+    o = acc / tl.where(has, l_i, 1.0)[:, None] * tl.load(vs_ptr + kvh)
+    tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+def tma_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, out=None,
+               num_stages: int = 2, num_warps: int = 4):
+    """Decode attention over an FP8 cache [num_blocks, 128, kv_heads, head_dim] (blocks of 128 tokens; head_dim a
+    power of two, 16 or more): ``q`` [B, H, D] -> [B, H, D], as ``paged_decode_attention`` with one split."""
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    if block_size != BLOCK:
+        raise ValueError(f"the TMA kernel reads one cache block a tile: it needs blocks of {BLOCK} tokens, "
+                         f"got {block_size}")
+    if k_cache.dtype != torch.float8_e4m3fn or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the TMA kernel reads a contiguous e4m3 cache")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two of 16 or more, got {head_dim}")
+    batch, num_heads, _ = q.shape
+    group = num_heads // kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    descs = [TensorDescriptor.from_tensor(c.view(num_blocks * block_size, kv_heads * head_dim), [BLOCK, head_dim])
+             for c in (k_cache, v_cache)]
+    _tma_decode_kernel[(kv_heads, batch)](
+        q, *descs, block_tables, context_lens, k_scale, v_scale, out,
+        float(scale) * 1.4426950408889634,
+        q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(next_pow2(group), 16), HEAD_DIM=head_dim, BLOCK_N=BLOCK,
+        num_stages=num_stages, num_warps=num_warps,
+    )
+    return out
+
+
+def main():
+    from decode_sweep import HKV, D, H, batch_at_step
+    from gemm_check import LAYERS, chain, graph_us
+
+    from nanovllm.attention import triton_kernels as tk
+    from nanovllm.bench import seed_workload
+    from nanovllm.engine.cuda_graphs import graph_batch_sizes
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", default="200,600,900")
+    ap.add_argument("--stages", default="2,3")
+    ap.add_argument("--bench", action="store_true",
+                    help="also the seed benchmark over an FP8 cache of 128-token blocks, with and without this kernel")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("tma_decode.py needs a CUDA GPU")
+    eng = dict(f16_dot=True, fp8_words=tk.TritonBackend.fp8_words, fp8_words_k=tk.TritonBackend.fp8_words_k)
+    print(torch.cuda.get_device_name(0), torch.__version__, "triton", triton.__version__, flush=True)
+
+    # correctness: scattered blocks of 128, lengths around the tile edges; Qwen3-0.6B's heads and SmolLM2-135M's
+    for h, hkv, d in ((H, HKV, D), (9, 3, 64)):
+        g = torch.Generator(device="cuda").manual_seed(0)
+        lens = torch.tensor([1, 5, 127, 128, 129, 300, 511, 600, 33, 2000], dtype=torch.int32, device="cuda")
+        per = [-(-int(n) // BLOCK) for n in lens]
+        nb = sum(per) + 4
+        k = (torch.randn(nb, BLOCK, hkv, d, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
+        v = (torch.randn(nb, BLOCK, hkv, d, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
+        v.view(torch.uint8)[-1] = 0x7F  # a block of NaN bytes (e4m3fn): only masked-out rows may sit there
+        perm = torch.randperm(nb - 1, generator=torch.Generator().manual_seed(1))
+        tables = torch.zeros(len(per), max(per), dtype=torch.int32)
+        at = 0
+        for i, n in enumerate(per):
+            tables[i, :n] = perm[at:at + n]
+            at += n
+        tables = tables.cuda()
+        q = torch.randn(len(per), h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        ks = torch.rand(hkv, device="cuda", generator=g) + 0.5
+        vs = torch.rand(hkv, device="cuda", generator=g) + 0.5
+        ref = tk.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, k_scale=ks, v_scale=vs, num_splits=1,
+                                        **eng).float()
+        for st in map(int, args.stages.split(",")):
+            got = tma_decode(q, k, v, tables, lens, d ** -0.5, ks, vs, num_stages=st).float()
+            err = (got - ref).abs().max().item()
+            print(f"check heads {h}/{hkv} d {d} stages {st}: max |tma - triton| = {err:.4g} "
+                  f"{'PASS' if err < 2e-2 else 'FAIL'}", flush=True)
+
+    w = seed_workload()
+    ones = torch.ones(HKV, device="cuda")
+    for step in map(int, args.steps.split(",")):
+        ctx = batch_at_step(w, step)
+        bucket = next(b for b in graph_batch_sizes(256) if b >= len(ctx))
+        lens = torch.zeros(bucket, dtype=torch.int32, device="cuda")
+        lens[:len(ctx)] = torch.tensor(ctx)
+        q = torch.randn(bucket, H, D, device="cuda", dtype=torch.bfloat16)
+        nbytes = sum(ctx) * HKV * D * 2
+        res = []
+        for bs in (16, BLOCK):  # the engine's blocks of 16 (the package's kernel), and of 128 (both kernels)
+            per = [-(-c // bs) for c in ctx]
+            nb = sum(per)
+            tables = []
+            for layer in range(LAYERS):  # each layer its own blocks, consecutive per sequence
+                t = torch.zeros(bucket, max(per), dtype=torch.int32)
+                first = layer * nb
+                for i, n in enumerate(per):
+                    t[i, :n] = torch.arange(first, first + n, dtype=torch.int32)
+                    first += n
+                tables.append(t.cuda())
+            k = torch.randn(nb * LAYERS + 8, bs, HKV, D, device="cuda").to(torch.float8_e4m3fn)
+            v = torch.randn(nb * LAYERS + 8, bs, HKV, D, device="cuda").to(torch.float8_e4m3fn)
+
+            def triton_call(t, q=q, k=k, v=v, lens=lens):
+                tk.paged_decode_attention(q, k, v, t, lens, D ** -0.5, k_scale=ones, v_scale=ones, **eng)
+
+            calls = [(f"triton, blocks of {bs}", triton_call)]
+            if bs == BLOCK:
+                calls += [(f"tma, {st} stages", lambda t, q=q, k=k, v=v, lens=lens, st=st: tma_decode(
+                    q, k, v, t, lens, D ** -0.5, ones, ones, num_stages=st)) for st in map(int, args.stages.split(","))]
+            for name, fn in calls:
+                try:
+                    us = graph_us(chain(tables, fn))
+                    res.append(f"{name} {us:.1f} us ({nbytes / us / 1e6:.2f} TB/s)")
+                except Exception as e:  # noqa: BLE001
+                    res.append(f"{name}: {type(e).__name__} {str(e)[:160]}")
+            del k, v
+            torch.cuda.empty_cache()
+        print(f"step {step} batch {len(ctx)}: " + "; ".join(res), flush=True)
+    if args.bench:
+        bench(int(args.stages.split(",")[0]))
+
+
+def bench(stages: int):
+    """The seed benchmark with an FP8 cache of 128-token blocks: the package's kernel, then this one wherever the
+    package's launch would take one split (at smaller batches the package's split launch stays)."""
+    from nanovllm import bench as nb
+    from nanovllm.attention import triton_kernels as tk
+
+    package = tk.paged_decode_attention
+
+    def with_tma(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, k_scale=None,
+                 v_scale=None, **kw):
+        one_split = num_splits == 1 or (num_splits is None and tk.pick_num_splits(
+            q.shape[0], k_cache.shape[2], block_tables.shape[1] * k_cache.shape[1], tk.num_sms(q.device), 128) == 1)
+        if k_scale is not None and k_cache.shape[1] == BLOCK and one_split and kw.get("out") is None:
+            return tma_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
+                              num_stages=stages)
+        return package(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
+                       k_scale=k_scale, v_scale=v_scale, **kw)
+
+    argv = ["--engine", "nanovllm", "--kv-cache-dtype", "fp8", "--kvcache-block-size", str(BLOCK)]
+    for name, fn in (("package kernel", package), (f"tma kernel ({stages} stages) at one split", with_tma),
+                     ("package kernel again", package)):
+        tk.paged_decode_attention = fn
+        try:
+            [r] = nb.main(argv)
+            print(f"seed benchmark, fp8, blocks of {BLOCK}, {name}: {r.tok_per_s:,.0f} tok/s", flush=True)
+        except SystemExit as e:
+            print(f"seed benchmark, {name}: failed ({e.code})", flush=True)
+        finally:
+            tk.paged_decode_attention = package
+
+
+if __name__ == "__main__":
+    main()
