@@ -16,7 +16,7 @@ V (TMA cannot mask them, and stale bytes may be NaN) and masked out of the score
 On a GPU (checks against the package's kernel, then times both from CUDA graphs over the seed benchmark's batches,
 28 layers each its own cache):
 
-    PYTHONPATH=. python3 tests/gpu/tma_decode.py [--steps 200,600,900] [--stages 2,3] [--bench]
+    PYTHONPATH=. python3 tests/gpu/tma_decode.py [--steps 200,600,900] [--tilings 2x4,3x4,2x8] [--bench]
 
 (Compiled for sm_90 by Triton 3.6 without a GPU, 2026-12-07: per tile, TMA copies (cp.async.bulk.tensor) behind
 mbarrier waits, e4m3 widened by cvt.rn.f16x2.e4m3x2, mma.sync products; ~74 KB of shared memory at 2 stages, as
@@ -125,10 +125,11 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", default="200,600,900")
-    ap.add_argument("--stages", default="2,3")
+    ap.add_argument("--tilings", default="2x4,3x4,2x8", help="pipeline stages x warps of the TMA kernel to time")
     ap.add_argument("--bench", action="store_true",
                     help="also the seed benchmark over an FP8 cache of 128-token blocks, with and without this kernel")
     args = ap.parse_args()
+    tilings = [tuple(map(int, t.split("x"))) for t in args.tilings.split(",")]
     if not torch.cuda.is_available():
         sys.exit("tma_decode.py needs a CUDA GPU")
     eng = dict(f16_dot=True, fp8_words=tk.TritonBackend.fp8_words, fp8_words_k=tk.TritonBackend.fp8_words_k)
@@ -155,10 +156,10 @@ def main():
         vs = torch.rand(hkv, device="cuda", generator=g) + 0.5
         ref = tk.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, k_scale=ks, v_scale=vs, num_splits=1,
                                         **eng).float()
-        for st in map(int, args.stages.split(",")):
-            got = tma_decode(q, k, v, tables, lens, d ** -0.5, ks, vs, num_stages=st).float()
+        for st, wp in tilings:
+            got = tma_decode(q, k, v, tables, lens, d ** -0.5, ks, vs, num_stages=st, num_warps=wp).float()
             err = (got - ref).abs().max().item()
-            print(f"check heads {h}/{hkv} d {d} stages {st}: max |tma - triton| = {err:.4g} "
+            print(f"check heads {h}/{hkv} d {d} {st} stages {wp} warps: max |tma - triton| = {err:.4g} "
                   f"{'PASS' if err < 2e-2 else 'FAIL'}", flush=True)
 
     w = seed_workload()
@@ -190,8 +191,8 @@ def main():
 
             calls = [(f"triton, blocks of {bs}", triton_call)]
             if bs == BLOCK:
-                calls += [(f"tma, {st} stages", lambda t, q=q, k=k, v=v, lens=lens, st=st: tma_decode(
-                    q, k, v, t, lens, D ** -0.5, ones, ones, num_stages=st)) for st in map(int, args.stages.split(","))]
+                calls += [(f"tma, {st} stages {wp} warps", lambda t, q=q, k=k, v=v, lens=lens, st=st, wp=wp: tma_decode(
+                    q, k, v, t, lens, D ** -0.5, ones, ones, num_stages=st, num_warps=wp)) for st, wp in tilings]
             for name, fn in calls:
                 try:
                     us = graph_us(chain(tables, fn))
@@ -202,10 +203,10 @@ def main():
             torch.cuda.empty_cache()
         print(f"step {step} batch {len(ctx)}: " + "; ".join(res), flush=True)
     if args.bench:
-        bench(int(args.stages.split(",")[0]))
+        bench(*tilings[0])
 
 
-def bench(stages: int):
+def bench(stages: int, warps: int):
     """The seed benchmark with an FP8 cache of 128-token blocks: the package's kernel, then this one wherever the
     package's launch would take one split (at smaller batches the package's split launch stays)."""
     from nanovllm import bench as nb
@@ -219,13 +220,14 @@ def bench(stages: int):
             q.shape[0], k_cache.shape[2], block_tables.shape[1] * k_cache.shape[1], tk.num_sms(q.device), 128) == 1)
         if k_scale is not None and k_cache.shape[1] == BLOCK and one_split and kw.get("out") is None:
             return tma_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
-                              num_stages=stages)
+                              num_stages=stages, num_warps=warps)
         return package(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
                        k_scale=k_scale, v_scale=v_scale, **kw)
 
     argv = ["--engine", "nanovllm", "--kv-cache-dtype", "fp8", "--kvcache-block-size", str(BLOCK)]
-    for name, fn in (("package kernel", package), (f"tma kernel ({stages} stages) at one split", with_tma),
-                     ("package kernel again", package)):
+    runs = (("package kernel", package), (f"tma kernel ({stages} stages, {warps} warps) at one split", with_tma),
+            ("package kernel again", package))
+    for name, fn in runs:
         tk.paged_decode_attention = fn
         try:
             [r] = nb.main(argv)
