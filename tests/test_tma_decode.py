@@ -1,5 +1,6 @@
-"""The experimental TMA decode kernel (tests/gpu/tma_decode.py) in Triton's interpreter: over an FP8 cache of
-128-token blocks it computes what the reference computes (its GPU results and timings come from the script)."""
+"""The experimental TMA decode kernel (tests/gpu/tma_decode.py): in Triton's interpreter, over an FP8 cache of
+128-token blocks, it computes what the reference computes; compiled for sm_90 (no GPU needed), its tiles come by
+TMA.  Its GPU results and timings come from the script."""
 
 from __future__ import annotations
 
