@@ -97,6 +97,8 @@ def tma_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, 
                          f"got {block_size}")
     if k_cache.dtype != torch.float8_e4m3fn or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the TMA kernel reads a contiguous e4m3 cache")
+    if q.stride(-1) != 1:
+        raise ValueError("the TMA kernel reads q's head dimension contiguous")
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"head_dim must be a power of two of 16 or more, got {head_dim}")
     batch, num_heads, _ = q.shape
@@ -143,13 +145,15 @@ def main():
         nb = sum(per) + 4
         k = (torch.randn(nb, BLOCK, hkv, d, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
         v = (torch.randn(nb, BLOCK, hkv, d, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
-        v.view(torch.uint8)[-1] = 0x7F  # a block of NaN bytes (e4m3fn): only masked-out rows may sit there
-        perm = torch.randperm(nb - 1, generator=torch.Generator().manual_seed(1))
+        perm = torch.randperm(nb, generator=torch.Generator().manual_seed(1))
         tables = torch.zeros(len(per), max(per), dtype=torch.int32)
         at = 0
         for i, n in enumerate(per):
             tables[i, :n] = perm[at:at + n]
             at += n
+            if int(lens[i]) % BLOCK:  # stale bytes past the context in its last block: NaN (e4m3fn 0x7F)
+                for c in (k, v):
+                    c.view(torch.uint8)[int(tables[i, n - 1]), int(lens[i]) % BLOCK:] = 0x7F
         tables = tables.cuda()
         q = torch.randn(len(per), h, d, device="cuda", dtype=torch.bfloat16, generator=g)
         ks = torch.rand(hkv, device="cuda", generator=g) + 0.5
@@ -218,7 +222,8 @@ def bench(stages: int, warps: int):
                  v_scale=None, **kw):
         one_split = num_splits == 1 or (num_splits is None and tk.pick_num_splits(
             q.shape[0], k_cache.shape[2], block_tables.shape[1] * k_cache.shape[1], tk.num_sms(q.device), 128) == 1)
-        if k_scale is not None and k_cache.shape[1] == BLOCK and one_split and kw.get("out") is None:
+        if (k_scale is not None and k_cache.shape[1] == BLOCK and one_split and kw.get("out") is None
+                and q.stride(-1) == 1):
             return tma_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
                               num_stages=stages, num_warps=warps)
         return package(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
