@@ -20,6 +20,8 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpret
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
 
+from decode_sweep import scattered_fp8_cache  # noqa: E402
+
 from nanovllm.attention.torch_ref import paged_decode_ref  # noqa: E402
 
 
@@ -35,16 +37,7 @@ def test_tma_decode_equals_the_reference(heads, kv_heads, head_dim):
     tma_decode = tma_module()
     g = torch.Generator().manual_seed(heads)
     lens = torch.tensor([1, 127, 128, 129, 300, 0], dtype=torch.int32)  # the last: a graph's padding row
-    per = [max(-(-int(n) // 128), 1) for n in lens]
-    nb = sum(per) + 2
-    k = (torch.randn(nb, 128, kv_heads, head_dim, generator=g) * 2).to(torch.float8_e4m3fn)
-    v = (torch.randn(nb, 128, kv_heads, head_dim, generator=g) * 2).to(torch.float8_e4m3fn)
-    perm = torch.randperm(nb, generator=g)
-    tables = torch.zeros(len(per), max(per), dtype=torch.int32)
-    at = 0
-    for i, n in enumerate(per):
-        tables[i, :n] = perm[at:at + n]
-        at += n
+    k, v, tables = scattered_fp8_cache(lens.tolist(), 128, kv_heads, head_dim, g)
     # stale bytes past a context in its last block may be anything, NaN too (e4m3fn 0x7F): the kernel reads the
     # whole block by TMA and must keep them out of the output; the reference gets the same cache without them
     v_stale = v.clone()
@@ -52,7 +45,7 @@ def test_tma_decode_equals_the_reference(heads, kv_heads, head_dim):
     v_stale.view(torch.uint8)[tables[4, 2], 44:] = 0x7F  # 300 tokens: rows 44.. of the third block
     k_stale = k.clone()
     k_stale.view(torch.uint8)[tables[4, 2], 44:] = 0x7F
-    q = torch.randn(len(per), heads, head_dim, generator=g)
+    q = torch.randn(len(lens), heads, head_dim, generator=g)
     ks, vs = torch.rand(kv_heads, generator=g) + 0.5, torch.rand(kv_heads, generator=g) + 0.5
     out = tma_decode.tma_decode(q, k_stale, v_stale, tables, lens, head_dim ** -0.5, ks, vs)
     assert not out.isnan().any()

@@ -97,6 +97,23 @@ def make_cache(ctx: list[int], layout: str, seed: int = 0):
     return k, v, tables.cuda(), torch.tensor(ctx, dtype=torch.int32, device="cuda")
 
 
+def scattered_fp8_cache(lens: list[int], block_size: int, kv_heads: int, head_dim: int, gen: torch.Generator):
+    """A random e4m3 K and V cache [blocks, block_size, kv_heads, head_dim] on ``gen``'s device, and block tables
+    [len(lens), most blocks] (int32, on the CPU) giving each sequence its ``lens[i]`` tokens (at least one block)
+    in blocks scattered at random: the correctness checks' cache."""
+    per = [max(-(-int(n) // block_size), 1) for n in lens]
+    nb = sum(per) + 4
+    k, v = ((torch.randn(nb, block_size, kv_heads, head_dim, device=gen.device, generator=gen) * 2)
+            .to(torch.float8_e4m3fn) for _ in range(2))
+    perm = torch.randperm(nb, generator=torch.Generator().manual_seed(1))
+    tables = torch.zeros(len(per), max(per), dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(per):
+        tables[i, :n] = perm[at:at + n]
+        at += n
+    return k, v, tables
+
+
 def read_bandwidth() -> None:
     """What the GPU reads per second at best: a plain streaming-sum kernel over 2 GiB of bf16."""
     import triton

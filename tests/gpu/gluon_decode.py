@@ -364,7 +364,7 @@ def bench(out, tokens=("32",)):
 
 
 def main():
-    from decode_sweep import BS, HKV, D, H, batch_at_step, graph_inputs
+    from decode_sweep import BS, HKV, D, H, batch_at_step, graph_inputs, scattered_fp8_cache
     from gemm_check import LAYERS, chain, graph_us
 
     from nanovllm.attention import triton_kernels as tk
@@ -389,18 +389,9 @@ def main():
     for h, hkv, d in ((H, HKV, D), (9, 3, 64)):
         g = torch.Generator(device="cuda").manual_seed(0)
         lens = torch.tensor([1, 5, 16, 17, 100, 127, 128, 129, 300, 511, 600, 33], dtype=torch.int32, device="cuda")
-        per = [-(-int(n) // BS) for n in lens]
-        nb = sum(per) + 4
-        k = (torch.randn(nb, BS, hkv, d, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
-        v = (torch.randn(nb, BS, hkv, d, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
-        perm = torch.randperm(nb, generator=torch.Generator().manual_seed(1))
-        tables = torch.zeros(len(per), max(per), dtype=torch.int32)
-        at = 0
-        for i, n in enumerate(per):
-            tables[i, :n] = perm[at:at + n]
-            at += n
+        k, v, tables = scattered_fp8_cache(lens.tolist(), BS, hkv, d, g)
         tables = tables.cuda()
-        q = torch.randn(len(per), h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        q = torch.randn(len(lens), h, d, device="cuda", dtype=torch.bfloat16, generator=g)
         ks = torch.rand(hkv, device="cuda", generator=g) + 0.5
         vs = torch.rand(hkv, device="cuda", generator=g) + 0.5
         ref = tk.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, k_scale=ks, v_scale=vs, **eng).float()

@@ -118,7 +118,7 @@ def tma_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, 
 
 
 def main():
-    from decode_sweep import HKV, D, H, batch_at_step
+    from decode_sweep import HKV, D, H, batch_at_step, scattered_fp8_cache
     from gemm_check import LAYERS, chain, graph_us
 
     from nanovllm.attention import triton_kernels as tk
@@ -141,21 +141,13 @@ def main():
     for h, hkv, d in ((H, HKV, D), (9, 3, 64)):
         g = torch.Generator(device="cuda").manual_seed(0)
         lens = torch.tensor([1, 5, 127, 128, 129, 300, 511, 600, 33, 2000], dtype=torch.int32, device="cuda")
-        per = [-(-int(n) // BLOCK) for n in lens]
-        nb = sum(per) + 4
-        k = (torch.randn(nb, BLOCK, hkv, d, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
-        v = (torch.randn(nb, BLOCK, hkv, d, device="cuda", generator=g) * 2).to(torch.float8_e4m3fn)
-        perm = torch.randperm(nb, generator=torch.Generator().manual_seed(1))
-        tables = torch.zeros(len(per), max(per), dtype=torch.int32)
-        at = 0
-        for i, n in enumerate(per):
-            tables[i, :n] = perm[at:at + n]
-            at += n
-            if int(lens[i]) % BLOCK:  # stale bytes past the context in its last block: NaN (e4m3fn 0x7F)
+        k, v, tables = scattered_fp8_cache(lens.tolist(), BLOCK, hkv, d, g)
+        for i, n in enumerate(lens.tolist()):  # stale bytes past the context in its last block: NaN (0x7F)
+            if n % BLOCK:
                 for c in (k, v):
-                    c.view(torch.uint8)[int(tables[i, n - 1]), int(lens[i]) % BLOCK:] = 0x7F
+                    c.view(torch.uint8)[int(tables[i, (n - 1) // BLOCK]), n % BLOCK:] = 0x7F
         tables = tables.cuda()
-        q = torch.randn(len(per), h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        q = torch.randn(len(lens), h, d, device="cuda", dtype=torch.bfloat16, generator=g)
         ks = torch.rand(hkv, device="cuda", generator=g) + 0.5
         vs = torch.rand(hkv, device="cuda", generator=g) + 0.5
         ref = tk.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, k_scale=ks, v_scale=vs, num_splits=1,
