@@ -49,6 +49,7 @@ def _tma_decode_kernel(
     qk_scale,  # softmax scale * log2(e)
     stride_qb, stride_qh, stride_btb, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASK_V: tl.constexpr,  # zero V's rows past the context (False: only to time what the select costs)
 ):
     kvh = tl.program_id(0)  # a sequence's KV heads side by side in launch order, as the package's launch
     seq = tl.program_id(1)
@@ -78,7 +79,9 @@ def _tma_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.where(n_mask[:, None], v_desc.load([row, col]).to(tl.float16), 0.0)
+        v = v_desc.load([row, col]).to(tl.float16)
+        if MASK_V:
+            v = tl.where(n_mask[:, None], v, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
         m_i = m_new
     has = l_i > 0
@@ -88,7 +91,7 @@ def _tma_decode_kernel(
 
 
 def tma_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, out=None,
-               num_stages: int = 2, num_warps: int = 4):
+               num_stages: int = 2, num_warps: int = 4, mask_v: bool = True):
     """Decode attention over an FP8 cache [num_blocks, 128, kv_heads, head_dim] (blocks of 128 tokens; head_dim a
     power of two, 16 or more): ``q`` [B, H, D] -> [B, H, D], as ``paged_decode_attention`` with one split."""
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
@@ -111,7 +114,7 @@ def tma_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, 
         q, *descs, block_tables, context_lens, k_scale, v_scale, out,
         float(scale) * 1.4426950408889634,
         q.stride(0), q.stride(1), block_tables.stride(0), out.stride(0), out.stride(1),
-        GROUP=group, GROUP_PAD=max(next_pow2(group), 16), HEAD_DIM=head_dim, BLOCK_N=BLOCK,
+        GROUP=group, GROUP_PAD=max(next_pow2(group), 16), HEAD_DIM=head_dim, BLOCK_N=BLOCK, MASK_V=mask_v,
         num_stages=num_stages, num_warps=num_warps,
     )
     return out
@@ -186,9 +189,14 @@ def main():
                 tk.paged_decode_attention(q, k, v, t, lens, D ** -0.5, k_scale=ones, v_scale=ones, **eng)
 
             calls = [(f"triton, blocks of {bs}", triton_call)]
-            if bs == BLOCK:
-                calls += [(f"tma, {st} stages {wp} warps", lambda t, q=q, k=k, v=v, lens=lens, st=st, wp=wp: tma_decode(
-                    q, k, v, t, lens, D ** -0.5, ones, ones, num_stages=st, num_warps=wp)) for st, wp in tilings]
+            if bs == BLOCK:  # and, at the first tiling, what zeroing V's rows past the context costs (no NaN here)
+                variants = [(st, wp, True) for st, wp in tilings] + [(*tilings[0], False)]
+                for st, wp, mask_v in variants:
+                    def tma_call(t, q=q, k=k, v=v, lens=lens, st=st, wp=wp, mask_v=mask_v):
+                        tma_decode(q, k, v, t, lens, D ** -0.5, ones, ones, num_stages=st, num_warps=wp,
+                                   mask_v=mask_v)
+
+                    calls.append((f"tma, {st} stages {wp} warps{'' if mask_v else ', V unmasked'}", tma_call))
             for name, fn in calls:
                 try:
                     us = graph_us(chain(tables, fn))
