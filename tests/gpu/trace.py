@@ -1,6 +1,6 @@
 """Where the GPU sits idle during overlapped decode (a script, not a pytest module).
 
-    PYTHONPATH=. python3 tests/gpu/trace.py [--out DIR] [--kv-cache-dtype fp8]
+    PYTHONPATH=. python3 tests/gpu/trace.py [--out DIR] [--kv-cache-dtype fp8] [--block-size N]
 
 Runs a few short seed-benchmark-like decodes (Qwen3-0.6B shape, random weights) under the PyTorch
 profiler, then from the kernel timeline of the decode steps: GPU busy time, idle time, and the idle gaps
@@ -69,13 +69,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--kv-cache-dtype", default="auto")
+    ap.add_argument("--block-size", type=int, default=None, help="the KV cache's block size (default: the engine's)")
     args = ap.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
     tmp = tempfile.mkdtemp()
     (Path(tmp) / "config.json").write_text(QWEN3_0_6B_CONFIG.read_text())
-    llm = LLM(tmp, load_format="dummy", kv_cache_dtype=args.kv_cache_dtype)
-    print(f"kv_cache_dtype={args.kv_cache_dtype}")
+    blocks = {} if args.block_size is None else {"kvcache_block_size": args.block_size}
+    llm = LLM(tmp, load_format="dummy", kv_cache_dtype=args.kv_cache_dtype, **blocks)
+    print(f"kv_cache_dtype={args.kv_cache_dtype} {blocks}")
     for num, prompt_len, max_tokens in ((16, 1500, 48), (64, 1000, 40), (256, 600, 32)):
         prompts = [[(7 * i + j) % 10000 for j in range(prompt_len)] for i in range(num)]
         params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=max_tokens)
