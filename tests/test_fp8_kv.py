@@ -249,6 +249,24 @@ def test_triton_fused_rope_store_fp8(tk):
     assert torch.equal(got[1].cpu().view(torch.uint8), ref[1].view(torch.uint8))  # V is stored as it came
 
 
+def test_decode_reference_keeps_stale_bytes_out():
+    """The reference decode reads a padded view of the cache: the rows past each context (the rest of its last
+    block, and the padding up to the longest context) hold whatever the cache holds, NaN too (e4m3fn 0x7F); they
+    must not reach the output."""
+    k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, 64, seed=5)
+    q = torch.randn(3, 6, 64, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    clean = paged_decode_ref(q, k_cache, v_cache, ctx, tables, 0.125, k_scale, v_scale)
+    live = torch.zeros(k_cache.shape[:2], dtype=torch.bool, device=DEVICE)  # [num_blocks, block_size]
+    for i, n in enumerate(ctx.tolist()):
+        for pos in range(n):
+            live[tables[i, pos // 16], pos % 16] = True
+    stale = [c.clone() for c in (k_cache, v_cache)]
+    for c in stale:
+        c.view(torch.uint8)[~live] = 0x7F
+    out = paged_decode_ref(q, *stale, ctx, tables, 0.125, k_scale, v_scale)
+    assert torch.equal(out, clean)
+
+
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_triton_decode_fp8(tk, num_splits):
     k_cache, v_cache, k_scale, v_scale, tables, ctx = fp8_paged_cache([5, 40, 17], 16, 2, 64, seed=5)

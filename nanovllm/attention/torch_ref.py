@@ -91,7 +91,10 @@ def varlen_causal_attention(q, k, v, cu_seqlens_q, scale) -> torch.Tensor:
 def paged_decode_ref(q, k_cache, v_cache, context_lens, block_tables, scale, k_scale=None,
                      v_scale=None) -> torch.Tensor:
     """One query per sequence, all sequences at once: gather a padded [B, Hkv, L, D] view of the cache,
-    mask the padding, and let each KV head's group of query heads share it.  q: [B, H, D]."""
+    mask the padding, and let each KV head's group of query heads share it.  q: [B, H, D].  The padding's
+    keys and values are zeroed as well as masked: they are whatever the cache holds there (another sequence's
+    tokens, bytes never written, NaN in an FP8 cache), and a masked NaN would still reach the output (a NaN
+    score, or 0 x NaN)."""
     head_dim = q.shape[-1]
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     max_len = int(context_lens.max())
@@ -101,6 +104,7 @@ def paged_decode_ref(q, k_cache, v_cache, context_lens, block_tables, scale, k_s
     k = read_kv(k_cache.view(-1, num_kv_heads, head_dim)[slots], k_scale, q.dtype).transpose(1, 2)  # [B, Hkv, L, D]
     v = read_kv(v_cache.view(-1, num_kv_heads, head_dim)[slots], v_scale, q.dtype).transpose(1, 2)
     valid = (pos[None, :] < context_lens[:, None])[:, None, None, :]  # [B, 1, 1, L]
+    k, v = (x.masked_fill(~valid[:, :, 0, :, None], 0) for x in (k, v))
     o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=valid, scale=scale,
                                        enable_gqa=q.shape[1] != num_kv_heads)
     return o.squeeze(2)
