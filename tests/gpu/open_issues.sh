@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# What the open issues still need from a GPU, in one device call of at most 10 minutes (not run by CI). After the
-# GPU notes' `prepare` and their first call (stash.sh), from the repository root, carrying .gpu/b and .gpu/bin:
+# What the open issues still need from a GPU, part by part (not run by CI). The parts' time limits add up to more
+# than one device call's 10 minutes: name the parts that fit a call. After the GPU notes' `prepare` and their first
+# call (stash.sh), from the repository root, carrying .gpu/b and .gpu/bin:
 #
 #   STASH=/tmp/stash bash tests/gpu/open_issues.sh [PART ...]
 #
