@@ -54,6 +54,33 @@ def test_tma_decode_equals_the_reference(heads, kv_heads, head_dim):
     assert torch.equal(out[-1], torch.zeros_like(out[-1]))
 
 
+def test_in_the_package_swaps_the_decode_where_one_split_reads_128_token_blocks(monkeypatch):
+    """What the script's seed benchmark and traces run: inside the block the package's decode attention is the TMA
+    kernel for an FP8 cache of 128-token blocks at one split, the package's own launch elsewhere; after it, the
+    package's again."""
+    from conftest import interpreted_triton_kernels
+
+    tk = interpreted_triton_kernels()
+    module = tma_module()
+    package = tk.paged_decode_attention
+    tma_calls = []
+    real = module.tma_decode
+    monkeypatch.setattr(module, "tma_decode", lambda *a, **kw: tma_calls.append(1) or real(*a, **kw))
+    g = torch.Generator().manual_seed(5)
+    lens = torch.tensor([5, 130, 60], dtype=torch.int32)
+    k, v, tables = scattered_fp8_cache(lens.tolist(), 128, 2, 64, g)
+    q = torch.randn(3, 4, 64, generator=g)
+    ks, vs = torch.rand(2, generator=g) + 0.5, torch.rand(2, generator=g) + 0.5
+    args = (q, k, v, tables, lens, 0.125)
+    with module.in_the_package(2, 4):
+        out = tk.paged_decode_attention(*args, num_splits=1, k_scale=ks, v_scale=vs)
+        assert tma_calls == [1]
+        tk.paged_decode_attention(*args, num_splits=2, k_scale=ks, v_scale=vs)  # several splits: the package's
+        assert tma_calls == [1]
+    assert tk.paged_decode_attention is package
+    torch.testing.assert_close(out, package(*args, num_splits=1, k_scale=ks, v_scale=vs), atol=2e-2, rtol=2e-2)
+
+
 def test_tma_decode_needs_blocks_of_128():
     tma_decode = tma_module()
     cache = torch.zeros(4, 16, 2, 64, dtype=torch.float8_e4m3fn)

@@ -29,6 +29,7 @@ figures/data/kernel_measurements.md.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import random
@@ -112,6 +113,18 @@ def scattered_fp8_cache(lens: list[int], block_size: int, kv_heads: int, head_di
         tables[i, :n] = perm[at:at + n]
         at += n
     return k, v, tables
+
+
+@contextlib.contextmanager
+def package_decode_replaced(make):
+    """For the ``with`` block, the package's decode attention (what the engine's backend calls) replaced by
+    ``make(package_decode)``: the experiments' kernels in the seed benchmark and the traces."""
+    package = tk.paged_decode_attention
+    tk.paged_decode_attention = make(package)
+    try:
+        yield
+    finally:
+        tk.paged_decode_attention = package
 
 
 def read_bandwidth() -> None:

@@ -336,29 +336,30 @@ def variant(name: str) -> dict:
 
 def bench(out, tokens=("32",)):
     """The seed benchmark: auto, fp8 (the Triton kernel), then fp8 with this kernel in its place for each T."""
+    from decode_sweep import package_decode_replaced
+
     from nanovllm import bench as nb
 
-    triton_decode = tk.paged_decode_attention
     rates = {}
     for name, tok in [("auto", None), ("fp8", None)] + [(f"fp8 gluon T={t}", t) for t in tokens]:
-        def decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, k_scale=None,
-                   v_scale=None, tok=tok, **kw):
-            if tok is None or k_scale is None or q.shape[-1] not in (64, 128) or q.dtype != torch.bfloat16:
-                return triton_decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
-                                     k_scale=k_scale, v_scale=v_scale, **kw)
-            bs = k_cache.shape[1]
-            splits = num_splits or tk.pick_num_splits(q.shape[0], k_cache.shape[2], block_tables.shape[1] * bs,
-                                                      tk.num_sms(q.device),
-                                                      variant(tok)["warps"] * variant(tok)["tokens"])
-            return gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
-                                    num_splits=splits, **variant(tok))
-        tk.paged_decode_attention = decode
-        try:
+        def make(triton_decode, tok=tok):
+            def decode(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, k_scale=None,
+                       v_scale=None, **kw):
+                if tok is None or k_scale is None or q.shape[-1] not in (64, 128) or q.dtype != torch.bfloat16:
+                    return triton_decode(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                         num_splits=num_splits, k_scale=k_scale, v_scale=v_scale, **kw)
+                bs = k_cache.shape[1]
+                splits = num_splits or tk.pick_num_splits(q.shape[0], k_cache.shape[2], block_tables.shape[1] * bs,
+                                                          tk.num_sms(q.device),
+                                                          variant(tok)["warps"] * variant(tok)["tokens"])
+                return gluon_fp8_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
+                                        num_splits=splits, **variant(tok))
+            return decode
+
+        with package_decode_replaced(make):
             [r] = nb.main(["--engine", "nanovllm", "--kv-cache-dtype", "auto" if name == "auto" else "fp8",
                            "--json", os.path.join(out or "/tmp", "gluon_bench.jsonl")])
             rates[name] = r.tok_per_s
-        finally:
-            tk.paged_decode_attention = triton_decode
         print(f"  seed benchmark, {name}: {rates[name]:.0f} tok/s", flush=True)
     return rates
 

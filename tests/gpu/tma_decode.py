@@ -218,30 +218,28 @@ def main():
         bench(*tilings[0])
 
 
-@contextlib.contextmanager
 def in_the_package(stages: int, warps: int):
-    """The package's decode attention swapped for this kernel wherever the package's launch would take one split
-    over an FP8 cache of 128-token blocks (elsewhere the package's launch stays), for the ``with`` block."""
+    """A ``with`` block in which the package's decode attention is this kernel wherever the package's launch would
+    take one split over an FP8 cache of 128-token blocks (elsewhere the package's launch stays)."""
+    from decode_sweep import package_decode_replaced
+
     from nanovllm.attention import triton_kernels as tk
 
-    package = tk.paged_decode_attention
+    def make(package):
+        def with_tma(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, k_scale=None,
+                     v_scale=None, **kw):
+            one_split = num_splits == 1 or (num_splits is None and tk.pick_num_splits(
+                q.shape[0], k_cache.shape[2], block_tables.shape[1] * k_cache.shape[1], tk.num_sms(q.device),
+                128) == 1)
+            if (k_scale is not None and k_cache.shape[1] == BLOCK and one_split and kw.get("out") is None
+                    and q.stride(-1) == 1):
+                return tma_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
+                                  num_stages=stages, num_warps=warps)
+            return package(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
+                           k_scale=k_scale, v_scale=v_scale, **kw)
+        return with_tma
 
-    def with_tma(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None, k_scale=None,
-                 v_scale=None, **kw):
-        one_split = num_splits == 1 or (num_splits is None and tk.pick_num_splits(
-            q.shape[0], k_cache.shape[2], block_tables.shape[1] * k_cache.shape[1], tk.num_sms(q.device), 128) == 1)
-        if (k_scale is not None and k_cache.shape[1] == BLOCK and one_split and kw.get("out") is None
-                and q.stride(-1) == 1):
-            return tma_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale,
-                              num_stages=stages, num_warps=warps)
-        return package(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=num_splits,
-                       k_scale=k_scale, v_scale=v_scale, **kw)
-
-    tk.paged_decode_attention = with_tma
-    try:
-        yield
-    finally:
-        tk.paged_decode_attention = package
+    return package_decode_replaced(make)
 
 
 def bench(stages: int, warps: int):
