@@ -33,9 +33,10 @@ def flat_module():
     return module
 
 
-@pytest.mark.parametrize("tma,block_size", [(False, 16), (True, 128)])
+@pytest.mark.parametrize("tma,block_size,q_carried", [(False, 16, False), (True, 128, False), (False, 16, True),
+                                                      (True, 128, True)])
 @pytest.mark.parametrize("programs", [1, 4, 9, 64])
-def test_flat_decode_equals_the_reference(tma, block_size, programs):
+def test_flat_decode_equals_the_reference(tma, block_size, q_carried, programs):
     flat = flat_module()
     g = torch.Generator().manual_seed(programs)
     # rows of no context (a graph's padding, and one between others), lengths at the tiles' edges; with 4 or 9
@@ -50,7 +51,8 @@ def test_flat_decode_equals_the_reference(tma, block_size, programs):
     q = torch.randn(len(lens), 4, 32, generator=g)
     ks, vs = torch.rand(2, generator=g) + 0.5, torch.rand(2, generator=g) + 0.5
     out = torch.full_like(q, float("nan"))  # every row written, the empty ones with zeros
-    flat.flat_decode(q, k_stale, v_stale, tables, lens, 32 ** -0.5, ks, vs, out=out, tma=tma, programs=programs)
+    flat.flat_decode(q, k_stale, v_stale, tables, lens, 32 ** -0.5, ks, vs, out=out, tma=tma, programs=programs,
+                     q_carried=q_carried)
     live = lens > 0
     ref = paged_decode_ref(q[live], k, v, lens[live], tables[live], 32 ** -0.5, ks, vs)
     torch.testing.assert_close(out[live], ref, atol=2e-2, rtol=2e-2)

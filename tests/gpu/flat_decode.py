@@ -54,6 +54,15 @@ def _batch_tiles(ctx_ptr, batch, NUM_KV: tl.constexpr, BLOCK_N: tl.constexpr, BL
 
 
 @triton.jit
+def _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GROUP: tl.constexpr):
+    """The query rows of a (sequence, KV head) item, as float16 (bfloat16 values clamped to its range)."""
+    heads = kvh * GROUP + offs_g
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=((offs_g < GROUP) & (seq + 0 * offs_g < batch))[:, None], other=0.0)
+    return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+
+
+@triton.jit
 def _flat_decode_kernel(
     q_ptr, kw_ptr, vw_ptr, k_desc, v_desc, bt_ptr, ctx_ptr, ks_ptr, vs_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
     batch, qk_scale,  # softmax scale * log2(e)
@@ -61,6 +70,7 @@ def _flat_decode_kernel(
     NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_B: tl.constexpr,
     TMA: tl.constexpr, PTX: tl.constexpr,
+    Q_CARRIED: tl.constexpr = False,  # q in registers from item to item, read again as an item starts (else: a tile)
 ):
     pid = tl.program_id(0)
     offs_b, n_all, incl = _batch_tiles(ctx_ptr, batch, NUM_KV, BLOCK_N, BLOCK_B)
@@ -86,11 +96,12 @@ def _flat_decode_kernel(
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    if Q_CARRIED:
+        q = _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GROUP)
     for j in range(t0, t1):
         heads = kvh * GROUP + offs_g
-        q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_mask[:, None], other=0.0)
-        q = tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+        if not Q_CARRIED:  # a copy of q a tile, in the software pipeline with the tile's K and V
+            q = _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GROUP)
         scale = qk_scale * tl.load(ks_ptr + kvh)
         bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
         pos = tile * BLOCK_N + offs_n
@@ -136,6 +147,8 @@ def _flat_decode_kernel(
                 seq = tl.sum((incl <= j + 1).to(tl.int32), 0)
                 ctx = tl.load(ctx_ptr + seq, mask=seq < batch, other=0)
                 n = tl.cdiv(ctx, BLOCK_N)
+            if Q_CARRIED:
+                q = _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GROUP)
 
 
 @triton.jit
@@ -180,10 +193,12 @@ def _flat_combine_kernel(
 
 def flat_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, out=None, *,
                 tma: bool = False, programs: int | None = None, programs_per_sm: int = 3, num_stages: int = 2,
-                num_warps: int = 4):
+                num_warps: int = 4, q_carried: bool = False):
     """Decode attention over an FP8 cache [num_blocks, block_size, kv_heads, head_dim] (head_dim a power of two, 16
     or more; ``tma``: blocks of 128 tokens): ``q`` [B, H, D] -> [B, H, D], as ``paged_decode_attention``.
-    ``programs`` (default ``programs_per_sm`` x the GPU's SMs): how many programs share the batch's tiles."""
+    ``programs`` (default ``programs_per_sm`` x the GPU's SMs): how many programs share the batch's tiles.
+    ``q_carried``: q stays in registers through an item's tiles (read again as the next item starts, outside the
+    pipeline) rather than copied with every tile."""
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
     if k_cache.dtype != torch.float8_e4m3fn or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the flat kernel reads a contiguous e4m3 cache")
@@ -221,7 +236,8 @@ def flat_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale,
         q, kw, vw, k_desc, v_desc, block_tables, context_lens, k_scale, v_scale, out, mid_o, mid_lse,
         batch, float(scale) * 1.4426950408889634,
         q.stride(0), q.stride(1), *kw.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, TMA=tma, PTX=not interpreted, num_stages=num_stages, num_warps=num_warps, **common,
+        BLOCK_SIZE=block_size, TMA=tma, PTX=not interpreted, Q_CARRIED=q_carried, num_stages=num_stages,
+        num_warps=num_warps, **common,
     )
     _flat_combine_kernel[(batch, kv_heads)](
         mid_o, mid_lse, context_lens, out, batch, programs, out.stride(0), out.stride(1), num_warps=4, **common,
@@ -238,13 +254,15 @@ def variants(args):
     eng = dict(f16_dot=True, fp8_words=tk.TritonBackend.fp8_words, fp8_words_k=tk.TritonBackend.fp8_words_k)
     out = [("package kernel, blocks of 16", 16, lambda *a: tk.paged_decode_attention(*a[:6], k_scale=a[6],
                                                                                       v_scale=a[7], **eng))]
-    for v in args.variants.split(","):  # words@PPSMxSTAGES or tma@PPSMxSTAGES
+    for v in args.variants.split(","):  # words@PPSMxSTAGES or tma@PPSMxSTAGES, "q" after it: q carried
         how, cfg = v.split("@")
-        ppsm, stages = map(int, cfg.split("x"))
+        carried = cfg.endswith("q")
+        ppsm, stages = map(int, cfg.rstrip("q").split("x"))
         tma = how == "tma"
-        out.append((f"flat {'tma' if tma else 'words'}, {ppsm} programs an SM, {stages} stages", 128 if tma else 16,
-                    lambda *a, tma=tma, ppsm=ppsm, stages=stages: flat_decode(
-                        *a, tma=tma, programs_per_sm=ppsm, num_stages=stages)))
+        out.append((f"flat {'tma' if tma else 'words'}, {ppsm} programs an SM, {stages} stages"
+                    f"{', q carried' if carried else ''}", 128 if tma else 16,
+                    lambda *a, tma=tma, ppsm=ppsm, stages=stages, carried=carried, **kw: flat_decode(
+                        *a, tma=tma, programs_per_sm=ppsm, num_stages=stages, q_carried=carried, **kw)))
     out += [("package kernel, blocks of 128", 128, lambda *a: tk.paged_decode_attention(*a[:6], k_scale=a[6],
                                                                                         v_scale=a[7], **eng)),
             ("tma_decode (one program an item)", 128, lambda *a: tma_decode(*a, num_stages=2, num_warps=4)),
@@ -301,7 +319,7 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", default="200,600,900")
-    ap.add_argument("--variants", default="words@3x2,words@6x2,words@2x3,tma@3x2,tma@3x3",
+    ap.add_argument("--variants", default="words@3x2,words@3x2q,words@6x2,words@2x3,tma@3x2,tma@3x2q,tma@3x3",
                     help="flat launches to time: words or tma @ programs an SM x pipeline stages")
     ap.add_argument("--bench", action="store_true",
                     help="also the seed benchmark with the flat kernel (words, blocks of 16; tma, blocks of 128)")
