@@ -33,10 +33,11 @@ def flat_module():
     return module
 
 
-@pytest.mark.parametrize("tma,block_size,q_carried", [(False, 16, False), (True, 128, False), (False, 16, True),
-                                                      (True, 128, True)])
+@pytest.mark.parametrize("tma,block_size,q_carried,bt_ahead", [
+    (False, 16, False, False), (True, 128, False, False), (False, 16, True, True), (True, 128, True, True),
+    (False, 16, False, True)])
 @pytest.mark.parametrize("programs", [1, 4, 9, 64])
-def test_flat_decode_equals_the_reference(tma, block_size, q_carried, programs):
+def test_flat_decode_equals_the_reference(tma, block_size, q_carried, bt_ahead, programs):
     flat = flat_module()
     g = torch.Generator().manual_seed(programs)
     # rows of no context (a graph's padding, and one between others), lengths at the tiles' edges; with 4 or 9
@@ -52,7 +53,7 @@ def test_flat_decode_equals_the_reference(tma, block_size, q_carried, programs):
     ks, vs = torch.rand(2, generator=g) + 0.5, torch.rand(2, generator=g) + 0.5
     out = torch.full_like(q, float("nan"))  # every row written, the empty ones with zeros
     flat.flat_decode(q, k_stale, v_stale, tables, lens, 32 ** -0.5, ks, vs, out=out, tma=tma, programs=programs,
-                     q_carried=q_carried)
+                     q_carried=q_carried, bt_ahead=bt_ahead)
     live = lens > 0
     ref = paged_decode_ref(q[live], k, v, lens[live], tables[live], 32 ** -0.5, ks, vs)
     torch.testing.assert_close(out[live], ref, atol=2e-2, rtol=2e-2)

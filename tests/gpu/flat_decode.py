@@ -63,6 +63,20 @@ def _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GR
 
 
 @triton.jit
+def _tile_blocks(bt_ptr, seq, tile, ctx, batch, stride_btb, offs_n, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 TMA: tl.constexpr):
+    """Where a sequence's tile lies in the cache: its block (TMA: a tile is one block), or each of its tokens'
+    blocks (0 past the context; the block table's row ends with the sequence's blocks)."""
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
+    pos = tile * BLOCK_N + offs_n
+    if TMA:
+        blocks = tl.load(bt_row + tile, mask=(seq < batch) & (tile * BLOCK_N < ctx), other=0)
+    else:
+        blocks = tl.load(bt_row + pos // BLOCK_SIZE, mask=(pos < ctx) & (seq + 0 * pos < batch), other=0).to(tl.int64)
+    return blocks
+
+
+@triton.jit
 def _flat_decode_kernel(
     q_ptr, kw_ptr, vw_ptr, k_desc, v_desc, bt_ptr, ctx_ptr, ks_ptr, vs_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
     batch, qk_scale,  # softmax scale * log2(e)
@@ -71,6 +85,7 @@ def _flat_decode_kernel(
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_B: tl.constexpr,
     TMA: tl.constexpr, PTX: tl.constexpr,
     Q_CARRIED: tl.constexpr = False,  # q in registers from item to item, read again as an item starts (else: a tile)
+    BT_AHEAD: tl.constexpr = False,  # the block table read a tile ahead (so the pipeline's stages all hold K and V)
 ):
     pid = tl.program_id(0)
     offs_b, n_all, incl = _batch_tiles(ctx_ptr, batch, NUM_KV, BLOCK_N, BLOCK_B)
@@ -98,19 +113,22 @@ def _flat_decode_kernel(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     if Q_CARRIED:
         q = _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GROUP)
+    if BT_AHEAD:
+        blocks = _tile_blocks(bt_ptr, seq, tile, ctx, batch, stride_btb, offs_n, BLOCK_N, BLOCK_SIZE, TMA)
     for j in range(t0, t1):
         heads = kvh * GROUP + offs_g
         if not Q_CARRIED:  # a copy of q a tile, in the software pipeline with the tile's K and V
             q = _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GROUP)
         scale = qk_scale * tl.load(ks_ptr + kvh)
-        bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
         pos = tile * BLOCK_N + offs_n
         n_mask = pos < ctx
+        if not BT_AHEAD:
+            blocks = _tile_blocks(bt_ptr, seq, tile, ctx, batch, stride_btb, offs_n, BLOCK_N, BLOCK_SIZE, TMA)
         if TMA:  # the tile is the sequence's tile-th cache block
-            row = tl.load(bt_row + tile) * BLOCK_N
+            row = blocks * BLOCK_N
             k = k_desc.load([row, kvh * HEAD_DIM]).to(tl.float16)
         else:
-            phys = tl.load(bt_row + pos // BLOCK_SIZE, mask=n_mask, other=0).to(tl.int64)
+            phys = blocks
             w_off = (phys * stride_wb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ws
                      + kvh.to(tl.int64) * stride_wh)[:, None] + offs_w[None, :]
             k = _e4m3_words_to_f16(tl.load(kw_ptr + w_off, mask=n_mask[:, None], other=0), PTX, BLOCK_N, HEAD_DIM)
@@ -149,6 +167,8 @@ def _flat_decode_kernel(
                 n = tl.cdiv(ctx, BLOCK_N)
             if Q_CARRIED:
                 q = _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GROUP)
+        if BT_AHEAD:  # the next tile's blocks, read a tile ahead of its copies
+            blocks = _tile_blocks(bt_ptr, seq, tile, ctx, batch, stride_btb, offs_n, BLOCK_N, BLOCK_SIZE, TMA)
 
 
 @triton.jit
@@ -193,12 +213,14 @@ def _flat_combine_kernel(
 
 def flat_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, v_scale, out=None, *,
                 tma: bool = False, programs: int | None = None, programs_per_sm: int = 3, num_stages: int = 2,
-                num_warps: int = 4, q_carried: bool = False):
+                num_warps: int = 4, q_carried: bool = False, bt_ahead: bool = False):
     """Decode attention over an FP8 cache [num_blocks, block_size, kv_heads, head_dim] (head_dim a power of two, 16
     or more; ``tma``: blocks of 128 tokens): ``q`` [B, H, D] -> [B, H, D], as ``paged_decode_attention``.
     ``programs`` (default ``programs_per_sm`` x the GPU's SMs): how many programs share the batch's tiles.
     ``q_carried``: q stays in registers through an item's tiles (read again as the next item starts, outside the
-    pipeline) rather than copied with every tile."""
+    pipeline) rather than copied with every tile.  ``bt_ahead``: each tile's blocks read from the block table one
+    tile before its copies are issued, so that every pipeline stage holds K and V tiles (else the pipeliner gives a
+    stage to the block table's read: fp8_words_h100.txt section 8)."""
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
     if k_cache.dtype != torch.float8_e4m3fn or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("the flat kernel reads a contiguous e4m3 cache")
@@ -236,7 +258,8 @@ def flat_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale,
         q, kw, vw, k_desc, v_desc, block_tables, context_lens, k_scale, v_scale, out, mid_o, mid_lse,
         batch, float(scale) * 1.4426950408889634,
         q.stride(0), q.stride(1), *kw.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
-        BLOCK_SIZE=block_size, TMA=tma, PTX=not interpreted, Q_CARRIED=q_carried, num_stages=num_stages,
+        BLOCK_SIZE=block_size, TMA=tma, PTX=not interpreted, Q_CARRIED=q_carried, BT_AHEAD=bt_ahead,
+        num_stages=num_stages,
         num_warps=num_warps, **common,
     )
     _flat_combine_kernel[(batch, kv_heads)](
@@ -254,15 +277,16 @@ def variants(args):
     eng = dict(f16_dot=True, fp8_words=tk.TritonBackend.fp8_words, fp8_words_k=tk.TritonBackend.fp8_words_k)
     out = [("package kernel, blocks of 16", 16, lambda *a: tk.paged_decode_attention(*a[:6], k_scale=a[6],
                                                                                       v_scale=a[7], **eng))]
-    for v in args.variants.split(","):  # words@PPSMxSTAGES or tma@PPSMxSTAGES, "q" after it: q carried
+    for v in args.variants.split(","):  # words@PPSMxSTAGES or tma@PPSMxSTAGES, then q (q carried), a (bt_ahead)
         how, cfg = v.split("@")
-        carried = cfg.endswith("q")
-        ppsm, stages = map(int, cfg.rstrip("q").split("x"))
+        carried, ahead = "q" in cfg, "a" in cfg
+        ppsm, stages = map(int, cfg.rstrip("qa").split("x"))
         tma = how == "tma"
         out.append((f"flat {'tma' if tma else 'words'}, {ppsm} programs an SM, {stages} stages"
-                    f"{', q carried' if carried else ''}", 128 if tma else 16,
-                    lambda *a, tma=tma, ppsm=ppsm, stages=stages, carried=carried, **kw: flat_decode(
-                        *a, tma=tma, programs_per_sm=ppsm, num_stages=stages, q_carried=carried, **kw)))
+                    f"{', q carried' if carried else ''}{', block table ahead' if ahead else ''}", 128 if tma else 16,
+                    lambda *a, tma=tma, ppsm=ppsm, stages=stages, carried=carried, ahead=ahead, **kw: flat_decode(
+                        *a, tma=tma, programs_per_sm=ppsm, num_stages=stages, q_carried=carried, bt_ahead=ahead,
+                        **kw)))
     out += [("package kernel, blocks of 128", 128, lambda *a: tk.paged_decode_attention(*a[:6], k_scale=a[6],
                                                                                         v_scale=a[7], **eng)),
             ("tma_decode (one program an item)", 128, lambda *a: tma_decode(*a, num_stages=2, num_warps=4)),
@@ -319,8 +343,10 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", default="200,600,900")
-    ap.add_argument("--variants", default="words@3x2,words@3x2q,words@6x2,words@2x3,tma@3x2,tma@3x2q,tma@3x3",
-                    help="flat launches to time: words or tma @ programs an SM x pipeline stages")
+    ap.add_argument("--variants",
+                    default="words@3x2,words@3x2q,words@6x2,words@2x3a,words@2x3qa,tma@3x2,tma@3x2q,tma@2x3a",
+                    help="flat launches to time: words or tma @ programs an SM x pipeline stages, then q for q "
+                         "carried, a for the block table read ahead")
     ap.add_argument("--bench", action="store_true",
                     help="also the seed benchmark with the flat kernel (words, blocks of 16; tma, blocks of 128)")
     args = ap.parse_args()
