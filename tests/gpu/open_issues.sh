@@ -16,6 +16,8 @@
 #           32,000 tok/s with fp8 on an H100)
 #   tma     tma_decode.py --bench: the FP8 decode kernel with K and V tiles by TMA, checked against the package's,
 #           timed at three decode steps, then the seed benchmark (fp8, blocks of 128) with and without it
+#   flat    flat_decode.py --bench: the FP8 decode kernel as one balanced pass over the batch's tiles (words over
+#           blocks of 16, TMA over blocks of 128), checked against the package's, timed, then the seed benchmark
 #   spec    spec_check.py --skip-equality: acceptance and speed-up at batch 1 and 16, fixed-length runs
 #   serve   the serve bench, nanovllm and `transformers serve`, 16 chat requests of 16 tokens at 4 and inf req/s
 # Logs go to $OUT (the device call's output folder) or .gpu/open_issues.
@@ -24,7 +26,7 @@ root=$(pwd)
 OUT=${OUT:-$root/.gpu/open_issues}; mkdir -p "$OUT"
 env_sh=${ENV_SH:-$root/.gpu/bin/env.sh}  # (ENV_SH: another wrapper, to try this script without a GPU)
 [ -f "$env_sh" ] || { echo "no $env_sh: run the GPU notes' prepare first"; exit 3; }
-parts=${*:-switches book fp8 sweep bench tma spec serve}
+parts=${*:-switches book fp8 sweep bench tma flat spec serve}
 # the serve extra (chapter 11, the serve bench), where tests/gpu/serve_wheels.sh stashed it on this machine
 if [ -d /tmp/serve-stash ]; then
   bash "$root"/tests/gpu/serve_wheels.sh install && export PYTHONPATH=/tmp/serve-site${PYTHONPATH:+:$PYTHONPATH}
@@ -58,6 +60,9 @@ for part in $parts; do
     tma)
       run tma 300 bash "$env_sh" python3 tests/gpu/tma_decode.py --bench
       grep -E "^(check|step|seed)|Error" "$OUT/tma.log" ;;
+    flat)
+      run flat 330 bash "$env_sh" python3 tests/gpu/flat_decode.py --bench
+      grep -E "^(check|step|  |seed|FAIL)|Error" "$OUT/flat.log" ;;
     spec)
       run spec 120 bash "$env_sh" python3 tests/gpu/spec_check.py --skip-equality
       grep -E "batch|PASS|FAIL|done" "$OUT/spec.log" ;;
@@ -65,6 +70,6 @@ for part in $parts; do
       run serve 200 bash "$env_sh" python3 -m nanovllm.bench --workload serve --engine nanovllm,hf \
         --prompt-kind chat --num-requests 16 --request-rate 4 inf --output-len 16 16 --json "$OUT/serve.jsonl"
       grep -E "serve chat|hf:|FAILED|Error" "$OUT/serve.log" | tail -20 ;;
-    *) echo "unknown part $part (switches, book, fp8, sweep, bench, tma, spec, serve)"; exit 2 ;;
+    *) echo "unknown part $part (switches, book, fp8, sweep, bench, tma, flat, spec, serve)"; exit 2 ;;
   esac
 done
