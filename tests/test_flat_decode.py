@@ -1,7 +1,8 @@
-"""The experimental flat decode kernel (tests/gpu/flat_decode.py): in Triton's interpreter, over an FP8 cache, it
-computes what the reference computes for any number of programs sharing the batch's tiles (an item's tiles split
-over programs and combined, rows of no context anywhere in the batch, stale NaN bytes past a context); compiled for
-sm_90 (no GPU needed), its loop's loads are pipelined.  Its GPU results and timings come from the script."""
+"""The flat FP8 decode (``flat_decode_attention``, off in the backend: ``TritonBackend.fp8_flat``): in Triton's
+interpreter it computes what the reference computes for any number of programs sharing the batch's tiles (an item's
+tiles split over programs and combined, rows of no context anywhere in the batch, stale NaN bytes past a context);
+the backend takes it where switched on; compiled for sm_90 (no GPU needed), its loop's loads are pipelined.  Its GPU
+results and timings come from tests/gpu/flat_decode.py."""
 
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ from nanovllm.attention.torch_ref import paged_decode_ref  # noqa: E402
 
 
 def flat_module():
-    module = importlib.import_module("flat_decode")
-    if type(module._flat_decode_kernel).__name__ != "InterpretedFunction":
-        module = importlib.reload(module)  # imported earlier without the interpreter: define the kernels again
-    return module
+    """The package's kernels interpreted, and the GPU script (which calls them through the package)."""
+    from conftest import interpreted_triton_kernels
+
+    tk = interpreted_triton_kernels()
+    return tk, importlib.import_module("flat_decode")
 
 
 @pytest.mark.parametrize("tma,block_size,q_carried,bt_ahead", [
@@ -38,7 +40,7 @@ def flat_module():
     (False, 16, False, True)])
 @pytest.mark.parametrize("programs", [1, 4, 9, 64])
 def test_flat_decode_equals_the_reference(tma, block_size, q_carried, bt_ahead, programs):
-    flat = flat_module()
+    tk, _ = flat_module()
     g = torch.Generator().manual_seed(programs)
     # rows of no context (a graph's padding, and one between others), lengths at the tiles' edges; with 4 or 9
     # programs items split at every kind of place, with 64 most programs have a tile or none
@@ -52,8 +54,8 @@ def test_flat_decode_equals_the_reference(tma, block_size, q_carried, bt_ahead, 
     q = torch.randn(len(lens), 4, 32, generator=g)
     ks, vs = torch.rand(2, generator=g) + 0.5, torch.rand(2, generator=g) + 0.5
     out = torch.full_like(q, float("nan"))  # every row written, the empty ones with zeros
-    flat.flat_decode(q, k_stale, v_stale, tables, lens, 32 ** -0.5, ks, vs, out=out, tma=tma, programs=programs,
-                     q_carried=q_carried, bt_ahead=bt_ahead)
+    tk.flat_decode_attention(q, k_stale, v_stale, tables, lens, 32 ** -0.5, ks, vs, out=out, tma=tma,
+                             programs=programs, q_carried=q_carried, bt_ahead=bt_ahead)
     live = lens > 0
     ref = paged_decode_ref(q[live], k, v, lens[live], tables[live], 32 ** -0.5, ks, vs)
     torch.testing.assert_close(out[live], ref, atol=2e-2, rtol=2e-2)
@@ -62,24 +64,21 @@ def test_flat_decode_equals_the_reference(tma, block_size, q_carried, bt_ahead, 
 
 def test_flat_decode_splits_an_item_as_the_split_kernel_does():
     """One long sequence over many programs: the parts' log-sum-exp weighting gives the one-program result."""
-    flat = flat_module()
+    tk, _ = flat_module()
     g = torch.Generator().manual_seed(3)
     lens = torch.tensor([1000], dtype=torch.int32)
     k, v, tables = scattered_fp8_cache(lens.tolist(), 16, 1, 16, g)
     q = torch.randn(1, 3, 16, generator=g)
     ones = torch.ones(1)
-    one = flat.flat_decode(q, k, v, tables, lens, 0.25, ones, ones, programs=1)
-    many = flat.flat_decode(q, k, v, tables, lens, 0.25, ones, ones, programs=5)  # 8 tiles: parts of 2
+    one = tk.flat_decode_attention(q, k, v, tables, lens, 0.25, ones, ones, programs=1)
+    many = tk.flat_decode_attention(q, k, v, tables, lens, 0.25, ones, ones, programs=5)  # 8 tiles: parts of 2
     # each part rounds its softmax weights to float16 under its own maximum: close, not equal
     torch.testing.assert_close(many, one, atol=1e-3, rtol=1e-3)
     torch.testing.assert_close(one, paged_decode_ref(q, k, v, lens, tables, 0.25, ones, ones), atol=2e-2, rtol=2e-2)
 
 
-def test_in_the_package_swaps_the_fp8_decode_and_gives_it_back():
-    from conftest import interpreted_triton_kernels
-
-    tk = interpreted_triton_kernels()
-    flat = flat_module()
+def test_the_scripts_swap_gives_the_package_its_decode_back():
+    tk, flat = flat_module()
     package = tk.paged_decode_attention
     g = torch.Generator().manual_seed(5)
     lens = torch.tensor([5, 130, 60], dtype=torch.int32)
@@ -104,14 +103,42 @@ def test_in_the_package_swaps_the_fp8_decode_and_gives_it_back():
 
 
 def test_flat_decode_refuses_what_it_cannot_read():
-    flat = flat_module()
+    tk, _ = flat_module()
     cache = torch.zeros(4, 16, 2, 32, dtype=torch.float8_e4m3fn)
     args = (torch.zeros(1, 4, 32), cache, cache, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
             0.1, torch.ones(2), torch.ones(2))
     with pytest.raises(ValueError, match="blocks of 128"):
-        flat.flat_decode(*args, tma=True, programs=2)
+        tk.flat_decode_attention(*args, tma=True, programs=2)
     with pytest.raises(ValueError, match="e4m3"):
-        flat.flat_decode(args[0], cache.float(), cache.float(), *args[3:], programs=2)
+        tk.flat_decode_attention(args[0], cache.float(), cache.float(), *args[3:], programs=2)
+    assert not tk.flat_decode_reads(args[0], cache.float(), cache.float(), args[3])
+    assert tk.flat_decode_reads(args[0], cache, cache, args[3])
+
+
+def test_the_backend_takes_the_flat_decode_where_switched_on(monkeypatch):
+    """``TritonBackend.fp8_flat``: decode over an FP8 cache with bfloat16 queries goes through the flat kernel (and
+    gives the split kernel's output); off, the split kernel; prefill never."""
+    from nanovllm.attention.base import AttentionMetadata
+
+    tk, _ = flat_module()
+    g = torch.Generator().manual_seed(7)
+    lens = torch.tensor([40, 200, 3], dtype=torch.int32)
+    k, v, tables = scattered_fp8_cache(lens.tolist(), 16, 2, 32, g)
+    q = torch.randn(3, 4, 32, generator=g).to(torch.bfloat16)
+    ks, vs = torch.rand(2, generator=g) + 0.5, torch.rand(2, generator=g) + 0.5
+    meta = AttentionMetadata(is_prefill=False, cu_seqlens_q=torch.arange(4, dtype=torch.int32), context_lens=lens,
+                             slot_mapping=torch.zeros(3, dtype=torch.int64), block_tables=tables, max_seqlen_q=1,
+                             max_seqlen_k=200)
+    calls = []
+    real = tk.flat_decode_attention
+    monkeypatch.setattr(tk, "flat_decode_attention", lambda *a, **kw: calls.append(1) or real(*a, programs=5))
+    backend = tk.TritonBackend()
+    split = backend.forward(q, None, None, k, v, meta, 32 ** -0.5, ks, vs)
+    assert calls == []
+    monkeypatch.setattr(tk.TritonBackend, "fp8_flat", True)
+    flat = backend.forward(q, None, None, k, v, meta, 32 ** -0.5, ks, vs)
+    assert calls == [1]
+    torch.testing.assert_close(flat.float(), split.float(), atol=2e-2, rtol=2e-2)
 
 
 COMPILE = """
@@ -120,13 +147,13 @@ sys.path[:0] = [{tests!r}, {gpu!r}, {root!r}]
 import torch
 from triton_compile_check import install_compile_only
 compiled = install_compile_only(90)
-import flat_decode
+from nanovllm.attention.triton_kernels import flat_decode_attention
 q = torch.zeros(4, 16, 128, dtype=torch.bfloat16)
 tables, lens, scales = torch.zeros(4, 8, dtype=torch.int32), torch.ones(4, dtype=torch.int32), torch.ones(8)
 ptx = []
 for tma, bs in ((False, 16), (True, 128)):
     cache = torch.zeros(64, bs, 8, 128, dtype=torch.float8_e4m3fn)
-    flat_decode.flat_decode(q, cache, cache, tables, lens, 0.1, scales, scales, tma=tma, programs=396)
+    flat_decode_attention(q, cache, cache, tables, lens, 0.1, scales, scales, tma=tma, programs=396)
     ptx.append([k for n, k in compiled if n == "_flat_decode_kernel"][-1].asm["ptx"])
 print(json.dumps(ptx))
 """

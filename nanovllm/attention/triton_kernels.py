@@ -56,6 +56,7 @@ __all__ = [
     "store_kvcache",
     "qkv_rope_store",
     "paged_decode_attention",
+    "flat_decode_attention",
     "paged_prefill_attention",
     "pick_num_splits",
     "TritonBackend",
@@ -616,6 +617,270 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 
 
 # ----------------------------------------------------------------------------------------------
+# decode over an FP8 cache as one balanced pass over the batch's tiles ("flat")
+# ----------------------------------------------------------------------------------------------
+#
+# The split kernel above runs a program per (sequence, KV head) (and split): over an FP8 cache a program reads half
+# the bytes of a bfloat16 one in as many steps, so its start (the context length, the block table, then its first
+# tiles, with nothing of its own in flight), its end and the programs of the last wave weigh twice as much.  Here
+# the grid is as many programs as the GPU holds at once; the batch's (sequence, KV head) items are laid end to end
+# in tiles of FLAT_BLOCK_N tokens and program p takes the p-th equal run of tiles, so every program reads as many
+# tiles whatever the contexts.  One loop runs over a program's tiles whatever items they belong to, so the software
+# pipeline loads the next item's first tiles while the item before is still in the products.  Where a run ends
+# inside an item, its output and log-sum-exp go to ``_flat_combine_kernel``, which also writes zeros for rows of no
+# context.  Off in the backend until timed on a GPU (TritonBackend.fp8_flat; figures/data/fp8_words_h100.txt
+# section 27; tests/gpu/flat_decode.py times it against the split kernel).
+
+FLAT_BLOCK_N = 128  # tokens a tile
+FLAT_PROGRAM_SHARED = 75 * 1024  # shared memory a program of the default launch takes on an SM (73,732 B + 1 KB)
+
+
+@triton.jit
+def _batch_tiles(ctx_ptr, batch, NUM_KV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Every sequence's tiles (an item's: each of its KV heads has as many), and the batch's tiles up to and
+    including each sequence's, every KV head."""
+    offs_b = tl.arange(0, BLOCK_B)
+    n_all = tl.cdiv(tl.load(ctx_ptr + offs_b, mask=offs_b < batch, other=0), BLOCK_N)
+    return offs_b, n_all, tl.cumsum(n_all, 0) * NUM_KV
+
+
+@triton.jit
+def _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GROUP: tl.constexpr):
+    """The query rows of a (sequence, KV head) item, as float16 (bfloat16 values clamped to its range)."""
+    heads = kvh * GROUP + offs_g
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=((offs_g < GROUP) & (seq + 0 * offs_g < batch))[:, None], other=0.0)
+    return tl.minimum(tl.maximum(q.to(tl.float32), -65504.0), 65504.0).to(tl.float16)
+
+
+@triton.jit
+def _tile_blocks(bt_ptr, seq, tile, ctx, batch, stride_btb, offs_n, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 TMA: tl.constexpr):
+    """Where a sequence's tile lies in the cache: its block (TMA: a tile is one block), or each of its tokens'
+    blocks (0 past the context; the block table's row ends with the sequence's blocks)."""
+    bt_row = bt_ptr + seq.to(tl.int64) * stride_btb
+    pos = tile * BLOCK_N + offs_n
+    if TMA:
+        blocks = tl.load(bt_row + tile, mask=(seq < batch) & (tile * BLOCK_N < ctx), other=0)
+    else:
+        blocks = tl.load(bt_row + pos // BLOCK_SIZE, mask=(pos < ctx) & (seq + 0 * pos < batch), other=0).to(tl.int64)
+    return blocks
+
+
+@triton.jit
+def _flat_decode_kernel(
+    q_ptr, kw_ptr, vw_ptr, k_desc, v_desc, bt_ptr, ctx_ptr, ks_ptr, vs_ptr, out_ptr, mid_o_ptr, mid_lse_ptr,
+    batch, qk_scale,  # softmax scale * log2(e)
+    stride_qb, stride_qh, stride_wb, stride_ws, stride_wh, stride_btb, stride_ob, stride_oh,
+    NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_B: tl.constexpr,
+    TMA: tl.constexpr, PTX: tl.constexpr,
+    Q_CARRIED: tl.constexpr = False,  # q in registers from item to item, read again as an item starts (else: a tile)
+    BT_AHEAD: tl.constexpr = False,  # the block table read a tile ahead (so the pipeline's stages all hold K and V)
+    PDL: tl.constexpr = False,
+):
+    pdl_wait(PDL)
+    pid = tl.program_id(0)
+    offs_b, n_all, incl = _batch_tiles(ctx_ptr, batch, NUM_KV, BLOCK_N, BLOCK_B)
+    total = tl.sum(n_all, 0) * NUM_KV
+    per = tl.cdiv(total, tl.num_programs(0))
+    t0 = pid * per
+    t1 = tl.minimum(t0 + per, total)
+    # the item holding tile t0: sequence, KV head, and the tile within the item
+    seq = tl.sum((incl <= t0).to(tl.int32), 0)
+    before = tl.sum(tl.where(offs_b < seq, n_all, 0), 0) * NUM_KV
+    ctx = tl.load(ctx_ptr + seq, mask=seq < batch, other=0)
+    n = tl.cdiv(ctx, BLOCK_N)
+    rel = t0 - before
+    kvh = rel // tl.maximum(n, 1)
+    tile = rel % tl.maximum(n, 1)
+    first = tile  # the part's first tile in its item: 0 when the part starts the item
+
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_w = tl.arange(0, HEAD_DIM // 2)
+    g_mask = offs_g < GROUP
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    if Q_CARRIED:
+        q = _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GROUP)
+    if BT_AHEAD:
+        blocks = _tile_blocks(bt_ptr, seq, tile, ctx, batch, stride_btb, offs_n, BLOCK_N, BLOCK_SIZE, TMA)
+    for j in range(t0, t1):
+        heads = kvh * GROUP + offs_g
+        if not Q_CARRIED:  # a copy of q a tile, in the software pipeline with the tile's K and V
+            q = _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GROUP)
+        scale = qk_scale * tl.load(ks_ptr + kvh)
+        pos = tile * BLOCK_N + offs_n
+        n_mask = pos < ctx
+        if not BT_AHEAD:
+            blocks = _tile_blocks(bt_ptr, seq, tile, ctx, batch, stride_btb, offs_n, BLOCK_N, BLOCK_SIZE, TMA)
+        if TMA:  # the tile is the sequence's tile-th cache block
+            row = blocks * BLOCK_N
+            k = k_desc.load([row, kvh * HEAD_DIM]).to(tl.float16)
+        else:
+            phys = blocks
+            w_off = (phys * stride_wb + (pos % BLOCK_SIZE).to(tl.int64) * stride_ws
+                     + kvh.to(tl.int64) * stride_wh)[:, None] + offs_w[None, :]
+            k = _e4m3_words_to_f16(tl.load(kw_ptr + w_off, mask=n_mask[:, None], other=0), PTX, BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, tl.trans(k))
+        qk = tl.where(n_mask[None, :], qk * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))  # finite: every tile holds a token of the context
+        alpha = tl.exp2(m_i - m_new)  # 0 at an item's first tile (m_i = -inf): acc and l_i start again there
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if TMA:  # TMA cannot mask: rows past the context are stale bytes (NaN too), zeroed
+            v = tl.where(n_mask[:, None], v_desc.load([row, kvh * HEAD_DIM]).to(tl.float16), 0.0)
+        else:
+            v = _e4m3_words_to_f16(tl.load(vw_ptr + w_off, mask=n_mask[:, None], other=0), PTX, BLOCK_N, HEAD_DIM)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+        m_i = m_new
+        last = (tile == n - 1) | (j == t1 - 1)  # the end of the item, or of this program's tiles
+        if last:
+            o = acc / l_i[:, None] * tl.load(vs_ptr + kvh)
+            if (first == 0) & (tile == n - 1):  # the whole item: the output
+                tl.store(out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                         o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+            else:  # a part: its output and log-sum-exp, for the combining kernel (part pid + item: unique)
+                part = (pid + seq * NUM_KV + kvh).to(tl.int64) * GROUP + offs_g
+                tl.store(mid_lse_ptr + part, m_i + tl.log2(l_i), mask=g_mask)
+                tl.store(mid_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], o, mask=g_mask[:, None])
+        m_i = tl.where(last, float("-inf"), m_i)
+        tile += 1
+        if tile == n:  # the next item
+            tile = 0
+            first = 0
+            kvh += 1
+            if kvh == NUM_KV:  # the next sequence with a context (the search steps over rows of none)
+                kvh = 0
+                seq = tl.sum((incl <= j + 1).to(tl.int32), 0)
+                ctx = tl.load(ctx_ptr + seq, mask=seq < batch, other=0)
+                n = tl.cdiv(ctx, BLOCK_N)
+            if Q_CARRIED:
+                q = _item_query(q_ptr, seq, kvh, batch, stride_qb, stride_qh, offs_g, offs_d, GROUP)
+        if BT_AHEAD:  # the next tile's blocks, read a tile ahead of its copies
+            blocks = _tile_blocks(bt_ptr, seq, tile, ctx, batch, stride_btb, offs_n, BLOCK_N, BLOCK_SIZE, TMA)
+
+
+@triton.jit
+def _flat_combine_kernel(
+    mid_o_ptr, mid_lse_ptr, ctx_ptr, out_ptr, batch, programs, stride_ob, stride_oh,
+    NUM_KV: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr, PDL: tl.constexpr = False,
+):
+    """One (sequence, KV head) item: nothing where one program read all of it, zeros where it has no context, else
+    its parts' outputs weighted by their log-sum-exps."""
+    pdl_wait(PDL)
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    offs_b, n_all, incl = _batch_tiles(ctx_ptr, batch, NUM_KV, BLOCK_N, BLOCK_B)
+    per = tl.cdiv(tl.sum(n_all, 0) * NUM_KV, programs)
+    n = tl.cdiv(tl.load(ctx_ptr + seq), BLOCK_N)
+    start = tl.sum(tl.where(offs_b < seq, n_all, 0), 0) * NUM_KV + kvh * n
+    p_first = start // tl.maximum(per, 1)
+    p_last = (start + n - 1) // tl.maximum(per, 1)
+    offs_g = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    g_mask = offs_g < GROUP
+    heads = kvh * GROUP + offs_g
+    dst = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    if n == 0:
+        tl.store(dst, tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+    elif p_first != p_last:
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        den = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        for p in range(p_first, p_last + 1):
+            part = (p + seq * NUM_KV + kvh).to(tl.int64) * GROUP + offs_g
+            lse = tl.load(mid_lse_ptr + part, mask=g_mask, other=0.0)
+            o = tl.load(mid_o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], mask=g_mask[:, None], other=0.0)
+            m_new = tl.maximum(m, lse)
+            a = tl.exp2(m - m_new)
+            w = tl.exp2(lse - m_new)
+            den = den * a + w
+            acc = acc * a[:, None] + o * w[:, None]
+            m = m_new
+        tl.store(dst, (acc / den[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
+
+
+def flat_decode_reads(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      block_tables: torch.Tensor) -> bool:
+    """Whether ``flat_decode_attention`` reads this cache (its word reads) for these queries."""
+    head_dim = k_cache.shape[-1]
+    return (is_fp8(k_cache) and k_cache.is_contiguous() and v_cache.is_contiguous() and head_dim >= 16
+            and head_dim & (head_dim - 1) == 0 and q.stride(-1) == 1 and block_tables.stride(-1) == 1)
+
+
+def flat_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                          k_scale: torch.Tensor, v_scale: torch.Tensor, out: torch.Tensor | None = None, *,
+                          tma: bool = False, programs: int | None = None, programs_per_sm: int | None = None,
+                          num_stages: int = 2, num_warps: int = 4, q_carried: bool = False,
+                          bt_ahead: bool = False) -> torch.Tensor:
+    """Decode attention over an FP8 cache [num_blocks, block_size, kv_heads, head_dim] (head_dim a power of two, 16
+    or more; ``tma``: blocks of 128 tokens, sm_90), float16 products as ``paged_decode_attention`` with
+    ``f16_dot=True, fp8_words="asm", fp8_words_k=True``: ``q`` [B, H, D] -> [B, H, D] (into ``out`` if given), as
+    one balanced pass over the batch's tiles (``_flat_decode_kernel``), then ``_flat_combine_kernel``.
+    ``programs``: how many programs share the batch's tiles; default ``programs_per_sm`` x the GPU's SMs, and
+    ``programs_per_sm`` by default as many of the default launch (2 stages, ~74 KB of shared memory) as an SM holds,
+    at most 3 (3 on an H100, 1 on an 8 GB Ada laptop card).
+    ``q_carried``: q stays in registers through an item's tiles (read again as the next item starts, outside the
+    pipeline) rather than copied with every tile.  ``bt_ahead``: each tile's blocks read from the block table one
+    tile before its copies are issued, so that every pipeline stage holds K and V tiles (else the pipeliner gives a
+    stage to the block table's read: fp8_words_h100.txt section 8)."""
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    if not is_fp8(k_cache) or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the flat kernel reads a contiguous e4m3 cache")
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"head_dim must be a power of two of 16 or more, got {head_dim}")
+    if tma and block_size != FLAT_BLOCK_N:
+        raise ValueError(f"by TMA the flat kernel reads one cache block a tile: it needs blocks of {FLAT_BLOCK_N} "
+                         f"tokens, got {block_size}")
+    if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        raise ValueError("the flat kernel reads q's head dimension and the block table's rows contiguous")
+    batch, num_heads, _ = q.shape
+    group = num_heads // kv_heads
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    if programs is None:
+        if programs_per_sm is None:
+            programs_per_sm = max(1, min(3, (max_shared_memory(q.device) + 1024) // FLAT_PROGRAM_SHARED))
+        programs = programs_per_sm * num_sms(q.device)
+    parts = programs + batch * kv_heads
+    mid_o = torch.empty(parts * group * head_dim, dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty(parts * group, dtype=torch.float32, device=q.device)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        k_desc, v_desc = (TensorDescriptor.from_tensor(c.view(num_blocks * block_size, kv_heads * head_dim),
+                                                       [FLAT_BLOCK_N, head_dim]) for c in (k_cache, v_cache))
+    else:
+        k_desc = v_desc = None
+    kw, vw = k_cache.view(torch.uint16), v_cache.view(torch.uint16)
+    interpreted = type(_flat_decode_kernel).__name__ == "InterpretedFunction"
+    pdl = pdl_options(q.device)
+    block_b = max(next_pow2(batch), 16)
+    common = dict(NUM_KV=kv_heads, GROUP=group, GROUP_PAD=max(next_pow2(group), 16), HEAD_DIM=head_dim,
+                  BLOCK_N=FLAT_BLOCK_N, BLOCK_B=block_b)
+    _flat_decode_kernel[(programs,)](
+        q, kw, vw, k_desc, v_desc, block_tables, context_lens, k_scale, v_scale, out, mid_o, mid_lse,
+        batch, float(scale) * LOG2E,
+        q.stride(0), q.stride(1), *kw.stride()[:3], block_tables.stride(0), out.stride(0), out.stride(1),
+        BLOCK_SIZE=block_size, TMA=tma, PTX=not interpreted, Q_CARRIED=q_carried, BT_AHEAD=bt_ahead,
+        num_stages=num_stages, num_warps=num_warps, **common, **pdl,
+    )
+    _flat_combine_kernel[(batch, kv_heads)](
+        mid_o, mid_lse, context_lens, out, batch, programs, out.stride(0), out.stride(1), num_warps=4, **common,
+        **pdl,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # prefill: varlen causal attention over the paged cache
 # ----------------------------------------------------------------------------------------------
 
@@ -770,6 +1035,9 @@ class TritonBackend(AttentionBackend):
     # K and V as 16-bit words widened by the GPU's e4m3 instruction, the fastest on an H100 (kernel_measurements.md)
     fp8_words: str | None = "asm"
     fp8_words_k: bool = True
+    # ... and as one balanced pass over the batch's tiles (flat_decode_attention) rather than a program per sequence
+    # and KV head: off until timed on a GPU (figures/data/fp8_words_h100.txt section 27)
+    fp8_flat: bool = False
 
     def __init__(self, num_splits: int | None = None, fp8_f16_dot: bool = True):
         self.num_splits = num_splits  # decode split count; None: heuristic
@@ -804,6 +1072,9 @@ class TritonBackend(AttentionBackend):
             words = f16_dot and self.fp8_words is not None and v_cache.stride(-1) == 1 and not any(
                 x % 2 for x in (*v_cache.stride()[:-1], v_cache.shape[-1]))  # whole 16-bit words per head
             k_words = words and self.fp8_words_k and k_cache.stride() == v_cache.stride()
+            if k_words and self.fp8_flat and flat_decode_reads(q, k_cache, v_cache, meta.block_tables):
+                return flat_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
+                                             k_scale, v_scale)
             return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale,
                                           num_splits=self.num_splits, k_scale=k_scale, v_scale=v_scale,
                                           f16_dot=f16_dot, fp8_words=self.fp8_words if words else None,

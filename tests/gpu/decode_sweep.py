@@ -115,6 +115,55 @@ def scattered_fp8_cache(lens: list[int], block_size: int, kv_heads: int, head_di
     return k, v, tables
 
 
+def fp8_check_inputs(lens: list[int], block_size: int, heads: int, kv_heads: int, head_dim: int):
+    """The experiments' correctness check on a GPU: a scattered e4m3 cache (``scattered_fp8_cache``) with NaN bytes
+    (0x7F) past each context in its last block, in K and in V; its block tables, the context lengths, bfloat16
+    queries and per-head scales, all on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k, v, tables = scattered_fp8_cache(lens, block_size, kv_heads, head_dim, g)
+    for i, n in enumerate(lens):
+        if n % block_size:
+            for c in (k, v):
+                c.view(torch.uint8)[int(tables[i, (n - 1) // block_size]), n % block_size:] = 0x7F
+    q = torch.randn(len(lens), heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    ks = torch.rand(kv_heads, device="cuda", generator=g) + 0.5
+    vs = torch.rand(kv_heads, device="cuda", generator=g) + 0.5
+    return q, k, v, tables.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda"), ks, vs
+
+
+def fp8_step_inputs(w, step: int):
+    """The seed benchmark's decode batch at ``step`` as the experiments time it: the contexts, the batch's graph
+    bucket, the context lengths (padded with zeros to the bucket) and queries on the GPU, and the bytes of FP8 cache
+    one layer reads."""
+    ctx = batch_at_step(w, step)
+    bucket = next(b for b in graph_batch_sizes(256) if b >= len(ctx))
+    lens = torch.zeros(bucket, dtype=torch.int32, device="cuda")
+    lens[:len(ctx)] = torch.tensor(ctx)
+    q = torch.randn(bucket, H, D, device="cuda", dtype=torch.bfloat16)
+    return ctx, bucket, lens, q, sum(ctx) * HKV * D * 2
+
+
+def fp8_layer_caches(ctx: list[int], bucket: int, block_size: int):
+    """Random e4m3 K and V caches of blocks of ``block_size`` for ``LAYERS`` layers, and each layer's block tables
+    [bucket, most blocks] on the GPU: each layer its own blocks, a sequence's consecutive (as the block manager
+    hands them out)."""
+    from gemm_check import LAYERS
+
+    per = [-(-c // block_size) for c in ctx]
+    nb = sum(per)
+    tables = []
+    for layer in range(LAYERS):
+        t = torch.zeros(bucket, max(per), dtype=torch.int32)
+        first = layer * nb
+        for i, n in enumerate(per):
+            t[i, :n] = torch.arange(first, first + n, dtype=torch.int32)
+            first += n
+        tables.append(t.cuda())
+    k = torch.randn(nb * LAYERS + 8, block_size, HKV, D, device="cuda").to(torch.float8_e4m3fn)
+    v = torch.randn(nb * LAYERS + 8, block_size, HKV, D, device="cuda").to(torch.float8_e4m3fn)
+    return k, v, tables
+
+
 @contextlib.contextmanager
 def package_decode_replaced(make):
     """For the ``with`` block, the package's decode attention (what the engine's backend calls) replaced by

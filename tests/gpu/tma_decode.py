@@ -125,12 +125,11 @@ def tma_decode(q, k_cache, v_cache, block_tables, context_lens, scale, k_scale, 
 
 
 def main():
-    from decode_sweep import HKV, D, H, batch_at_step, scattered_fp8_cache
-    from gemm_check import LAYERS, chain, graph_us
+    from decode_sweep import HKV, D, H, fp8_check_inputs, fp8_layer_caches, fp8_step_inputs
+    from gemm_check import chain, graph_us
 
     from nanovllm.attention import triton_kernels as tk
     from nanovllm.bench import seed_workload
-    from nanovllm.engine.cuda_graphs import graph_batch_sizes
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", default="200,600,900")
@@ -150,17 +149,8 @@ def main():
 
     # correctness: scattered blocks of 128, lengths around the tile edges; Qwen3-0.6B's heads and SmolLM2-135M's
     for h, hkv, d in ((H, HKV, D), (9, 3, 64)):
-        g = torch.Generator(device="cuda").manual_seed(0)
-        lens = torch.tensor([1, 5, 127, 128, 129, 300, 511, 600, 33, 2000], dtype=torch.int32, device="cuda")
-        k, v, tables = scattered_fp8_cache(lens.tolist(), BLOCK, hkv, d, g)
-        for i, n in enumerate(lens.tolist()):  # stale bytes past the context in its last block: NaN (0x7F)
-            if n % BLOCK:
-                for c in (k, v):
-                    c.view(torch.uint8)[int(tables[i, (n - 1) // BLOCK]), n % BLOCK:] = 0x7F
-        tables = tables.cuda()
-        q = torch.randn(len(lens), h, d, device="cuda", dtype=torch.bfloat16, generator=g)
-        ks = torch.rand(hkv, device="cuda", generator=g) + 0.5
-        vs = torch.rand(hkv, device="cuda", generator=g) + 0.5
+        q, k, v, tables, lens, ks, vs = fp8_check_inputs([1, 5, 127, 128, 129, 300, 511, 600, 33, 2000], BLOCK, h,
+                                                         hkv, d)
         ref = tk.paged_decode_attention(q, k, v, tables, lens, d ** -0.5, k_scale=ks, v_scale=vs, num_splits=1,
                                         **eng).float()
         for st, wp in tilings:
@@ -172,26 +162,10 @@ def main():
     w = seed_workload()
     ones = torch.ones(HKV, device="cuda")
     for step in map(int, args.steps.split(",")):
-        ctx = batch_at_step(w, step)
-        bucket = next(b for b in graph_batch_sizes(256) if b >= len(ctx))
-        lens = torch.zeros(bucket, dtype=torch.int32, device="cuda")
-        lens[:len(ctx)] = torch.tensor(ctx)
-        q = torch.randn(bucket, H, D, device="cuda", dtype=torch.bfloat16)
-        nbytes = sum(ctx) * HKV * D * 2
+        ctx, bucket, lens, q, nbytes = fp8_step_inputs(w, step)
         res = []
         for bs in (16, BLOCK):  # the engine's blocks of 16 (the package's kernel), and of 128 (both kernels)
-            per = [-(-c // bs) for c in ctx]
-            nb = sum(per)
-            tables = []
-            for layer in range(LAYERS):  # each layer its own blocks, consecutive per sequence
-                t = torch.zeros(bucket, max(per), dtype=torch.int32)
-                first = layer * nb
-                for i, n in enumerate(per):
-                    t[i, :n] = torch.arange(first, first + n, dtype=torch.int32)
-                    first += n
-                tables.append(t.cuda())
-            k = torch.randn(nb * LAYERS + 8, bs, HKV, D, device="cuda").to(torch.float8_e4m3fn)
-            v = torch.randn(nb * LAYERS + 8, bs, HKV, D, device="cuda").to(torch.float8_e4m3fn)
+            k, v, tables = fp8_layer_caches(ctx, bucket, bs)
 
             def triton_call(t, q=q, k=k, v=v, lens=lens):
                 tk.paged_decode_attention(q, k, v, t, lens, D ** -0.5, k_scale=ones, v_scale=ones, **eng)
