@@ -197,7 +197,7 @@ def pdl_same():
 
 
 # -- 4. the seed benchmark -----------------------------------------------------------------------------------------
-def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=False):
+def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=False, flat=False):
     """auto, then fp8 as the backend reads it; then fp8 with each of ``words_variants`` ("asm", "convert+K",
     "bytes", ...: ``TritonBackend.fp8_words`` and ``fp8_words_k`` for the run; "@wN" after it: the decode kernel
     splits the KV below N programs per SM, ``DECODE_WAVES``), to compare the decode kernel's launches; then fp8 with
@@ -207,7 +207,8 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=
     once more with the other setting of programmatic dependent launch (``nanovllm.triton_pdl.PDL``).  Each run
     sets the backend's class attributes, ``decode_launch`` and those switches for its engine and puts them
     back after.  With ``qkv``, auto and fp8 with every kernel of a decode layer Triton's (split-K, the qkv GEMM
-    too: ``nanovllm.kernels.TRITON_QKV``) and PDL on."""
+    too: ``nanovllm.kernels.TRITON_QKV``) and PDL on.  With ``flat``, fp8 with the flat decode
+    (``TritonBackend.fp8_flat``)."""
     from nanovllm import bench as nb
     from nanovllm import kernels as nk
     from nanovllm import triton_pdl
@@ -215,7 +216,7 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=
 
     backend = tk.TritonBackend
     default = dict(words=backend.fp8_words, k_words=backend.fp8_words_k, waves=tk.DECODE_WAVES, tiling=None,
-                   splitk=nk.SPLITK_ADD_NORM, pdl=triton_pdl.PDL, qkv=nk.TRITON_QKV)
+                   splitk=nk.SPLITK_ADD_NORM, pdl=triton_pdl.PDL, qkv=nk.TRITON_QKV, flat=backend.fp8_flat)
     rates = {}
     runs = [("auto", "auto", default), ("fp8", "fp8", default)]
     for v in words_variants:
@@ -234,6 +235,8 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=
         runs += [("auto" + tag, "auto", dict(default, pdl=other)), ("fp8" + tag, "fp8", dict(default, pdl=other))]
         if splitk:
             runs.append(("fp8_splitk" + tag, "fp8", dict(default, splitk=True, pdl=other)))
+    if flat:
+        runs.append(("fp8_flat", "fp8", dict(default, flat=True)))
     if qkv:
         chain = dict(default, splitk=True, pdl=True, qkv=True)
         runs += [(f"{kv}_triton_chain_pdl", kv, chain) for kv in ("auto", "fp8")]
@@ -242,6 +245,7 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=
     def use(run):  # the decode reads a run asks for
         backend.fp8_words, backend.fp8_words_k, tk.DECODE_WAVES = run["words"], run["k_words"], run["waves"]
         nk.SPLITK_ADD_NORM, triton_pdl.PDL, nk.TRITON_QKV = run["splitk"], run["pdl"], run["qkv"]
+        backend.fp8_flat = run["flat"]
 
     for name, kv, run in runs:
         if run["tiling"]:
@@ -263,7 +267,7 @@ def bench(cap, out, words_variants=(), tilings=(), splitk=False, pdl=False, qkv=
             tk.decode_launch = launch
         print(f"  seed benchmark, {name} (kv_cache_dtype={kv}, fp8_words={run['words']}, "
               f"fp8_words_k={run['k_words']}, DECODE_WAVES={run['waves']}, decode tiling {run['tiling']}, "
-              f"split-K {run['splitk']}, PDL {run['pdl']}, Triton qkv {run['qkv']}): "
+              f"split-K {run['splitk']}, PDL {run['pdl']}, Triton qkv {run['qkv']}, flat {run['flat']}): "
               f"{rates[name]}", flush=True)
     if all(isinstance(v, float) for v in rates.values()):
         rates.update({f"{n}_over_auto": rates[n] / rates["auto"] for n in list(rates) if n != "auto"})
@@ -282,6 +286,7 @@ def main():
                     help="the same tokens with and without PDL; bench: also auto and fp8 with the other setting")
     ap.add_argument("--qkv", action="store_true",
                     help="bench: also auto and fp8 with a decode layer all Triton, PDL on")
+    ap.add_argument("--flat", action="store_true", help="bench: also fp8 with the flat decode (fp8_flat)")
     ap.add_argument("--words", default="", help="bench: also fp8 with these decode reads, e.g. bytes,convert,asm+K")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -310,7 +315,7 @@ def main():
         if "bench" in only:
             section("seed benchmark: auto vs fp8" + (f" (capped at {args.cap_gib:g} GiB)" if cap else ""),
                     bench, cap, out, [w for w in args.words.split(",") if w],
-                    [t for t in args.tilings.split(",") if t], args.splitk, args.pdl, args.qkv)
+                    [t for t in args.tilings.split(",") if t], args.splitk, args.pdl, args.qkv, args.flat)
     finally:
         with open(out / "fp8_check.jsonl", "a") as f:
             for r in RESULTS:
