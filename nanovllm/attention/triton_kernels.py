@@ -7,6 +7,9 @@ They compute exactly what ``torch_ref.py`` computes, on the same KV-cache layout
 * ``paged_decode_attention``: one query per sequence, split-KV ("flash-decoding"): every program
   handles all query heads of one KV head (the GQA group, padded to 16 rows so ``tl.dot`` applies)
   over its share of the sequence's tokens, then a small kernel merges the splits by log-sum-exp.
+* ``flat_decode_attention``: the same over an FP8 cache as one balanced pass: as many programs as the GPU holds,
+  each an equal run of the batch's tiles whatever sequences they belong to (``TritonBackend.fp8_flat``, off until
+  timed on a GPU).
 * ``paged_prefill_attention``: varlen causal attention of each sequence's last ``q_len`` tokens over
   its whole context (cached prefix + the new tokens, already stored), flash-attention style.  The
   query heads of one GQA group are packed into the rows of one tile, so K/V are read once per group.
