@@ -178,3 +178,15 @@ def test_flat_decode_compiles_for_h100_with_its_loads_pipelined(tmp_path):
     assert re.search(r"\bcp\.async\.bulk\.tensor\.2d\.shared::\w+\.global", tma)
     assert re.search(r"\bmbarrier\.try_wait", tma)
     assert all(re.search(r"\bcvt\.rn\.f16x2\.e4m3x2\b", p) for p in (words, tma))
+
+
+def test_as_many_programs_as_an_sm_holds(monkeypatch):
+    """The default grid: the programs an SM holds by shared memory (Triton 3.6's sm_90 sizes of the kernel: 73,732 B
+    at 2 stages, 110,600 at 3 with the block table ahead), at most 3 (registers)."""
+    tk, _ = flat_module()
+    cpu = torch.device("cpu")
+    for shared, default, ahead in ((232448, 3, 2), (166912, 2, 1), (101376, 1, 1)):  # H100, A100, RTX 4060 Laptop
+        monkeypatch.setattr(tk, "max_shared_memory", lambda device, s=shared: s)
+        assert tk.flat_programs_per_sm(128, 16, 2, False, False, cpu) == default
+        assert tk.flat_programs_per_sm(128, 16, 3, False, True, cpu) == ahead
+    assert tk.flat_programs_per_sm(64, 16, 2, False, False, cpu) == 2  # 36 KB each: 2 on the laptop card

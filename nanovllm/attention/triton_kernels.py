@@ -635,7 +635,20 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
 # section 27; tests/gpu/flat_decode.py times it against the split kernel).
 
 FLAT_BLOCK_N = 128  # tokens a tile
-FLAT_PROGRAM_SHARED = 75 * 1024  # shared memory a program of the default launch takes on an SM (73,732 B + 1 KB)
+FLAT_MAX_PROGRAMS_PER_SM = 3  # registers: ~163 a thread at 4 warps (sm_90, Triton 3.6) hold an SM to 3 programs
+
+
+def flat_programs_per_sm(head_dim: int, group_pad: int, num_stages: int, q_carried: bool, bt_ahead: bool,
+                         device: torch.device) -> int:
+    """How many flat-decode programs an SM holds by shared memory (at most ``FLAT_MAX_PROGRAMS_PER_SM``): a stage's
+    K and V tiles (one byte a value; the pipeline keeps one stage's fewer unless the block table is read ahead) and
+    q's copies (bfloat16, one a stage unless carried).  Compiled for sm_90 by Triton 3.6 (head_dim 128) the kernel
+    takes 73,732 bytes at 2 stages and 110,600 at 3 with the block table ahead, within 10 bytes of this; at 3
+    stages without it 74,244, less than this, but its 195 registers a thread hold an SM to 2 programs anyway."""
+    kv_stages = num_stages if bt_ahead or num_stages <= 2 else 2
+    q_copies = 1 if q_carried else num_stages
+    need = kv_stages * 2 * FLAT_BLOCK_N * head_dim + q_copies * group_pad * head_dim * 2 + 1024  # + the SM's own
+    return max(1, min(FLAT_MAX_PROGRAMS_PER_SM, (max_shared_memory(device) + 1024) // need))
 
 
 @triton.jit
@@ -827,8 +840,8 @@ def flat_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     ``f16_dot=True, fp8_words="asm", fp8_words_k=True``: ``q`` [B, H, D] -> [B, H, D] (into ``out`` if given), as
     one balanced pass over the batch's tiles (``_flat_decode_kernel``), then ``_flat_combine_kernel``.
     ``programs``: how many programs share the batch's tiles; default ``programs_per_sm`` x the GPU's SMs, and
-    ``programs_per_sm`` by default as many of the default launch (2 stages, ~74 KB of shared memory) as an SM holds,
-    at most 3 (3 on an H100, 1 on an 8 GB Ada laptop card).
+    ``programs_per_sm`` by default as many as an SM holds (``flat_programs_per_sm``: at head_dim 128 and 2 stages, 3
+    on an H100 and 1 on an 8 GB Ada laptop card).
     ``q_carried``: q stays in registers through an item's tiles (read again as the next item starts, outside the
     pipeline) rather than copied with every tile.  ``bt_ahead``: each tile's blocks read from the block table one
     tile before its copies are issued, so that every pipeline stage holds K and V tiles (else the pipeliner gives a
@@ -851,7 +864,8 @@ def flat_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         return out
     if programs is None:
         if programs_per_sm is None:
-            programs_per_sm = max(1, min(3, (max_shared_memory(q.device) + 1024) // FLAT_PROGRAM_SHARED))
+            programs_per_sm = flat_programs_per_sm(head_dim, max(next_pow2(group), 16), num_stages, q_carried,
+                                                   bt_ahead, q.device)
         programs = programs_per_sm * num_sms(q.device)
     parts = programs + batch * kv_heads
     mid_o = torch.empty(parts * group * head_dim, dtype=torch.float32, device=q.device)
