@@ -111,6 +111,8 @@ def test_flat_decode_refuses_what_it_cannot_read():
         tk.flat_decode_attention(*args, tma=True, programs=2)
     with pytest.raises(ValueError, match="e4m3"):
         tk.flat_decode_attention(args[0], cache.float(), cache.float(), *args[3:], programs=2)
+    with pytest.raises(ValueError, match="out must be shaped as q"):
+        tk.flat_decode_attention(*args, out=torch.zeros(1, 32, 4).transpose(1, 2), programs=2)
     assert not tk.flat_decode_reads(args[0], cache.float(), cache.float(), args[3])
     assert tk.flat_decode_reads(args[0], cache, cache, args[3])
 

@@ -860,6 +860,8 @@ def flat_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     group = num_heads // kv_heads
     if out is None:
         out = torch.empty_like(q)
+    elif out.shape != q.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must be shaped as q {tuple(q.shape)} with its head dimension contiguous")
     if batch == 0:
         return out
     if programs is None:
