@@ -821,12 +821,25 @@ def _flat_combine_kernel(
         tl.store(dst, (acc / den[:, None]).to(out_ptr.dtype.element_ty), mask=g_mask[:, None])
 
 
+def _flat_decode_refusal(q, k_cache, v_cache, block_tables, tma: bool = False) -> str | None:
+    """Why ``flat_decode_attention`` cannot read this cache for these queries, or None."""
+    head_dim = k_cache.shape[-1]
+    if not is_fp8(k_cache) or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return "the flat kernel reads a contiguous e4m3 cache"
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim must be a power of two of 16 or more, got {head_dim}"
+    if tma and k_cache.shape[1] != FLAT_BLOCK_N:
+        return (f"by TMA the flat kernel reads one cache block a tile: it needs blocks of {FLAT_BLOCK_N} tokens, "
+                f"got {k_cache.shape[1]}")
+    if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
+        return "the flat kernel reads q's head dimension and the block table's rows contiguous"
+    return None
+
+
 def flat_decode_reads(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       block_tables: torch.Tensor) -> bool:
-    """Whether ``flat_decode_attention`` reads this cache (its word reads) for these queries."""
-    head_dim = k_cache.shape[-1]
-    return (is_fp8(k_cache) and k_cache.is_contiguous() and v_cache.is_contiguous() and head_dim >= 16
-            and head_dim & (head_dim - 1) == 0 and q.stride(-1) == 1 and block_tables.stride(-1) == 1)
+    """Whether ``flat_decode_attention`` (its word reads) takes this cache and these queries."""
+    return _flat_decode_refusal(q, k_cache, v_cache, block_tables) is None
 
 
 def flat_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -846,18 +859,13 @@ def flat_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     pipeline) rather than copied with every tile.  ``bt_ahead``: each tile's blocks read from the block table one
     tile before its copies are issued, so that every pipeline stage holds K and V tiles (else the pipeliner gives a
     stage to the block table's read: fp8_words_h100.txt section 8)."""
+    refusal = _flat_decode_refusal(q, k_cache, v_cache, block_tables, tma)
+    if refusal:
+        raise ValueError(refusal)
     num_blocks, block_size, kv_heads, head_dim = k_cache.shape
-    if not is_fp8(k_cache) or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the flat kernel reads a contiguous e4m3 cache")
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two of 16 or more, got {head_dim}")
-    if tma and block_size != FLAT_BLOCK_N:
-        raise ValueError(f"by TMA the flat kernel reads one cache block a tile: it needs blocks of {FLAT_BLOCK_N} "
-                         f"tokens, got {block_size}")
-    if q.stride(-1) != 1 or block_tables.stride(-1) != 1:
-        raise ValueError("the flat kernel reads q's head dimension and the block table's rows contiguous")
     batch, num_heads, _ = q.shape
     group = num_heads // kv_heads
+    group_pad = max(next_pow2(group), 16)
     if out is None:
         out = torch.empty_like(q)
     elif out.shape != q.shape or out.stride(-1) != 1:
@@ -866,8 +874,7 @@ def flat_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         return out
     if programs is None:
         if programs_per_sm is None:
-            programs_per_sm = flat_programs_per_sm(head_dim, max(next_pow2(group), 16), num_stages, q_carried,
-                                                   bt_ahead, q.device)
+            programs_per_sm = flat_programs_per_sm(head_dim, group_pad, num_stages, q_carried, bt_ahead, q.device)
         programs = programs_per_sm * num_sms(q.device)
     parts = programs + batch * kv_heads
     mid_o = torch.empty(parts * group * head_dim, dtype=torch.float32, device=q.device)
@@ -883,8 +890,8 @@ def flat_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     interpreted = type(_flat_decode_kernel).__name__ == "InterpretedFunction"
     pdl = pdl_options(q.device)
     block_b = max(next_pow2(batch), 16)
-    common = dict(NUM_KV=kv_heads, GROUP=group, GROUP_PAD=max(next_pow2(group), 16), HEAD_DIM=head_dim,
-                  BLOCK_N=FLAT_BLOCK_N, BLOCK_B=block_b)
+    common = dict(NUM_KV=kv_heads, GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim, BLOCK_N=FLAT_BLOCK_N,
+                  BLOCK_B=block_b)
     _flat_decode_kernel[(programs,)](
         q, kw, vw, k_desc, v_desc, block_tables, context_lens, k_scale, v_scale, out, mid_o, mid_lse,
         batch, float(scale) * LOG2E,

@@ -145,7 +145,7 @@ def main():
     return 0
 
 
-def in_the_package(tma: bool, programs_per_sm: int = 3, num_stages: int = 2):
+def in_the_package(tma: bool, programs_per_sm: int | None = None, num_stages: int = 2):
     """A ``with`` block in which the package's decode attention over an FP8 cache is the flat kernel (with ``tma``,
     where the cache's blocks are of 128 tokens)."""
     from decode_sweep import package_decode_replaced
